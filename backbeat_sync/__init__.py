@@ -1,0 +1,74 @@
+"""backbeat_sync: synchronous, threaded Python agents in a BACKBEAT cluster.
+
+Follow the cluster's beat, track operations through their phases with status
+claims, and give plain sync code beat budgets. See the README and ``docs/``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from loguru import logger as _logger
+
+from ._defaults import get_default_integration, set_default_integration
+from ._time import ManualTime, SystemTime, TimeSource
+from .clock import BeatClock
+from .config import BackbeatConfig
+from .errors import (
+    BackbeatConnectionError,
+    BackbeatDisabled,
+    BackbeatError,
+    BeatBudgetExceeded,
+    ConfigError,
+    DuplicateOperation,
+    IntegrationAlreadyStarted,
+    IntegrationNotStarted,
+    InvalidArgument,
+    InvalidPhaseTransition,
+    OperationNotFound,
+    ProtocolError,
+)
+from .integration import Integration, IntegrationState
+from .operations import OperationPhase, OperationType, P2POperation
+from .protocol import BeatFrame, StatusClaim, parse_beat_frame, parse_message, parse_status_claim
+
+try:
+    __version__ = version("backbeat_sync")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+# A library must not print unless asked: ``logger.enable("backbeat_sync")`` turns our lines on.
+_logger.disable("backbeat_sync")
+
+__all__ = [
+    "BackbeatConfig",
+    "BackbeatConnectionError",
+    "BackbeatDisabled",
+    "BackbeatError",
+    "BeatBudgetExceeded",
+    "BeatClock",
+    "BeatFrame",
+    "ConfigError",
+    "DuplicateOperation",
+    "Integration",
+    "IntegrationAlreadyStarted",
+    "IntegrationNotStarted",
+    "IntegrationState",
+    "InvalidArgument",
+    "InvalidPhaseTransition",
+    "ManualTime",
+    "OperationNotFound",
+    "OperationPhase",
+    "OperationType",
+    "P2POperation",
+    "ProtocolError",
+    "StatusClaim",
+    "SystemTime",
+    "TimeSource",
+    "__version__",
+    "get_default_integration",
+    "parse_beat_frame",
+    "parse_message",
+    "parse_status_claim",
+    "set_default_integration",
+]

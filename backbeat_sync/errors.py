@@ -1,0 +1,195 @@
+"""Every exception backbeat_sync raises.
+
+Each one subclasses :class:`BackbeatError` and the builtin exception it means,
+so callers can catch either (``except TimeoutError`` catches a spent budget).
+Messages are built in ``__init__`` from typed attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BackbeatConnectionError",
+    "BackbeatDisabled",
+    "BackbeatError",
+    "BeatBudgetExceeded",
+    "ConfigError",
+    "DuplicateOperation",
+    "IntegrationAlreadyStarted",
+    "IntegrationNotStarted",
+    "InvalidArgument",
+    "InvalidPhaseTransition",
+    "OperationNotFound",
+    "ProtocolError",
+]
+
+
+class BackbeatError(Exception):
+    """Base class of every error raised by backbeat_sync."""
+
+
+class ConfigError(BackbeatError, ValueError):
+    """A configuration value cannot be used.
+
+    Attributes:
+        field: the config field or environment variable that was wrong.
+        value: the offending value (masked when it is a secret).
+        reason: why it was refused.
+    """
+
+    def __init__(self, field: str, value: Any, reason: str) -> None:
+        self.field = field
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{field}={value!r}: {reason}")
+
+
+class ProtocolError(BackbeatError, ValueError):
+    """A message received from the network breaks the wire contract.
+
+    Attributes:
+        kind: what was being parsed (``"beat frame"``, ``"status claim"``).
+        reason: which rule the message broke.
+    """
+
+    def __init__(self, kind: str, reason: str) -> None:
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"invalid {kind}: {reason}")
+
+
+class InvalidArgument(BackbeatError, ValueError):
+    """An API argument has a value the library cannot use.
+
+    Attributes:
+        name: the argument.
+        value: what was passed.
+        reason: what it must be.
+    """
+
+    def __init__(self, name: str, value: Any, reason: str) -> None:
+        self.name = name
+        self.value = value
+        self.reason = reason
+        super().__init__(f"{name}={value!r}: {reason}")
+
+
+class BackbeatDisabled(BackbeatError, RuntimeError):
+    """The integration was created with ``enabled=False``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "BACKBEAT integration is disabled (CHORUS_BACKBEAT_ENABLED=false or enabled=False)"
+        )
+
+
+class IntegrationNotStarted(BackbeatError, RuntimeError):
+    """An operation was attempted on an integration that is not running."""
+
+    def __init__(self, detail: str = "") -> None:
+        msg = "BACKBEAT integration not started"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class IntegrationAlreadyStarted(BackbeatError, RuntimeError):
+    """``start()`` was called twice on the same integration."""
+
+    def __init__(self) -> None:
+        super().__init__("BACKBEAT integration already started (start() may be called once)")
+
+
+class OperationNotFound(BackbeatError, LookupError):
+    """No active operation has this id.
+
+    Attributes:
+        operation_id: the id that was looked up.
+    """
+
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(f"operation {operation_id} not found")
+
+    def __str__(self) -> str:  # LookupError would quote the message otherwise
+        return str(self.args[0])
+
+
+class DuplicateOperation(BackbeatError, ValueError):
+    """An operation with this id is already active.
+
+    Attributes:
+        operation_id: the id that is already in use.
+    """
+
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(f"operation {operation_id} is already active")
+
+
+class InvalidPhaseTransition(BackbeatError, ValueError):
+    """A phase change would move an operation backwards (or out of a final phase).
+
+    Attributes:
+        operation_id: the operation.
+        current: its current phase name.
+        requested: the phase asked for.
+    """
+
+    def __init__(self, operation_id: str, current: str, requested: str) -> None:
+        self.operation_id = operation_id
+        self.current = current
+        self.requested = requested
+        super().__init__(
+            f"operation {operation_id}: cannot move from phase {current!r} to {requested!r}"
+            " (phases only move forward)"
+        )
+
+
+class BackbeatConnectionError(BackbeatError, ConnectionError):
+    """The NATS connection could not be made (or was refused).
+
+    Attributes:
+        servers: the server URLs tried, with any password masked.
+        cause: a short description of the underlying failure.
+    """
+
+    def __init__(self, servers: str, cause: str) -> None:
+        self.servers = servers
+        self.cause = cause
+        super().__init__(f"Failed to start BACKBEAT client: cannot connect to {servers}: {cause}")
+
+
+class BeatBudgetExceeded(BackbeatError, TimeoutError):
+    """A beat budget ran out.
+
+    Attributes:
+        operation_id: the operation whose budget was spent.
+        budget_beats: the budget, in beats.
+        beats_used: beats elapsed when the exception was raised.
+        beats_over: how far past the budget it was raised (0.0 when on time).
+        late: True when the code was blocked (in C, or finished) and the exception
+            could only be raised after the fact rather than interrupting it.
+        result: with ``on_exhaust="raise_after"``, the value the code returned.
+    """
+
+    def __init__(
+        self,
+        operation_id: str = "",
+        budget_beats: float = 0.0,
+        beats_used: float = 0.0,
+        *,
+        beats_over: float = 0.0,
+        late: bool = False,
+        result: Any = None,
+    ) -> None:
+        self.operation_id = operation_id
+        self.budget_beats = budget_beats
+        self.beats_used = beats_used
+        self.beats_over = beats_over
+        self.late = late
+        self.result = result
+        how = f" (late by {beats_over:.2f} beats)" if late else ""
+        super().__init__(
+            f"operation {operation_id}: beat budget exceeded: used {beats_used:.2f}"
+            f" of {budget_beats:g} beats{how}"
+        )

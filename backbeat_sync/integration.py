@@ -1,0 +1,781 @@
+"""The :class:`Integration`: an agent in a BACKBEAT cluster.
+
+Threads (see ``docs/architecture.md``):
+
+- application threads call the API; claims are built and *queued* under the
+  registry lock, so one operation's claims leave in order; nothing waits on
+  the network;
+- the transport's thread (the pulse thread for ``local://``, the event-loop
+  thread for NATS) parses each frame, feeds the clock and hands accepted
+  beats to the beat thread;
+- the beat thread (``backbeat-beat``) claims every active operation, emits
+  the health claim, cleans up on downbeats and times itself;
+- the callback thread (``backbeat-callbacks``) runs user callbacks, so a slow
+  or failing callback never stalls beats or NATS.
+"""
+
+from __future__ import annotations
+
+import atexit
+import enum
+import queue
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+from . import _defaults
+from ._logging import LoggerAdapter, RateLimitedLog
+from ._time import SYSTEM_TIME, TimeSource
+from .claims import ClaimFactory
+from .clock import BeatClock, Observation
+from .config import BackbeatConfig
+from .errors import (
+    BackbeatDisabled,
+    BackbeatError,
+    ConfigError,
+    IntegrationAlreadyStarted,
+    IntegrationNotStarted,
+    InvalidArgument,
+    ProtocolError,
+)
+from .operations import OperationPhase, OperationRegistry, P2POperation
+from .protocol import BeatFrame, StatusClaim, parse_beat_frame
+from .transport import Transport, TransportEvent, make_transport
+
+__all__ = ["Integration", "IntegrationState"]
+
+T = TypeVar("T")
+BeatCallback = Callable[[BeatFrame], Any]
+ClaimCallback = Callable[[StatusClaim], Any]
+
+_STOP: Final = object()
+#: User-callback items queued at most; past this the oldest are dropped (and counted).
+CALLBACK_QUEUE_LIMIT: Final = 100_000
+#: How long stop() waits for a user callback that is still running.
+CALLBACK_JOIN_TIMEOUT: Final = 2.0
+STOPPED_REASON: Final = "integration stopped"
+
+
+class IntegrationState(enum.Enum):
+    """Lifecycle of an :class:`Integration`."""
+
+    NEW = "new"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class _Callbacks:
+    """Copy-on-write lists of user callbacks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.beat: tuple[BeatCallback, ...] = ()
+        self.downbeat: tuple[BeatCallback, ...] = ()
+        self.claim: tuple[ClaimCallback, ...] = ()
+
+    def add(self, kind: str, cb: Callable[[Any], Any]) -> Callable[[], None]:
+        with self._lock:
+            setattr(self, kind, (*getattr(self, kind), cb))
+
+        def remove() -> None:
+            with self._lock:
+                current = getattr(self, kind)
+                if cb in current:
+                    i = current.index(cb)
+                    setattr(self, kind, current[:i] + current[i + 1 :])
+
+        return remove
+
+
+def _callback_name(cb: Callable[..., Any]) -> str:
+    return getattr(cb, "__qualname__", None) or repr(cb)
+
+
+class Integration:
+    """An agent's membership of a BACKBEAT cluster: the beat, its operations, its claims.
+
+    Args:
+        config: how to join (``BackbeatConfig.from_env()`` or explicit).
+        node_id: this agent's P2P node id (goes into every claim).
+        logger: any object with ``info/warn/error(msg)``; default: loguru.
+        time_source: where time is read (tests inject a manual one).
+        transport: a transport to use instead of the one ``config.nats_url`` selects.
+
+    Raises:
+        BackbeatDisabled: ``config.enabled`` is false.
+        ConfigError: ``node_id`` is empty or not a string.
+
+    Example:
+        >>> from backbeat_sync import BackbeatConfig, Integration
+        >>> cfg = BackbeatConfig(cluster_id="dev", agent_id="doc", nats_url="local://doc",
+        ...                      tempo_bpm=600)
+        >>> with Integration(cfg, node_id="n1") as i:
+        ...     i.start_p2p_operation("dht-store-k", "dht_store", 3)
+        ...     i.complete_p2p_operation("dht-store-k", 3)
+        ...     i.get_health()["active_operations"]
+        0
+    """
+
+    def __init__(
+        self,
+        config: BackbeatConfig,
+        node_id: str,
+        logger: Any = None,
+        *,
+        time_source: TimeSource | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        if not isinstance(config, BackbeatConfig):
+            raise TypeError(f"config must be a BackbeatConfig, not {type(config).__name__}")
+        if not config.enabled:
+            raise BackbeatDisabled()
+        if not isinstance(node_id, str) or not node_id.strip():
+            raise ConfigError("node_id", node_id, "must be a non-empty string")
+        self._config = config
+        self._node_id = node_id
+        self._time = time_source or SYSTEM_TIME
+        self._log = LoggerAdapter(logger, cluster=config.cluster_id, agent=config.agent_id)
+        self._ratelog = RateLimitedLog(self._log)
+        self._clock = BeatClock(
+            tempo_bpm=config.tempo_bpm, bar_length=config.bar_length, time_source=self._time
+        )
+        self._claims = ClaimFactory(config.cluster_id, config.agent_id, node_id, self._time)
+        self._status_subject = config.status_subject_for()
+        self._registry = OperationRegistry(self._emit_operation)
+        self._given_transport = transport
+        self._transport: Transport | None = None
+        self._state = IntegrationState.NEW
+        self._state_lock = threading.Lock()
+        self._callbacks = _Callbacks()
+        self._beat_hooks: tuple[BeatCallback, ...] = ()
+        self._frame_listeners: tuple[Callable[[], None], ...] = ()
+        self._encoder: Callable[[StatusClaim], bytes] = StatusClaim.encode
+
+        self._errors: deque[str] = deque(maxlen=10)
+        self._errors_lock = threading.Lock()
+        self._last_error_beat: int | None = None
+        self._counts: dict[str, int] = dict.fromkeys(
+            (
+                "claims_emitted",
+                "rejected_frames",
+                "foreign_frames",
+                "callback_errors",
+                "callbacks_dropped",
+            ),
+            0,
+        )
+        self._reconnects = 0
+        self._last_handling = 0.0
+        self._beat_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._cb_items: deque[tuple[str, Any]] = deque()
+        self._cb_cond = threading.Condition(threading.Lock())
+        self._cb_running: tuple[str, float] | None = None
+        self._cb_blocked_reported = False
+        self._threads: list[threading.Thread] = []
+
+    # -- properties ----------------------------------------------------------
+
+    @property
+    def config(self) -> BackbeatConfig:
+        """The config this integration was made with."""
+        return self._config
+
+    @property
+    def node_id(self) -> str:
+        """The P2P node id this agent claims as."""
+        return self._node_id
+
+    @property
+    def clock(self) -> BeatClock:
+        """The beat clock this integration feeds."""
+        return self._clock
+
+    @property
+    def registry(self) -> OperationRegistry:
+        """The registry of this integration's operations."""
+        return self._registry
+
+    @property
+    def state(self) -> IntegrationState:
+        """Where the integration is in its lifecycle."""
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._state is IntegrationState.RUNNING
+
+    @property
+    def transport(self) -> Transport | None:
+        """The transport in use (None before ``start()``)."""
+        return self._transport
+
+    @property
+    def log(self) -> LoggerAdapter:
+        """The logger this integration writes to."""
+        return self._log
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, follow the beat, start the beat and callback threads.
+
+        Raises:
+            IntegrationAlreadyStarted: ``start()`` was already called.
+            BackbeatConnectionError: the first NATS connection failed (nothing is
+                left running; ``start()`` may be tried again).
+        """
+        with self._state_lock:
+            if self._state is not IntegrationState.NEW:
+                raise IntegrationAlreadyStarted()
+            self._state = IntegrationState.STARTING
+        try:
+            transport = self._given_transport or make_transport(
+                self._config, self._encode, self._time
+            )
+            self._transport = transport
+            self._threads = [
+                threading.Thread(target=self._beat_loop, name="backbeat-beat", daemon=True),
+                threading.Thread(target=self._callback_loop, name="backbeat-callbacks", daemon=True),
+            ]
+            for t in self._threads:
+                t.start()
+            self._clock.restart()
+            with self._state_lock:
+                self._state = IntegrationState.RUNNING
+            transport.start(self)
+        except BaseException:
+            with self._state_lock:
+                self._state = IntegrationState.STOPPING
+            self._stop_threads()
+            self._transport = None
+            with self._state_lock:
+                self._state = IntegrationState.NEW
+            raise
+        _defaults._started(self)
+        _register_exit_hook(self)
+        self._log.info(
+            f"🎵 CHORUS BACKBEAT integration started - cluster={self._config.cluster_id}"
+            f" agent={self._config.agent_id}"
+        )
+
+    def stop(self) -> None:
+        """Fail what is still active, publish what is queued, close, join every thread. Idempotent.
+
+        Each operation still active gets a final ``failed`` claim with reason
+        ``integration stopped`` before the connection closes.
+        """
+        with self._state_lock:
+            if self._state is not IntegrationState.RUNNING:
+                return
+            self._state = IntegrationState.STOPPING
+        try:
+            self._beat_queue.put(_STOP)
+            for t in self._threads[:1]:
+                t.join()
+            failed = self._registry.fail_all(STOPPED_REASON)
+            if failed:
+                self._log.warn(f"BACKBEAT stop: {len(failed)} active operation(s) failed ({STOPPED_REASON})")
+            if self._transport is not None:
+                self._transport.stop(self._config.flush_timeout)
+        finally:
+            self._stop_threads()
+            with self._state_lock:
+                self._state = IntegrationState.STOPPED
+            _defaults._stopped(self)
+            self._log.info("🎵 CHORUS BACKBEAT integration stopped")
+
+    def _stop_threads(self) -> None:
+        self._beat_queue.put(_STOP)
+        with self._cb_cond:
+            self._cb_items.append(("stop", None))
+            self._cb_cond.notify()
+        for t in self._threads:
+            if t is threading.current_thread() or not t.is_alive():
+                continue
+            t.join(CALLBACK_JOIN_TIMEOUT if t.name == "backbeat-callbacks" else None)
+            if t.is_alive():
+                self._log.warn(f"BACKBEAT stop: thread {t.name} still busy in a user callback")
+        self._threads = []
+
+    def __enter__(self) -> Integration:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Integration cluster={self._config.cluster_id} agent={self._config.agent_id}"
+            f" node={self._node_id} state={self._state.value}>"
+        )
+
+    # -- operations (the seed's API) ------------------------------------------
+
+    def start_p2p_operation(
+        self,
+        operation_id: str,
+        operation_type: str,
+        estimated_beats: int,
+        data: Any = None,
+    ) -> None:
+        """Register an operation and claim its start.
+
+        Args:
+            operation_id: unique id (the claims' ``task_id``).
+            operation_type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery``
+                (see :class:`OperationType`) or a user type.
+            estimated_beats: beats it should take (>= 1).
+            data: anything to keep with it.
+
+        Raises:
+            IntegrationNotStarted: not running.
+            DuplicateOperation: an active operation has this id.
+            InvalidArgument: an argument is empty or out of range.
+        """
+        self._require_running()
+        self._registry.add(self._new_operation(operation_id, operation_type, estimated_beats, data))
+
+    def _new_operation(
+        self, operation_id: str, operation_type: str, estimated_beats: int, data: Any,
+        *, announced: bool = True,
+    ) -> P2POperation:
+        if not isinstance(operation_id, str) or not operation_id:
+            raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
+        if not isinstance(operation_type, str) or not operation_type:
+            raise InvalidArgument("operation_type", operation_type, "must be a non-empty string")
+        if (
+            not isinstance(estimated_beats, int)
+            or isinstance(estimated_beats, bool)
+            or estimated_beats < 1
+        ):
+            raise InvalidArgument("estimated_beats", estimated_beats, "must be an integer >= 1")
+        return P2POperation(
+            id=operation_id,
+            type=str(operation_type),
+            start_beat=self._clock.current_beat,
+            estimated_beats=estimated_beats,
+            start_time=self._time.time(),
+            data=data,
+            announced=announced,
+        )
+
+    def update_p2p_operation_phase(
+        self, operation_id: str, phase: OperationPhase | str, peer_count: int
+    ) -> None:
+        """Move an operation to a later phase and claim the change.
+
+        Args:
+            operation_id: the operation.
+            phase: the new phase (forward only; the current one again updates the peer count).
+            peer_count: peers involved now.
+
+        Raises:
+            OperationNotFound: no active operation has this id.
+            InvalidPhaseTransition: ``phase`` is behind the current phase.
+            InvalidArgument: ``phase`` or ``peer_count`` is not valid.
+        """
+        target = self._phase(phase)
+        self._check_peers(peer_count)
+        if target is OperationPhase.FAILED:
+            self._registry.finish(operation_id, target, peer_count=peer_count, reason="failed")
+        else:
+            self._registry.set_phase(operation_id, target, peer_count)
+
+    def complete_p2p_operation(self, operation_id: str, peer_count: int) -> None:
+        """Mark an operation completed and claim ``done`` at once.
+
+        Raises:
+            OperationNotFound: no active operation has this id (maybe already finished).
+            InvalidArgument: ``peer_count`` is not an integer >= 0.
+        """
+        self._check_peers(peer_count)
+        self._registry.finish(operation_id, OperationPhase.COMPLETED, peer_count=peer_count)
+
+    def fail_p2p_operation(self, operation_id: str, reason: str) -> None:
+        """Mark an operation failed and claim ``failed`` at once.
+
+        Raises:
+            OperationNotFound: no active operation has this id (maybe already finished).
+        """
+        self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
+
+    def execute_with_beat_budget(
+        self, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
+
+        If the integration is not running, ``fn`` runs plainly (the seed's fallback).
+
+        Raises:
+            BeatBudgetExceeded: the budget ran out (see :func:`beat_budget`).
+        """
+        from .budget import execute_with_beat_budget
+
+        return execute_with_beat_budget(self, beats, fn, *args, **kwargs)
+
+    @staticmethod
+    def _phase(phase: OperationPhase | str) -> OperationPhase:
+        try:
+            return OperationPhase.coerce(phase)
+        except ValueError as exc:
+            raise InvalidArgument("phase", phase, str(exc)) from None
+
+    @staticmethod
+    def _check_peers(peer_count: int) -> None:
+        if not isinstance(peer_count, int) or isinstance(peer_count, bool) or peer_count < 0:
+            raise InvalidArgument("peer_count", peer_count, "must be an integer >= 0")
+
+    def _require_running(self) -> None:
+        if self._state is not IntegrationState.RUNNING:
+            raise IntegrationNotStarted(f"state is {self._state.value}")
+
+    # -- callbacks -----------------------------------------------------------
+
+    def on_beat(self, callback: BeatCallback) -> Callable[[], None]:
+        """Call ``callback(frame)`` on every beat (on the callback thread).
+
+        Returns:
+            A function that unregisters it.
+        """
+        return self._callbacks.add("beat", self._callable(callback))
+
+    def on_downbeat(self, callback: BeatCallback) -> Callable[[], None]:
+        """Call ``callback(frame)`` on every downbeat (first beat of a bar).
+
+        Returns:
+            A function that unregisters it.
+        """
+        return self._callbacks.add("downbeat", self._callable(callback))
+
+    def on_claim(self, callback: ClaimCallback) -> Callable[[], None]:
+        """Call ``callback(claim)`` with every claim this integration emits, in order.
+
+        Returns:
+            A function that unregisters it.
+        """
+        return self._callbacks.add("claim", self._callable(callback))
+
+    @staticmethod
+    def _callable(callback: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(callback):
+            raise InvalidArgument("callback", callback, "must be callable")
+        return callback
+
+    # -- health --------------------------------------------------------------
+
+    def get_health(self) -> dict[str, Any]:
+        """The agent's health: every key of PROTOCOL.md, and a few more counters.
+
+        Returns:
+            ``enabled``, ``started``, ``connected``, ``current_beat``, ``current_tempo``,
+            ``measured_bpm``, ``tempo_drift``, ``reconnect_count``, ``active_operations``,
+            ``local_degradation``, ``errors``, ``node_id``; then ``cluster_id``,
+            ``agent_id``, ``beat_position``, ``beats_received``, ``missed_beats``,
+            ``stale_frames``, ``duplicate_frames``, ``rejected_frames``,
+            ``foreign_frames``, ``pulse_resets``, ``claims_emitted``,
+            ``claims_published``, ``claims_dropped``, ``claims_coalesced``,
+            ``claims_queued``, ``callback_errors``, ``callbacks_dropped``,
+            ``blocked_callback``, ``beat_handling_seconds``.
+        """
+        snap = self._clock.snapshot()
+        started = self.running
+        transport = self._transport
+        connected = bool(started and transport is not None and transport.connected)
+        with self._errors_lock:
+            errors = list(self._errors)
+        tstats = transport.stats() if transport is not None else {}
+        blocked = self._blocked_callback()
+        health: dict[str, Any] = {
+            "enabled": self._config.enabled,
+            "started": started,
+            "connected": connected,
+            "current_beat": snap.current_beat,
+            "current_tempo": snap.tempo_bpm,
+            "measured_bpm": round(snap.measured_bpm, 3),
+            "tempo_drift": snap.tempo_drift,
+            "reconnect_count": transport.reconnect_count if transport is not None else 0,
+            "active_operations": self._registry.active_count,
+            "local_degradation": self._degraded(snap.seconds_since_frame, snap.missed_in_current_bar)
+            if started
+            else False,
+            "errors": errors,
+            "node_id": self._node_id,
+            "cluster_id": self._config.cluster_id,
+            "agent_id": self._config.agent_id,
+            "beat_position": self._clock.position(),
+            "beats_received": snap.beats_received,
+            "missed_beats": snap.missed_beats,
+            "stale_frames": snap.stale_frames,
+            "duplicate_frames": snap.duplicate_frames,
+            "pulse_resets": snap.resets,
+            "claims_published": tstats.get("claims_published", 0),
+            "claims_dropped": tstats.get("claims_dropped", 0),
+            "claims_coalesced": tstats.get("claims_coalesced", 0),
+            "claims_queued": tstats.get("claims_queued", 0),
+            "blocked_callback": blocked,
+            "beat_handling_seconds": self._last_handling,
+        }
+        health.update(self._counts)
+        return health
+
+    def _degraded(self, since_frame: float, missed_in_bar: bool) -> bool:
+        spb = self._clock.beat_duration
+        return since_frame > 2 * spb or missed_in_bar or self._last_handling > 0.5 * spb
+
+    def _blocked_callback(self) -> str | None:
+        running = self._cb_running
+        if running is None:
+            return None
+        name, since = running
+        if self._time.monotonic() - since > self._clock.beat_duration:
+            return name
+        return None
+
+    def record_error(self, message: str) -> None:
+        """Add ``message`` to health ``errors`` (the last 10 are kept) and log it."""
+        with self._errors_lock:
+            self._errors.append(message)
+            self._last_error_beat = self._clock.current_beat
+        self._ratelog.warn(message.split(":", 1)[0], f"BACKBEAT error: {message}")
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._errors_lock:
+            self._counts[key] += n
+
+    # -- claims --------------------------------------------------------------
+
+    def _encode(self, claim: StatusClaim) -> bytes:
+        return self._encoder(claim)
+
+    def _emit_operation(self, op: P2POperation) -> None:
+        """Queue the claim for ``op`` (called by the registry under its lock)."""
+        self._publish(self._claims.for_operation(op, self._clock.current_beat))
+
+    def _publish(self, claim: StatusClaim) -> None:
+        transport = self._transport
+        if transport is not None:
+            transport.publish(self._status_subject, claim)
+        self._counts["claims_emitted"] += 1  # always under the registry lock
+        if self._callbacks.claim:
+            self._queue_callback("claim", claim)
+
+    def emit_operation_note(self, operation_id: str, notes: str) -> StatusClaim | None:
+        """Claim an active operation at once with a custom ``notes`` line (budget warnings).
+
+        Returns:
+            The claim, or None if the operation is no longer active.
+        """
+        sent: list[StatusClaim] = []
+
+        def emit(op: P2POperation) -> None:
+            claim = self._claims.for_operation(op, self._clock.current_beat, notes=notes)
+            self._publish(claim)
+            sent.append(claim)
+
+        self._registry.emit_now(operation_id, emit)
+        return sent[0] if sent else None
+
+    def _emit_health(self) -> None:
+        health = self.get_health()
+        last_err = self._last_error_beat
+        recent = last_err is not None and self._clock.current_beat - last_err < self._config.health_every_beats
+        with self._registry.lock:
+            self._publish(
+                self._claims.for_health(
+                    current_beat=self._clock.current_beat,
+                    connected=health["connected"],
+                    operations=self._registry.active_count,
+                    tempo_bpm=health["current_tempo"],
+                    recent_errors=recent,
+                )
+            )
+
+    # -- frames (transport thread) ------------------------------------------------
+
+    def frame_received(self, data: bytes, arrival: float) -> None:
+        """Transport entry point: a payload arrived on the beat subject. Never raises."""
+        try:
+            self._frame_received(data, arrival)
+        except Exception as exc:  # a bug here must never stop the transport
+            self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
+
+    def _frame_received(self, data: bytes, arrival: float) -> None:
+        if self._state is not IntegrationState.RUNNING:
+            return
+        try:
+            frame = parse_beat_frame(data)
+        except ProtocolError as exc:
+            self._count("rejected_frames")
+            self.record_error(f"rejected beat frame: {exc.reason}")
+            return
+        if frame.cluster_id != self._config.cluster_id:
+            self._count("foreign_frames")
+            return
+        if not self._accept_frame(frame):
+            return
+        result = self._clock.observe(frame, arrival)
+        if not result.observation.accepted:
+            return
+        if result.observation is Observation.GAP:
+            self._ratelog.warn(
+                "gap", f"BACKBEAT missed {result.missed} beat(s) before beat={frame.beat_index}"
+            )
+        elif result.observation is Observation.RESET:
+            self.record_error(
+                f"pulse reset: resynchronised to beat {frame.beat_index} after a bar of stale frames"
+            )
+        for listener in self._frame_listeners:
+            listener()
+        self._beat_queue.put(frame)
+
+    def _accept_frame(self, frame: BeatFrame) -> bool:
+        """Hook for frame verification (signatures); True lets the frame through."""
+        return True
+
+    def transport_event(self, event: TransportEvent, detail: str) -> None:
+        """Transport entry point: the connection changed state."""
+        if event is TransportEvent.ERROR:
+            self.record_error(f"nats error: {detail}")
+        elif event is TransportEvent.DISCONNECTED:
+            self._log.warn(f"BACKBEAT disconnected from NATS: {detail}")
+        elif event is TransportEvent.RECONNECTED:
+            self._log.info(f"BACKBEAT reconnected to NATS: {detail}")
+        elif event is TransportEvent.CONNECTED:
+            self._log.debug(f"BACKBEAT connected: {detail}")
+
+    # -- the beat thread -----------------------------------------------------
+
+    def _beat_loop(self) -> None:
+        while True:
+            item = self._beat_queue.get()
+            if item is _STOP:
+                return
+            assert isinstance(item, BeatFrame)
+            t0 = self._time.monotonic()
+            try:
+                self._handle_beat(item)
+            except Exception as exc:
+                self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
+            self._last_handling = self._time.monotonic() - t0
+
+    def _handle_beat(self, frame: BeatFrame) -> None:
+        self._log.info(
+            f"🥁 BACKBEAT beat received - beat={frame.beat_index} phase={frame.phase}"
+            f" tempo={frame.tempo_bpm:g} window={frame.window_id}"
+        )
+        self._registry.emit_active()
+        for hook in self._beat_hooks:
+            hook(frame)
+        if frame.downbeat:
+            self._log.info(
+                f"🎼 BACKBEAT downbeat - new bar started - beat={frame.beat_index}"
+                f" window={frame.window_id}"
+            )
+            self._registry.cleanup_finished()
+            self._log.info(
+                f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}"
+            )
+        if frame.beat_index % self._config.health_every_beats == 0:
+            self._emit_health()
+        self._check_blocked()
+        if self._callbacks.beat:
+            self._queue_callback("beat", frame)
+        if frame.downbeat and self._callbacks.downbeat:
+            self._queue_callback("downbeat", frame)
+
+    def _check_blocked(self) -> None:
+        blocked = self._blocked_callback()
+        if blocked is None:
+            self._cb_blocked_reported = False
+        elif not self._cb_blocked_reported:
+            self._cb_blocked_reported = True
+            self.record_error(f"callback blocked: {blocked} has run for more than a beat")
+
+    # -- the callback thread ---------------------------------------------------
+
+    def _queue_callback(self, kind: str, payload: Any) -> None:
+        with self._cb_cond:
+            if len(self._cb_items) >= CALLBACK_QUEUE_LIMIT:
+                self._cb_items.popleft()
+                self._counts["callbacks_dropped"] += 1
+            self._cb_items.append((kind, payload))
+            self._cb_cond.notify()
+
+    def _callback_loop(self) -> None:
+        items = self._cb_items
+        while True:
+            with self._cb_cond:
+                while not items:
+                    self._cb_cond.wait()
+                kind, payload = items.popleft()
+            if kind == "stop":
+                return
+            callbacks: tuple[Callable[[Any], Any], ...] = getattr(self._callbacks, kind)
+            for cb in callbacks:
+                self._cb_running = (_callback_name(cb), self._time.monotonic())
+                try:
+                    cb(payload)
+                except Exception as exc:
+                    self._count("callback_errors")
+                    self.record_error(
+                        f"on_{kind} callback {_callback_name(cb)} raised {type(exc).__name__}: {exc}"
+                    )
+                finally:
+                    self._cb_running = None
+
+    # -- hooks for the budget engine (internal) --------------------------------
+
+    def _add_beat_hook(self, hook: BeatCallback) -> Callable[[], None]:
+        """Run ``hook(frame)`` on the beat thread for every beat (internal)."""
+        self._beat_hooks = (*self._beat_hooks, hook)
+
+        def remove() -> None:
+            self._beat_hooks = tuple(h for h in self._beat_hooks if h is not hook)
+
+        return remove
+
+    def _add_frame_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener()`` on the transport thread after each accepted frame (internal)."""
+        self._frame_listeners = (*self._frame_listeners, listener)
+
+        def remove() -> None:
+            self._frame_listeners = tuple(x for x in self._frame_listeners if x is not listener)
+
+        return remove
+
+
+# -- flushing at interpreter exit ----------------------------------------------
+
+_live: weakref.WeakSet[Integration] = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_installed = False
+
+
+def _register_exit_hook(integration: Integration) -> None:
+    global _exit_hook_installed
+    with _exit_hook_lock:
+        _live.add(integration)
+        if not _exit_hook_installed:
+            atexit.register(_stop_all_at_exit)
+            _exit_hook_installed = True
+
+
+def _stop_all_at_exit() -> None:
+    """Stop every integration still running, so queued claims are flushed (bounded by flush_timeout)."""
+    for integration in list(_live):
+        try:
+            integration.stop()
+        except BackbeatError:
+            pass

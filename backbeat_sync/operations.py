@@ -1,0 +1,322 @@
+"""Operations and their phases, and the thread-safe registry that holds them.
+
+The registry owns one lock. Every change to an operation and the claim that
+reports it happen under that lock (the claim is only *queued* there, never
+sent), so the claims of one operation leave in the order the changes were
+made, whichever threads made them.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Final
+
+import attrs
+
+from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
+
+__all__ = ["OperationPhase", "OperationRegistry", "OperationType", "P2POperation"]
+
+
+class OperationPhase(enum.Enum):
+    """The lifecycle of an operation. Phases only move forward; FAILED may follow any active phase.
+
+    ``STARTED -> CONNECTING -> NEGOTIATING -> EXECUTING -> COMPLETED``, or ``FAILED``
+    from any of the first four. A phase may be skipped.
+    """
+
+    STARTED = "started"
+    CONNECTING = "connecting"
+    NEGOTIATING = "negotiating"
+    EXECUTING = "executing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def rank(self) -> int:
+        """Position in the lifecycle (STARTED is 0, COMPLETED 4, FAILED 5)."""
+        return _RANK[self]
+
+    @property
+    def is_final(self) -> bool:
+        """True for COMPLETED and FAILED."""
+        return self in (OperationPhase.COMPLETED, OperationPhase.FAILED)
+
+    @classmethod
+    def coerce(cls, value: OperationPhase | str) -> OperationPhase:
+        """Accept a phase or its name (``"negotiating"``, ``"NEGOTIATING"``).
+
+        Raises:
+            ValueError: not a phase (the message lists the valid ones).
+        """
+        if isinstance(value, OperationPhase):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        valid = ", ".join(p.value for p in cls)
+        raise ValueError(f"phase={value!r} is not an operation phase ({valid})")
+
+
+_RANK: Final = {p: i for i, p in enumerate(OperationPhase)}
+
+
+class OperationType(str, enum.Enum):
+    """The seed's four operation types. Any other non-empty string is a valid user type."""
+
+    ELECTION = "election"
+    DHT_STORE = "dht_store"
+    PUBSUB_SYNC = "pubsub_sync"
+    PEER_DISCOVERY = "peer_discovery"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@attrs.define(slots=True, eq=False)
+class P2POperation:
+    """One tracked operation (the seed's ``P2POperation``).
+
+    Attributes:
+        id: unique operation id (the claim's ``task_id``).
+        type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery`` or a user type.
+        start_beat: beat index when it started.
+        estimated_beats: the beat budget it was started with.
+        phase: current phase.
+        peer_count: peers involved, as last reported.
+        start_time: wall-clock start (epoch seconds).
+        data: whatever the caller attached.
+        reason: why it failed (FAILED only).
+        announced: whether a claim has gone out for it yet (quiet budget calls start unannounced).
+    """
+
+    id: str
+    type: str
+    start_beat: int
+    estimated_beats: int
+    phase: OperationPhase = OperationPhase.STARTED
+    peer_count: int = 0
+    start_time: float = 0.0
+    data: Any = None
+    reason: str | None = None
+    announced: bool = True
+
+    @property
+    def active(self) -> bool:
+        """True until the operation completes or fails."""
+        return not self.phase.is_final
+
+    def beats_passed(self, current_beat: int) -> int:
+        """Beats since the start, ``current_beat - start_beat`` (never negative)."""
+        return max(0, current_beat - self.start_beat)
+
+
+Emit = Callable[[P2POperation], None]
+
+
+class OperationRegistry:
+    """Thread-safe store of operations; every change is reported through ``emit`` under the lock.
+
+    Args:
+        emit: called with the operation after each change that must be claimed,
+            while the registry lock is held. It must only queue, never block.
+    """
+
+    def __init__(self, emit: Emit) -> None:
+        self._lock = threading.Lock()
+        self._emit = emit
+        self._active: dict[str, P2POperation] = {}
+        self._finished: dict[str, P2POperation] = {}
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The registry lock (held while claims are queued)."""
+        return self._lock
+
+    @property
+    def active_count(self) -> int:
+        """Number of operations not yet completed or failed."""
+        return len(self._active)
+
+    @property
+    def finished_count(self) -> int:
+        """Finished operations waiting for the next downbeat clean-up."""
+        return len(self._finished)
+
+    def get(self, operation_id: str) -> P2POperation:
+        """Return a copy of the operation (active, or finished and not yet cleaned up).
+
+        Raises:
+            OperationNotFound: no such operation.
+        """
+        with self._lock:
+            op = self._active.get(operation_id) or self._finished.get(operation_id)
+            if op is None:
+                raise OperationNotFound(operation_id)
+            return attrs.evolve(op)
+
+    def active_ids(self) -> list[str]:
+        """Ids of the active operations (a copy)."""
+        with self._lock:
+            return list(self._active)
+
+    def add(self, op: P2POperation) -> None:
+        """Register a new operation; emits its start claim if ``op.announced``.
+
+        Raises:
+            DuplicateOperation: an active operation already has this id.
+        """
+        with self._lock:
+            if op.id in self._active:
+                raise DuplicateOperation(op.id)
+            self._finished.pop(op.id, None)
+            self._active[op.id] = op
+            if op.announced:
+                self._emit(op)
+
+    def set_phase(
+        self, operation_id: str, phase: OperationPhase, peer_count: int | None = None
+    ) -> P2POperation:
+        """Move an active operation to ``phase`` (forward only) and claim the change.
+
+        Setting the current phase again only updates the peer count. COMPLETED and
+        FAILED finish the operation, as :meth:`finish` does.
+
+        Raises:
+            OperationNotFound: no active operation has this id.
+            InvalidPhaseTransition: ``phase`` is behind the current phase.
+        """
+        if phase.is_final:
+            return self.finish(operation_id, phase, peer_count=peer_count)
+        with self._lock:
+            op = self._active.get(operation_id)
+            if op is None:
+                raise OperationNotFound(operation_id)
+            if phase.rank < op.phase.rank:
+                raise InvalidPhaseTransition(operation_id, op.phase.value, phase.value)
+            op.phase = phase
+            if peer_count is not None:
+                op.peer_count = peer_count
+            op.announced = True
+            self._emit(op)
+            return op
+
+    def finish(
+        self,
+        operation_id: str,
+        phase: OperationPhase,
+        *,
+        peer_count: int | None = None,
+        reason: str | None = None,
+        quiet: bool = False,
+    ) -> P2POperation:
+        """Complete or fail an active operation and claim it at once.
+
+        Args:
+            operation_id: the operation.
+            phase: COMPLETED or FAILED.
+            peer_count: final peer count, if known.
+            reason: why it failed.
+            quiet: with an operation never announced, complete it without a claim
+                (a budget call that started and ended between two beats).
+
+        Raises:
+            OperationNotFound: no active operation has this id (it may have finished already).
+        """
+        with self._lock:
+            op = self._active.pop(operation_id, None)
+            if op is None:
+                raise OperationNotFound(operation_id)
+            op.phase = phase
+            if peer_count is not None:
+                op.peer_count = peer_count
+            op.reason = reason
+            self._finished[operation_id] = op
+            if not (quiet and not op.announced):
+                op.announced = True
+                self._emit(op)
+            return op
+
+    def emit_now(self, operation_id: str, emit: Emit) -> bool:
+        """Call ``emit(op)`` for an active operation under the lock (marks it announced).
+
+        Returns:
+            False if no active operation has this id.
+        """
+        with self._lock:
+            op = self._active.get(operation_id)
+            if op is None:
+                return False
+            op.announced = True
+            emit(op)
+            return True
+
+    def discard_quiet(self, operation_id: str) -> bool:
+        """Forget an active operation that was never announced, without any claim.
+
+        Returns:
+            True if it was removed; False if it was announced meanwhile (or is gone).
+        """
+        with self._lock:
+            op = self._active.get(operation_id)
+            if op is None or op.announced:
+                return False
+            del self._active[operation_id]
+            return True
+
+    def emit_active(self, chunk: int = 1024, *, also: Emit | None = None) -> int:
+        """Claim every active operation (the per-beat claims), ``chunk`` at a time.
+
+        The lock is taken once per chunk, so application threads are not held
+        up for the whole sweep; an operation that finished meanwhile is skipped.
+
+        Args:
+            chunk: operations per lock acquisition.
+            also: called for each claimed operation too (under the lock).
+
+        Returns:
+            How many claims were queued.
+        """
+        with self._lock:
+            ids = list(self._active)
+        emitted = 0
+        for start in range(0, len(ids), chunk):
+            with self._lock:
+                for op_id in ids[start : start + chunk]:
+                    op = self._active.get(op_id)
+                    if op is None:
+                        continue
+                    op.announced = True
+                    self._emit(op)
+                    if also is not None:
+                        also(op)
+                    emitted += 1
+        return emitted
+
+    def cleanup_finished(self) -> int:
+        """Drop finished operations (done on each downbeat). Returns how many were dropped."""
+        with self._lock:
+            n = len(self._finished)
+            self._finished.clear()
+            return n
+
+    def fail_all(self, reason: str) -> list[str]:
+        """Fail every active operation with ``reason`` (used by ``stop()``); returns their ids."""
+        failed = []
+        for op_id in self.active_ids():
+            try:
+                self.finish(op_id, OperationPhase.FAILED, reason=reason)
+            except OperationNotFound:
+                continue
+            failed.append(op_id)
+        return failed
+
+    def __iter__(self) -> Iterator[P2POperation]:
+        """Iterate over copies of the active operations."""
+        with self._lock:
+            ops = [attrs.evolve(op) for op in self._active.values()]
+        return iter(ops)

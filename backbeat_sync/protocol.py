@@ -1,0 +1,405 @@
+"""The wire contract: :class:`BeatFrame` and :class:`StatusClaim` (BACKBEAT v1).
+
+Parsing is strict: anything that breaks a rule of the contract raises
+:class:`~backbeat_sync.ProtocolError` naming the rule, and never any other
+exception, whatever the bytes. Encoding is canonical JSON (sorted keys, no
+whitespace, UTF-8), which is also what a signature covers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, Final
+
+import attrs
+
+from .errors import ProtocolError
+
+__all__ = [
+    "BEAT_FRAME_TYPE",
+    "CLAIM_STATES",
+    "HEALTH_TASK_ID",
+    "MAX_MESSAGE_BYTES",
+    "MAX_TEMPO_BPM",
+    "PHASE_NAMES",
+    "STATUS_CLAIM_TYPE",
+    "BeatFrame",
+    "StatusClaim",
+    "canonical_json",
+    "parse_beat_frame",
+    "parse_message",
+    "parse_status_claim",
+]
+
+BEAT_FRAME_TYPE: Final = "backbeat.beatframe.v1"
+STATUS_CLAIM_TYPE: Final = "backbeat.statusclaim.v1"
+HEALTH_TASK_ID: Final = "chorus-p2p-health"
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+MAX_TEMPO_BPM: Final = 6000.0
+DEFAULT_BAR_LENGTH: Final = 4
+CLAIM_STATES: Final = frozenset({"waiting", "executing", "done", "failed"})
+PHASE_NAMES: Final = ("started", "connecting", "negotiating", "executing", "completed", "failed")
+_PHASE_SET: Final = frozenset(PHASE_NAMES)
+
+_TIMESTAMP = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+
+_FRAME: Final = "beat frame"
+_CLAIM: Final = "status claim"
+
+
+def canonical_json(obj: Mapping[str, Any]) -> bytes:
+    """Encode ``obj`` as canonical JSON: keys sorted, separators ``,`` and ``:``, UTF-8, no NaN."""
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _load(data: bytes | bytearray | memoryview | str, kind: str) -> dict[str, Any]:
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(kind, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
+    try:
+        text = data if isinstance(data, str) else bytes(data).decode("utf-8")
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(kind, f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(kind, f"not a JSON object but {type(obj).__name__}")
+    return obj
+
+
+def _str(obj: Mapping[str, Any], key: str, kind: str, *, required: bool = True) -> Any:
+    if key not in obj:
+        if required:
+            raise ProtocolError(kind, f"missing required field {key!r}")
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise ProtocolError(kind, f"field {key!r} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, kind: str, *, minimum: int | None = 0,
+         required: bool = True) -> Any:
+    if key not in obj:
+        if required:
+            raise ProtocolError(kind, f"missing required field {key!r}")
+        return None
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(kind, f"field {key!r} must be an integer, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ProtocolError(kind, f"field {key!r}={value} is below {minimum}")
+    if value.bit_length() > 63:
+        raise ProtocolError(kind, f"field {key!r} does not fit in 64 bits")
+    return value
+
+
+def _number(obj: Mapping[str, Any], key: str, kind: str) -> float:
+    if key not in obj:
+        raise ProtocolError(kind, f"missing required field {key!r}")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(kind, f"field {key!r} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ProtocolError(kind, f"field {key!r} is out of range") from None
+    if not math.isfinite(number):
+        raise ProtocolError(kind, f"field {key!r} must be finite")
+    return number
+
+
+def _bool(obj: Mapping[str, Any], key: str, kind: str) -> bool:
+    if key not in obj:
+        raise ProtocolError(kind, f"missing required field {key!r}")
+    value = obj[key]
+    if not isinstance(value, bool):
+        raise ProtocolError(kind, f"field {key!r} must be a boolean, not {type(value).__name__}")
+    return value
+
+
+def _timestamp(obj: Mapping[str, Any], key: str, kind: str, *, required: bool) -> Any:
+    value = _str(obj, key, kind, required=required)
+    if value is None:
+        return None
+    if not _TIMESTAMP.match(value):
+        raise ProtocolError(kind, f"field {key!r}={value!r} is not an RFC 3339 UTC timestamp ending in Z")
+    try:
+        datetime.strptime(value[:19], "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        raise ProtocolError(kind, f"field {key!r}={value!r} is not a real date and time") from None
+    return value
+
+
+def _type(obj: Mapping[str, Any], expected: str, kind: str) -> None:
+    value = _str(obj, "type", kind)
+    if value != expected:
+        raise ProtocolError(kind, f"unknown type {value!r} (expected {expected!r})")
+
+
+def _signature(obj: Mapping[str, Any], kind: str) -> tuple[str | None, str | None]:
+    return _str(obj, "sig", kind, required=False), _str(obj, "key_id", kind, required=False)
+
+
+@attrs.frozen
+class BeatFrame:
+    """One beat of the cluster's metronome (pulse -> agents).
+
+    Example:
+        >>> f = BeatFrame(cluster_id="dev", beat_index=8, downbeat=True, phase="downbeat",
+        ...               tempo_bpm=2, window_id="w-2")
+        >>> BeatFrame.parse(f.encode()) == f
+        True
+    """
+
+    cluster_id: str
+    beat_index: int
+    downbeat: bool
+    phase: str
+    tempo_bpm: float
+    window_id: str
+    bar_length: int = DEFAULT_BAR_LENGTH
+    sent_at: str | None = None
+    deadline_at: str | None = None
+    sig: str | None = attrs.field(default=None, repr=False)
+    key_id: str | None = None
+
+    @property
+    def beat_duration(self) -> float:
+        """Seconds per beat at this frame's tempo."""
+        return 60.0 / self.tempo_bpm
+
+    def to_dict(self, *, signed: bool = True) -> dict[str, Any]:
+        """The JSON object of this frame; optional fields only when set.
+
+        Args:
+            signed: include ``sig`` (False gives the bytes a signature covers).
+        """
+        d: dict[str, Any] = {
+            "type": BEAT_FRAME_TYPE,
+            "cluster_id": self.cluster_id,
+            "beat_index": self.beat_index,
+            "downbeat": self.downbeat,
+            "phase": self.phase,
+            "tempo_bpm": self.tempo_bpm,
+            "window_id": self.window_id,
+            "bar_length": self.bar_length,
+        }
+        if self.sent_at is not None:
+            d["sent_at"] = self.sent_at
+        if self.deadline_at is not None:
+            d["deadline_at"] = self.deadline_at
+        if self.key_id is not None:
+            d["key_id"] = self.key_id
+        if signed and self.sig is not None:
+            d["sig"] = self.sig
+        return d
+
+    def encode(self) -> bytes:
+        """Canonical JSON bytes of this frame."""
+        return canonical_json(self.to_dict())
+
+    def signing_bytes(self) -> bytes:
+        """The canonical JSON a signature covers (the message without ``sig``)."""
+        return canonical_json(self.to_dict(signed=False))
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> BeatFrame:
+        """Validate a decoded JSON object as a beat frame.
+
+        Raises:
+            ProtocolError: a rule of the contract is broken (the message says which).
+        """
+        k = _FRAME
+        if not isinstance(obj, Mapping):
+            raise ProtocolError(k, f"not a JSON object but {type(obj).__name__}")
+        _type(obj, BEAT_FRAME_TYPE, k)
+        tempo = _number(obj, "tempo_bpm", k)
+        if not 0 < tempo <= MAX_TEMPO_BPM:
+            raise ProtocolError(k, f"field 'tempo_bpm'={tempo!r} is outside 0 < x <= {MAX_TEMPO_BPM:g}")
+        bar = _int(obj, "bar_length", k, minimum=1, required=False)
+        sig, key_id = _signature(obj, k)
+        return cls(
+            cluster_id=_str(obj, "cluster_id", k),
+            beat_index=_int(obj, "beat_index", k),
+            downbeat=_bool(obj, "downbeat", k),
+            phase=_str(obj, "phase", k),
+            tempo_bpm=tempo,
+            window_id=_str(obj, "window_id", k),
+            bar_length=DEFAULT_BAR_LENGTH if bar is None else bar,
+            sent_at=_timestamp(obj, "sent_at", k, required=False),
+            deadline_at=_timestamp(obj, "deadline_at", k, required=False),
+            sig=sig,
+            key_id=key_id,
+        )
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview | str) -> BeatFrame:
+        """Parse a message from the wire. See :func:`parse_beat_frame`."""
+        return cls.from_dict(_load(data, _FRAME))
+
+
+@attrs.frozen
+class StatusClaim:
+    """What an agent says about one operation, or about its own health (agent -> cluster).
+
+    Example:
+        >>> c = StatusClaim(cluster_id="dev", agent_id="a1", node_id="n1", task_id="t",
+        ...                 beat_index=3, state="executing", beats_left=2, progress=0.5,
+        ...                 notes="P2P election: executing (peers: 3, node: n1)",
+        ...                 sent_at="2026-11-28T01:00:00.000Z")
+        >>> StatusClaim.parse(c.encode()) == c
+        True
+    """
+
+    cluster_id: str
+    agent_id: str
+    node_id: str
+    task_id: str
+    beat_index: int
+    state: str
+    beats_left: int
+    progress: float
+    notes: str
+    sent_at: str
+    operation_type: str | None = None
+    phase: str | None = None
+    peer_count: int | None = None
+    sig: str | None = attrs.field(default=None, repr=False)
+    key_id: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """True for a ``done`` or ``failed`` operation claim (these are never dropped)."""
+        return self.state in ("done", "failed") and self.task_id != HEALTH_TASK_ID
+
+    def to_dict(self, *, signed: bool = True) -> dict[str, Any]:
+        """The JSON object of this claim; optional fields only when set.
+
+        Args:
+            signed: include ``sig`` (False gives the bytes a signature covers).
+        """
+        d: dict[str, Any] = {
+            "type": STATUS_CLAIM_TYPE,
+            "cluster_id": self.cluster_id,
+            "agent_id": self.agent_id,
+            "node_id": self.node_id,
+            "task_id": self.task_id,
+            "beat_index": self.beat_index,
+            "state": self.state,
+            "beats_left": self.beats_left,
+            "progress": self.progress,
+            "notes": self.notes,
+            "sent_at": self.sent_at,
+        }
+        if self.operation_type is not None:
+            d["operation_type"] = self.operation_type
+        if self.phase is not None:
+            d["phase"] = self.phase
+        if self.peer_count is not None:
+            d["peer_count"] = self.peer_count
+        if self.key_id is not None:
+            d["key_id"] = self.key_id
+        if signed and self.sig is not None:
+            d["sig"] = self.sig
+        return d
+
+    def encode(self) -> bytes:
+        """Canonical JSON bytes of this claim."""
+        return canonical_json(self.to_dict())
+
+    def signing_bytes(self) -> bytes:
+        """The canonical JSON a signature covers (the message without ``sig``)."""
+        return canonical_json(self.to_dict(signed=False))
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> StatusClaim:
+        """Validate a decoded JSON object as a status claim.
+
+        Raises:
+            ProtocolError: a rule of the contract is broken (the message says which).
+        """
+        k = _CLAIM
+        if not isinstance(obj, Mapping):
+            raise ProtocolError(k, f"not a JSON object but {type(obj).__name__}")
+        _type(obj, STATUS_CLAIM_TYPE, k)
+        state = _str(obj, "state", k)
+        if state not in CLAIM_STATES:
+            raise ProtocolError(k, f"field 'state'={state!r} is not one of {sorted(CLAIM_STATES)}")
+        progress = _number(obj, "progress", k)
+        if not 0.0 <= progress <= 1.0:
+            raise ProtocolError(k, f"field 'progress'={progress!r} is outside 0.0 <= x <= 1.0")
+        phase = _str(obj, "phase", k, required=False)
+        if phase is not None and phase not in _PHASE_SET:
+            raise ProtocolError(k, f"field 'phase'={phase!r} is not one of {list(PHASE_NAMES)}")
+        sig, key_id = _signature(obj, k)
+        return cls(
+            cluster_id=_str(obj, "cluster_id", k),
+            agent_id=_str(obj, "agent_id", k),
+            node_id=_str(obj, "node_id", k),
+            task_id=_str(obj, "task_id", k),
+            beat_index=_int(obj, "beat_index", k, minimum=None),
+            state=state,
+            beats_left=_int(obj, "beats_left", k),
+            progress=progress,
+            notes=_str(obj, "notes", k),
+            sent_at=_timestamp(obj, "sent_at", k, required=True),
+            operation_type=_str(obj, "operation_type", k, required=False),
+            phase=phase,
+            peer_count=_int(obj, "peer_count", k, required=False),
+            sig=sig,
+            key_id=key_id,
+        )
+
+    @classmethod
+    def parse(cls, data: bytes | bytearray | memoryview | str) -> StatusClaim:
+        """Parse a message from the wire. See :func:`parse_status_claim`."""
+        return cls.from_dict(_load(data, _CLAIM))
+
+
+def parse_beat_frame(data: bytes | bytearray | memoryview | str) -> BeatFrame:
+    """Parse and validate a beat frame from the wire.
+
+    Args:
+        data: the message payload (UTF-8 JSON, at most 64 KiB).
+
+    Returns:
+        The frame.
+
+    Raises:
+        ProtocolError: the payload is too large, not UTF-8 JSON, not an object,
+            or breaks a field rule; never any other exception.
+    """
+    return BeatFrame.parse(data)
+
+
+def parse_status_claim(data: bytes | bytearray | memoryview | str) -> StatusClaim:
+    """Parse and validate a status claim from the wire.
+
+    Raises:
+        ProtocolError: as :func:`parse_beat_frame`.
+    """
+    return StatusClaim.parse(data)
+
+
+def parse_message(data: bytes | bytearray | memoryview | str) -> BeatFrame | StatusClaim:
+    """Parse either kind of message, dispatching on its ``type``.
+
+    Raises:
+        ProtocolError: as :func:`parse_beat_frame`, or an unknown ``type``.
+    """
+    obj = _load(data, "message")
+    kind = obj.get("type")
+    if kind == BEAT_FRAME_TYPE:
+        return BeatFrame.from_dict(obj)
+    if kind == STATUS_CLAIM_TYPE:
+        return StatusClaim.from_dict(obj)
+    raise ProtocolError("message", f"unknown type {kind!r}")

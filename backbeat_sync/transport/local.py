@@ -1,0 +1,219 @@
+"""The in-process transport: a pulse thread and a message bus, no server.
+
+``local://`` (or ``local://NAME``) selects a process-wide :class:`LocalBus`
+named ``NAME`` (empty by default). The first integration on a bus and cluster
+starts that cluster's pulse at its configured tempo; later ones follow it,
+as agents follow a real pulse. ``local://NAME?pulse=manual`` starts no pulse:
+the caller publishes frames with :meth:`LocalBus.publish` (tests do this).
+
+Claims are delivered synchronously to in-process subscribers (the monitor,
+tests) and encoded only when somebody subscribes to their subject.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import ClassVar
+from urllib.parse import parse_qs, urlsplit
+
+from loguru import logger
+
+from .._time import SYSTEM_TIME, TimeSource
+from ..config import BackbeatConfig
+from ..protocol import BeatFrame, StatusClaim
+from ..pulse import BeatSchedule, PulseThread, wall_clock_start_index
+from .base import ClaimEncoder, Transport, TransportEvent, TransportSink, subject_matches
+
+__all__ = ["LocalBus", "LocalTransport"]
+
+Handler = Callable[[str, bytes], None]
+
+
+class _SharedPulse:
+    def __init__(self, thread: PulseThread) -> None:
+        self.thread = thread
+        self.users = 0
+
+
+class LocalBus:
+    """A process-wide, in-memory stand-in for a NATS server.
+
+    Get one with :meth:`named`; subscribe with NATS wildcards; publish bytes.
+    """
+
+    _buses: ClassVar[dict[str, LocalBus]] = {}
+    _buses_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._subs: tuple[tuple[int, str, Handler], ...] = ()
+        self._next_id = 0
+        self._pulses: dict[str, _SharedPulse] = {}
+
+    @classmethod
+    def named(cls, name: str = "") -> LocalBus:
+        """The bus called ``name`` (created on first use)."""
+        with cls._buses_lock:
+            bus = cls._buses.get(name)
+            if bus is None:
+                bus = cls._buses[name] = LocalBus(name)
+            return bus
+
+    def subscribe(self, pattern: str, handler: Handler) -> Callable[[], None]:
+        """Call ``handler(subject, data)`` for each message matching ``pattern``.
+
+        Returns:
+            A function that unsubscribes.
+        """
+        with self._lock:
+            sid = self._next_id
+            self._next_id += 1
+            self._subs = (*self._subs, (sid, pattern, handler))
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subs = tuple(s for s in self._subs if s[0] != sid)
+
+        return unsubscribe
+
+    def has_subscribers(self, subject: str) -> bool:
+        """Whether any subscription matches ``subject``."""
+        return any(subject_matches(p, subject) for _, p, _ in self._subs)
+
+    def publish(self, subject: str, data: bytes) -> int:
+        """Deliver ``data`` to every matching subscriber, synchronously. Returns how many got it.
+
+        A subscriber that raises is logged and skipped; the others still get the message.
+        """
+        delivered = 0
+        for _, pattern, handler in self._subs:
+            if subject_matches(pattern, subject):
+                try:
+                    handler(subject, data)
+                except Exception:
+                    logger.opt(exception=True).warning(
+                        "local bus subscriber raised on {subject}", subject=subject
+                    )
+                delivered += 1
+        return delivered
+
+    def acquire_pulse(self, config: BackbeatConfig, time_source: TimeSource) -> None:
+        """Start the pulse for ``config``'s cluster if none runs; count one more user."""
+        subject = config.beat_subject_for()
+        with self._lock:
+            shared = self._pulses.get(subject)
+            if shared is None:
+                now = time_source.monotonic()
+                schedule = BeatSchedule(
+                    cluster_id=config.cluster_id,
+                    tempo_bpm=config.tempo_bpm,
+                    bar_length=config.bar_length,
+                    start_index=wall_clock_start_index(config.tempo_bpm, time_source.time()),
+                    start_time=now,
+                )
+                thread = PulseThread(
+                    schedule, lambda f: self.publish(subject, f.encode()), time_source=time_source
+                )
+                shared = self._pulses[subject] = _SharedPulse(thread)
+                thread.start()
+            elif shared.thread.schedule.tempo_bpm != config.tempo_bpm:
+                logger.info(
+                    "local pulse for {subject} already runs at {bpm:g} BPM; following it",
+                    subject=subject,
+                    bpm=shared.thread.schedule.tempo_bpm,
+                )
+            shared.users += 1
+
+    def release_pulse(self, config: BackbeatConfig) -> None:
+        """One user fewer; the last one stops the pulse."""
+        subject = config.beat_subject_for()
+        with self._lock:
+            shared = self._pulses.get(subject)
+            if shared is None:
+                return
+            shared.users -= 1
+            if shared.users > 0:
+                return
+            del self._pulses[subject]
+        shared.thread.stop()
+
+    def pulse_schedule(self, subject: str) -> BeatSchedule | None:
+        """The schedule of the pulse running for ``subject``, if any (to change its tempo)."""
+        shared = self._pulses.get(subject)
+        return shared.thread.schedule if shared else None
+
+
+class LocalTransport(Transport):
+    """Frames from the in-process pulse; claims to in-process subscribers.
+
+    Args:
+        config: the integration's config (``nats_url`` is ``local://...``).
+        encoder: turns a claim into wire bytes.
+        time_source: for the pulse (real time in practice).
+    """
+
+    def __init__(
+        self, config: BackbeatConfig, encoder: ClaimEncoder, time_source: TimeSource = SYSTEM_TIME
+    ) -> None:
+        url = urlsplit(config.nats_url.strip())
+        self._config = config
+        self._encoder = encoder
+        self._time = time_source
+        self.bus = LocalBus.named(url.netloc + url.path.strip("/"))
+        self._manual = parse_qs(url.query).get("pulse", [""])[0] == "manual"
+        self._unsubscribe: Callable[[], None] | None = None
+        self._connected = False
+        self._published = 0
+        self._lock = threading.Lock()
+
+    def start(self, sink: TransportSink) -> None:
+        """Subscribe to the beat subject and join (or start) the cluster's pulse."""
+        clock = self._time
+
+        def on_frame(subject: str, data: bytes) -> None:
+            sink.frame_received(data, clock.monotonic())
+
+        self._unsubscribe = self.bus.subscribe(self._config.beat_subject_for(), on_frame)
+        if not self._manual:
+            self.bus.acquire_pulse(self._config, self._time)
+        self._connected = True
+        sink.transport_event(TransportEvent.CONNECTED, f"local bus {self.bus.name!r}")
+
+    def publish(self, subject: str, claim: StatusClaim) -> None:
+        """Deliver the claim to in-process subscribers of ``subject`` (if any)."""
+        with self._lock:
+            self._published += 1
+        if self.bus.has_subscribers(subject):
+            self.bus.publish(subject, self._encoder(claim))
+
+    def stop(self, flush_timeout: float) -> None:
+        """Leave the pulse and the bus. Idempotent."""
+        if not self._connected:
+            return
+        self._connected = False
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if not self._manual:
+            self.bus.release_pulse(self._config)
+
+    @property
+    def connected(self) -> bool:
+        """True between start() and stop()."""
+        return self._connected
+
+    def stats(self) -> dict[str, int]:
+        """Claims handed to the bus; nothing is ever queued or dropped here."""
+        return {
+            "claims_published": self._published,
+            "claims_dropped": 0,
+            "claims_coalesced": 0,
+            "claims_queued": 0,
+        }
+
+
+def frame_bytes(frame: BeatFrame) -> bytes:
+    """Encode a frame for :meth:`LocalBus.publish` (a convenience for tests and tools)."""
+    return frame.encode()
