@@ -76,7 +76,7 @@ class ManualTime:
 def format_rfc3339(epoch: float) -> str:
     """Format epoch seconds as an RFC 3339 UTC timestamp with millisecond precision and ``Z``."""
     whole = int(epoch)
-    millis = int(round((epoch - whole) * 1000))
+    millis = round((epoch - whole) * 1000)
     if millis >= 1000:
         whole += 1
         millis -= 1000

@@ -138,7 +138,9 @@ def _nats_url(inst: Any, attribute: attrs.Attribute[str], value: str) -> None:
             split = urlsplit(url)
             split.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigError(attribute.name, mask_url(value), f"cannot parse {mask_url(url)!r}: {exc}") from None
+            raise ConfigError(
+                attribute.name, mask_url(value), f"cannot parse {mask_url(url)!r}: {exc}"
+            ) from None
         if not split.hostname:
             raise ConfigError(attribute.name, mask_url(value), f"no host in {mask_url(url)!r}")
 

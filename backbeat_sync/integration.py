@@ -154,6 +154,7 @@ class Integration:
         self._callbacks = _Callbacks()
         self._beat_hooks: tuple[BeatCallback, ...] = ()
         self._frame_listeners: tuple[Callable[[], None], ...] = ()
+        self._handled_listeners: tuple[Callable[[BeatFrame, float], None], ...] = ()
         self._encoder: Callable[[StatusClaim], bytes] = StatusClaim.encode
 
         self._errors: deque[str] = deque(maxlen=10)
@@ -527,7 +528,8 @@ class Integration:
             "blocked_callback": blocked,
             "beat_handling_seconds": self._last_handling,
         }
-        health.update(self._counts)
+        with self._errors_lock:
+            health.update(self._counts)
         return health
 
     def _degraded(self, since_frame: float, missed_in_bar: bool) -> bool:
@@ -550,9 +552,10 @@ class Integration:
             self._last_error_beat = self._clock.current_beat
         self._ratelog.warn(message.split(":", 1)[0], f"BACKBEAT error: {message}")
 
-    def _count(self, key: str, n: int = 1) -> None:
+    def count(self, key: str, n: int = 1) -> None:
+        """Add ``n`` to the health counter ``key`` (created at 0 on first use)."""
         with self._errors_lock:
-            self._counts[key] += n
+            self._counts[key] = self._counts.get(key, 0) + n
 
     # -- claims --------------------------------------------------------------
 
@@ -590,7 +593,8 @@ class Integration:
     def _emit_health(self) -> None:
         health = self.get_health()
         last_err = self._last_error_beat
-        recent = last_err is not None and self._clock.current_beat - last_err < self._config.health_every_beats
+        every = self._config.health_every_beats
+        recent = last_err is not None and self._clock.current_beat - last_err < every
         with self._registry.lock:
             self._publish(
                 self._claims.for_health(
@@ -617,11 +621,11 @@ class Integration:
         try:
             frame = parse_beat_frame(data)
         except ProtocolError as exc:
-            self._count("rejected_frames")
+            self.count("rejected_frames")
             self.record_error(f"rejected beat frame: {exc.reason}")
             return
         if frame.cluster_id != self._config.cluster_id:
-            self._count("foreign_frames")
+            self.count("foreign_frames")
             return
         if not self._accept_frame(frame):
             return
@@ -668,7 +672,12 @@ class Integration:
                 self._handle_beat(item)
             except Exception as exc:
                 self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
-            self._last_handling = self._time.monotonic() - t0
+            self._last_handling = elapsed = self._time.monotonic() - t0
+            for listener in self._handled_listeners:
+                try:
+                    listener(item, elapsed)
+                except Exception as exc:
+                    self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
 
     def _handle_beat(self, frame: BeatFrame) -> None:
         self._log.info(
@@ -728,7 +737,7 @@ class Integration:
                 try:
                     cb(payload)
                 except Exception as exc:
-                    self._count("callback_errors")
+                    self.count("callback_errors")
                     self.record_error(
                         f"on_{kind} callback {_callback_name(cb)} raised {type(exc).__name__}: {exc}"
                     )
@@ -752,6 +761,15 @@ class Integration:
 
         def remove() -> None:
             self._frame_listeners = tuple(x for x in self._frame_listeners if x is not listener)
+
+        return remove
+
+    def _add_handled_listener(self, listener: Callable[[BeatFrame, float], None]) -> Callable[[], None]:
+        """Call ``listener(frame, seconds)`` on the beat thread after each beat is handled (internal)."""
+        self._handled_listeners = (*self._handled_listeners, listener)
+
+        def remove() -> None:
+            self._handled_listeners = tuple(x for x in self._handled_listeners if x is not listener)
 
         return remove
 

@@ -75,7 +75,10 @@ class Transport(abc.ABC):
         return 0
 
     def stats(self) -> dict[str, int]:
-        """Counters for health: ``claims_published``, ``claims_dropped``, ``claims_coalesced``, ``claims_queued``."""
+        """Counters for health.
+
+        Keys: ``claims_published``, ``claims_dropped``, ``claims_coalesced``, ``claims_queued``.
+        """
         return {}
 
 

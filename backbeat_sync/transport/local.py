@@ -113,9 +113,10 @@ class LocalBus:
                     start_index=wall_clock_start_index(config.tempo_bpm, time_source.time()),
                     start_time=now,
                 )
-                thread = PulseThread(
-                    schedule, lambda f: self.publish(subject, f.encode()), time_source=time_source
-                )
+                def send(frame: BeatFrame, subject: str = subject) -> None:
+                    self.publish(subject, frame.encode())
+
+                thread = PulseThread(schedule, send, time_source=time_source)
                 shared = self._pulses[subject] = _SharedPulse(thread)
                 thread.start()
             elif shared.thread.schedule.tempo_bpm != config.tempo_bpm:
