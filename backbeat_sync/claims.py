@@ -103,7 +103,12 @@ class ClaimFactory:
         )
 
     def for_health(
-        self, *, current_beat: int, connected: bool, operations: int, tempo_bpm: float,
+        self,
+        *,
+        current_beat: int,
+        connected: bool,
+        operations: int,
+        tempo_bpm: float,
         recent_errors: bool,
     ) -> StatusClaim:
         """The health claim (``task_id`` ``chorus-p2p-health``).

@@ -119,9 +119,7 @@ class BeatClock:
         10.5
     """
 
-    def __init__(
-        self, *, tempo_bpm: float, bar_length: int, time_source: TimeSource = SYSTEM_TIME
-    ) -> None:
+    def __init__(self, *, tempo_bpm: float, bar_length: int, time_source: TimeSource = SYSTEM_TIME) -> None:
         self._lock = threading.Lock()
         self._time = time_source
         now = time_source.monotonic()

@@ -178,9 +178,7 @@ class BackbeatConfig:
     enabled: bool = attrs.field(default=True, validator=_bool_field)
     cluster_id: str = attrs.field(default="chorus-production", validator=_token_field)
     agent_id: str = attrs.field(factory=_default_agent_id, validator=_token_field)
-    nats_url: str = attrs.field(
-        default="nats://backbeat-nats:4222", validator=_nats_url, repr=mask_url
-    )
+    nats_url: str = attrs.field(default="nats://backbeat-nats:4222", validator=_nats_url, repr=mask_url)
     #: Tempo of the in-process pulse (``local://``); on NATS the pulse sets the tempo.
     tempo_bpm: float = attrs.field(default=2.0, validator=_positive_number(6000.0))
     #: Beats per bar of the in-process pulse.
@@ -249,9 +247,7 @@ class BackbeatConfig:
         return attrs.evolve(self, **changes)
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> BackbeatConfig:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackbeatConfig:
         """Build a config from ``CHORUS_BACKBEAT_*`` variables, then ``overrides``.
 
         Args:

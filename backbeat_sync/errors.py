@@ -79,9 +79,7 @@ class BackbeatDisabled(BackbeatError, RuntimeError):
     """The integration was created with ``enabled=False``."""
 
     def __init__(self) -> None:
-        super().__init__(
-            "BACKBEAT integration is disabled (CHORUS_BACKBEAT_ENABLED=false or enabled=False)"
-        )
+        super().__init__("BACKBEAT integration is disabled (CHORUS_BACKBEAT_ENABLED=false or enabled=False)")
 
 
 class IntegrationNotStarted(BackbeatError, RuntimeError):

@@ -236,9 +236,7 @@ class Integration:
                 raise IntegrationAlreadyStarted()
             self._state = IntegrationState.STARTING
         try:
-            transport = self._given_transport or make_transport(
-                self._config, self._encode, self._time
-            )
+            transport = self._given_transport or make_transport(self._config, self._encode, self._time)
             self._transport = transport
             self._threads = [
                 threading.Thread(target=self._beat_loop, name="backbeat-beat", daemon=True),
@@ -349,18 +347,19 @@ class Integration:
         self._registry.add(self._new_operation(operation_id, operation_type, estimated_beats, data))
 
     def _new_operation(
-        self, operation_id: str, operation_type: str, estimated_beats: int, data: Any,
-        *, announced: bool = True,
+        self,
+        operation_id: str,
+        operation_type: str,
+        estimated_beats: int,
+        data: Any,
+        *,
+        announced: bool = True,
     ) -> P2POperation:
         if not isinstance(operation_id, str) or not operation_id:
             raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
         if not isinstance(operation_type, str) or not operation_type:
             raise InvalidArgument("operation_type", operation_type, "must be a non-empty string")
-        if (
-            not isinstance(estimated_beats, int)
-            or isinstance(estimated_beats, bool)
-            or estimated_beats < 1
-        ):
+        if not isinstance(estimated_beats, int) or isinstance(estimated_beats, bool) or estimated_beats < 1:
             raise InvalidArgument("estimated_beats", estimated_beats, "must be an integer >= 1")
         return P2POperation(
             id=operation_id,
@@ -412,9 +411,7 @@ class Integration:
         """
         self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
 
-    def execute_with_beat_budget(
-        self, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any
-    ) -> T:
+    def execute_with_beat_budget(self, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
 
         If the integration is not running, ``fn`` runs plainly (the seed's fallback).
@@ -689,13 +686,10 @@ class Integration:
             hook(frame)
         if frame.downbeat:
             self._log.info(
-                f"🎼 BACKBEAT downbeat - new bar started - beat={frame.beat_index}"
-                f" window={frame.window_id}"
+                f"🎼 BACKBEAT downbeat - new bar started - beat={frame.beat_index} window={frame.window_id}"
             )
             self._registry.cleanup_finished()
-            self._log.info(
-                f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}"
-            )
+            self._log.info(f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}")
         if frame.beat_index % self._config.health_every_beats == 0:
             self._emit_health()
         self._check_blocked()

@@ -53,9 +53,9 @@ _CLAIM: Final = "status claim"
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """Encode ``obj`` as canonical JSON: keys sorted, separators ``,`` and ``:``, UTF-8, no NaN."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
 
 
 def _reject_constant(name: str) -> Any:
@@ -86,8 +86,9 @@ def _str(obj: Mapping[str, Any], key: str, kind: str, *, required: bool = True) 
     return value
 
 
-def _int(obj: Mapping[str, Any], key: str, kind: str, *, minimum: int | None = 0,
-         required: bool = True) -> Any:
+def _int(
+    obj: Mapping[str, Any], key: str, kind: str, *, minimum: int | None = 0, required: bool = True
+) -> Any:
     if key not in obj:
         if required:
             raise ProtocolError(kind, f"missing required field {key!r}")

@@ -51,7 +51,12 @@ class BeatSchedule:
     """
 
     def __init__(
-        self, *, cluster_id: str, tempo_bpm: float, bar_length: int, start_index: int,
+        self,
+        *,
+        cluster_id: str,
+        tempo_bpm: float,
+        bar_length: int,
+        start_index: int,
         start_time: float,
     ) -> None:
         if not isinstance(bar_length, int) or isinstance(bar_length, bool) or bar_length < 1:

@@ -113,6 +113,7 @@ class LocalBus:
                     start_index=wall_clock_start_index(config.tempo_bpm, time_source.time()),
                     start_time=now,
                 )
+
                 def send(frame: BeatFrame, subject: str = subject) -> None:
                     self.publish(subject, frame.encode())
 
