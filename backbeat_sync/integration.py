@@ -172,6 +172,7 @@ class Integration:
         )
         self._reconnects = 0
         self._last_handling = 0.0
+        self._claimed_beat = -1
         self._beat_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._cb_items: deque[tuple[str, Any]] = deque()
         self._cb_cond = threading.Condition(threading.Lock())
@@ -661,42 +662,65 @@ class Integration:
     def _beat_loop(self) -> None:
         while True:
             item = self._beat_queue.get()
+            frames: list[BeatFrame] = []
+            while item is not _STOP:
+                assert isinstance(item, BeatFrame)
+                frames.append(item)
+                try:  # a backlog (slow handling): claim once, for the newest beat
+                    item = self._beat_queue.get_nowait()
+                except queue.Empty:
+                    break
+            if frames:
+                self._handle_frames(frames)
             if item is _STOP:
                 return
-            assert isinstance(item, BeatFrame)
-            t0 = self._time.monotonic()
-            try:
-                self._handle_beat(item)
-            except Exception as exc:
-                self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
-            self._last_handling = elapsed = self._time.monotonic() - t0
-            for listener in self._handled_listeners:
-                try:
-                    listener(item, elapsed)
-                except Exception as exc:
-                    self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
 
-    def _handle_beat(self, frame: BeatFrame) -> None:
-        self._log.info(
-            f"🥁 BACKBEAT beat received - beat={frame.beat_index} phase={frame.phase}"
-            f" tempo={frame.tempo_bpm:g} window={frame.window_id}"
-        )
-        self._registry.emit_active()
+    def _handle_frames(self, frames: list[BeatFrame]) -> None:
+        t0 = self._time.monotonic()
+        try:
+            self._handle_beat(frames)
+        except Exception as exc:
+            self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
+        self._last_handling = elapsed = self._time.monotonic() - t0
+        for listener in self._handled_listeners:
+            try:
+                listener(frames[-1], elapsed)
+            except Exception as exc:
+                self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
+
+    def _handle_beat(self, frames: list[BeatFrame]) -> None:
+        frame = frames[-1]
+        for f in frames:
+            self._log.info(
+                f"🥁 BACKBEAT beat received - beat={f.beat_index} phase={f.phase}"
+                f" tempo={f.tempo_bpm:g} window={f.window_id}"
+            )
+        if len(frames) > 1:
+            self._ratelog.warn(
+                "backlog", f"BACKBEAT beat handling fell behind: {len(frames)} beats handled as one"
+            )
+        beat = self._clock.current_beat
+        if beat != self._claimed_beat:  # each beat's claims go out once
+            self._claimed_beat = beat
+            self._registry.emit_active()
         for hook in self._beat_hooks:
             hook(frame)
-        if frame.downbeat:
+        downbeats = [f for f in frames if f.downbeat]
+        if downbeats:
+            last = downbeats[-1]
             self._log.info(
-                f"🎼 BACKBEAT downbeat - new bar started - beat={frame.beat_index} window={frame.window_id}"
+                f"🎼 BACKBEAT downbeat - new bar started - beat={last.beat_index} window={last.window_id}"
             )
             self._registry.cleanup_finished()
             self._log.info(f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}")
-        if frame.beat_index % self._config.health_every_beats == 0:
+        if any(f.beat_index % self._config.health_every_beats == 0 for f in frames):
             self._emit_health()
         self._check_blocked()
-        if self._callbacks.beat:
-            self._queue_callback("beat", frame)
-        if frame.downbeat and self._callbacks.downbeat:
-            self._queue_callback("downbeat", frame)
+        for f in frames:
+            if self._callbacks.beat:
+                self._queue_callback("beat", f)
+            if f.downbeat and self._callbacks.downbeat:
+                self._queue_callback("downbeat", f)
 
     def _check_blocked(self) -> None:
         blocked = self._blocked_callback()
@@ -766,6 +790,27 @@ class Integration:
             self._handled_listeners = tuple(x for x in self._handled_listeners if x is not listener)
 
         return remove
+
+    # -- metrics (optional ``prometheus`` extra) --------------------------------
+
+    def serve_metrics(self, port: int, *, addr: str = "0.0.0.0", registry: Any = None) -> Any:
+        """Serve this integration's Prometheus metrics on ``port`` (see :mod:`backbeat_sync.metrics`).
+
+        Args:
+            port: TCP port (0 picks a free one).
+            addr: address to bind.
+            registry: a ``prometheus_client`` registry to add the metrics to and serve
+                (default: the global ``REGISTRY``).
+
+        Returns:
+            A :class:`~backbeat_sync.metrics.MetricsServer`; ``close()`` it to stop serving.
+
+        Raises:
+            ImportError: prometheus-client is not installed (``pip install 'backbeat_sync[prometheus]'``).
+        """
+        from .metrics import serve_metrics
+
+        return serve_metrics(self, port, addr=addr, registry=registry)
 
 
 # -- flushing at interpreter exit ----------------------------------------------

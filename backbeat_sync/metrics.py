@@ -1,0 +1,414 @@
+"""Prometheus metrics for an :class:`~backbeat_sync.Integration` (the optional ``prometheus`` extra).
+
+Counters and gauges are read from :meth:`Integration.get_health` when the
+registry is scraped, so nothing is counted twice and an idle agent costs
+nothing. One histogram, ``backbeat_beat_handling_seconds``, is fed after each
+beat the integration handles. Every series carries the labels ``cluster_id``
+and ``agent_id``, so several integrations can share one registry.
+
+Example:
+    >>> from prometheus_client import CollectorRegistry, generate_latest
+    >>> from backbeat_sync import BackbeatConfig, Integration
+    >>> from backbeat_sync.metrics import instrument
+    >>> registry = CollectorRegistry()
+    >>> cfg = BackbeatConfig(cluster_id="dev", agent_id="doc", nats_url="local://metrics-doc")
+    >>> with Integration(cfg, node_id="n1") as integration:
+    ...     remove = instrument(integration, registry=registry)
+    ...     text = generate_latest(registry).decode()
+    ...     remove()
+    >>> "backbeat_active_operations" in text
+    True
+
+``prometheus_client`` is imported only when a function of this module is
+called; without it they raise :class:`ImportError` saying how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+from types import ModuleType, TracebackType
+from typing import TYPE_CHECKING, Any, ClassVar, Final
+
+from .errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from .integration import Integration
+
+__all__ = [
+    "BEAT_HANDLING_BUCKETS",
+    "COUNTERS",
+    "DRIFT_STATES",
+    "GAUGES",
+    "BackbeatMetrics",
+    "MetricsServer",
+    "instrument",
+    "serve_metrics",
+]
+
+#: Histogram buckets (seconds) for beat handling: sub-millisecond to a few seconds.
+BEAT_HANDLING_BUCKETS: Final = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+)
+
+#: Health key -> (counter name without ``_total``, help text).
+COUNTERS: Final[dict[str, tuple[str, str]]] = {
+    "beats_received": ("backbeat_beats_received", "Beat frames accepted by the beat clock."),
+    "missed_beats": ("backbeat_missed_beats", "Beats skipped over (gaps in the beat index)."),
+    "stale_frames": ("backbeat_stale_frames", "Beat frames ignored because their index was behind."),
+    "duplicate_frames": ("backbeat_duplicate_frames", "Beat frames ignored because their index repeated."),
+    "rejected_frames": ("backbeat_rejected_frames", "Beat frames rejected as malformed or unsigned."),
+    "foreign_frames": ("backbeat_foreign_frames", "Beat frames for another cluster, ignored."),
+    "pulse_resets": ("backbeat_pulse_resets", "Times the agent resynchronised to a restarted pulse."),
+    "claims_emitted": ("backbeat_claims_emitted", "Status claims emitted (operations and health)."),
+    "claims_published": ("backbeat_claims_published", "Status claims handed to the transport's wire."),
+    "claims_dropped": ("backbeat_claims_dropped", "Status claims dropped (outbox full while disconnected)."),
+    "claims_coalesced": (
+        "backbeat_claims_coalesced",
+        "Intermediate status claims replaced by a later claim of the same operation.",
+    ),
+    "reconnect_count": ("backbeat_reconnects", "Times the NATS connection was re-established."),
+    "callback_errors": ("backbeat_callback_errors", "User callbacks that raised."),
+    "callbacks_dropped": ("backbeat_callbacks_dropped", "User callback calls dropped (queue full)."),
+}
+
+#: Health key -> (gauge name, help text). Booleans are exported as 0 or 1.
+GAUGES: Final[dict[str, tuple[str, str]]] = {
+    "active_operations": ("backbeat_active_operations", "Operations not yet completed or failed."),
+    "claims_queued": ("backbeat_claims_queued", "Status claims waiting in the outbox."),
+    "current_beat": ("backbeat_current_beat", "Index of the last beat frame accepted."),
+    "current_tempo": ("backbeat_tempo_bpm", "Tempo announced by the pulse, in beats per minute."),
+    "measured_bpm": (
+        "backbeat_measured_tempo_bpm",
+        "Tempo measured from the arrival of the last 8 beat frames, in beats per minute (0 until 2).",
+    ),
+    "connected": ("backbeat_connected", "1 while the transport can publish, else 0."),
+    "started": ("backbeat_started", "1 while the integration runs, else 0."),
+    "local_degradation": ("backbeat_local_degradation", "1 while the agent is degraded (PROTOCOL.md)."),
+}
+
+#: The values of health ``tempo_drift``; ``backbeat_tempo_drift{drift=...}`` is 1 for the current one.
+DRIFT_STATES: Final = ("unknown", "acceptable", "warning", "critical")
+
+_LABELS: Final = ("cluster_id", "agent_id")
+_INSTALL_HINT: Final = (
+    "backbeat_sync.metrics needs prometheus-client: "
+    "python -m pip install 'backbeat_sync[prometheus]' (or prometheus-client)"
+)
+
+
+def _prometheus() -> ModuleType:
+    """Import prometheus_client, or raise ImportError saying how to install it."""
+    try:
+        return importlib.import_module("prometheus_client")
+    except ImportError as exc:
+        raise ImportError(_INSTALL_HINT) from exc
+
+
+def _budget_name(key: str) -> str:
+    name = "backbeat_" + key
+    return name[: -len("_total")] if name.endswith("_total") else name
+
+
+class BackbeatMetrics:
+    """The backbeat_sync metrics of one Prometheus registry.
+
+    A collector that reads ``get_health()`` of each instrumented integration at
+    scrape time, plus the ``backbeat_beat_handling_seconds`` histogram. Get the
+    one of a registry with :meth:`for_registry` (or just call :func:`instrument`).
+
+    Health keys exported: see :data:`COUNTERS` and :data:`GAUGES`; every integer
+    health key starting ``budget_`` (counted by the budget engine) becomes the
+    counter ``backbeat_<key>_total``; ``tempo_drift`` becomes
+    ``backbeat_tempo_drift{drift=...}`` (1 for the current class, 0 for the
+    others) and, once measured, ``backbeat_tempo_drift_ratio``.
+
+    Args:
+        registry: the ``prometheus_client`` registry to register on.
+    """
+
+    _instances: ClassVar[weakref.WeakKeyDictionary[Any, BackbeatMetrics]] = weakref.WeakKeyDictionary()
+    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, registry: Any) -> None:
+        pc = _prometheus()
+        self._pc = pc
+        self._core = importlib.import_module("prometheus_client.core")
+        self.registry = registry
+        self._lock = threading.Lock()
+        # key (cluster_id, agent_id) -> (weak integration, remove-listener function)
+        self._members: dict[tuple[str, str], tuple[weakref.ref[Integration], Callable[[], None]]] = {}
+        self.beat_handling = pc.Histogram(
+            "backbeat_beat_handling_seconds",
+            "Time the agent spent handling each beat (claims, health, clean-up), in seconds.",
+            _LABELS,
+            buckets=BEAT_HANDLING_BUCKETS,
+            registry=registry,
+        )
+        registry.register(self)
+
+    @classmethod
+    def for_registry(cls, registry: Any = None) -> BackbeatMetrics:
+        """The metrics of ``registry`` (default: ``prometheus_client.REGISTRY``), made on first use.
+
+        Raises:
+            ImportError: prometheus-client is not installed.
+        """
+        if registry is None:
+            registry = _prometheus().REGISTRY
+        with cls._instances_lock:
+            metrics = cls._instances.get(registry)
+            if metrics is None:
+                metrics = cls._instances[registry] = cls(registry)
+            return metrics
+
+    def add(self, integration: Integration) -> Callable[[], None]:
+        """Export ``integration``'s metrics on this registry.
+
+        Returns:
+            A function that stops exporting them (idempotent).
+
+        Raises:
+            InvalidArgument: another live integration with the same cluster and agent
+                id is already exported here (their series would collide).
+        """
+        key = (integration.config.cluster_id, integration.config.agent_id)
+        with self._lock:
+            current = self._members.get(key)
+            if current is not None:
+                other = current[0]()
+                if other is integration:
+                    return lambda: self._remove(key, integration)
+                if other is not None:
+                    raise InvalidArgument(
+                        "integration",
+                        integration,
+                        f"an integration for cluster_id={key[0]!r} agent_id={key[1]!r}"
+                        " already exports metrics on this registry",
+                    )
+            child = self.beat_handling.labels(*key)
+            unlisten = integration._add_handled_listener(lambda _frame, seconds: child.observe(seconds))
+            self._members[key] = (weakref.ref(integration), unlisten)
+        return lambda: self._remove(key, integration)
+
+    def _remove(self, key: tuple[str, str], integration: Integration) -> None:
+        with self._lock:
+            current = self._members.get(key)
+            if current is None or current[0]() is not integration:
+                return
+            del self._members[key]
+        current[1]()
+        try:
+            self.beat_handling.remove(*key)
+        except KeyError:
+            pass
+
+    def _live(self) -> list[tuple[tuple[str, str], Integration]]:
+        with self._lock:
+            members = list(self._members.items())
+        live = []
+        for key, (ref, _) in members:
+            integration = ref()
+            if integration is None:
+                with self._lock:
+                    if key in self._members and self._members[key][0] is ref:
+                        del self._members[key]
+                continue
+            live.append((key, integration))
+        return live
+
+    def describe(self) -> Iterator[Any]:
+        """The fixed metric families (for the registry's duplicate check); budget ones are dynamic."""
+        yield from self._families([])
+
+    def collect(self) -> Iterator[Any]:
+        """Read every instrumented integration's health and yield the metric families."""
+        samples = [(key, integration.get_health()) for key, integration in self._live()]
+        yield from self._families(samples)
+
+    def _families(self, samples: list[tuple[tuple[str, str], dict[str, Any]]]) -> Iterator[Any]:
+        core = self._core
+        labels = list(_LABELS)
+        for key, (name, doc) in COUNTERS.items():
+            counter = core.CounterMetricFamily(name, doc, labels=labels)
+            for lv, health in samples:
+                counter.add_metric(list(lv), float(health.get(key, 0)))
+            yield counter
+        for key, (name, doc) in GAUGES.items():
+            gauge = core.GaugeMetricFamily(name, doc, labels=labels)
+            for lv, health in samples:
+                gauge.add_metric(list(lv), float(health.get(key, 0)))
+            yield gauge
+        duration = core.GaugeMetricFamily(
+            "backbeat_beat_duration_seconds", "Seconds per beat at the announced tempo.", labels=labels
+        )
+        drift = core.GaugeMetricFamily(
+            "backbeat_tempo_drift",
+            "Tempo drift class (PROTOCOL.md): 1 for the current class, 0 for the others.",
+            labels=[*labels, "drift"],
+        )
+        ratio = core.GaugeMetricFamily(
+            "backbeat_tempo_drift_ratio",
+            "|measured - announced| / announced tempo; absent until two beats were measured.",
+            labels=labels,
+        )
+        info = core.InfoMetricFamily("backbeat_agent", "The agent behind these series.", labels=labels)
+        for lv, health in samples:
+            tempo = float(health.get("current_tempo", 0.0))
+            measured = float(health.get("measured_bpm", 0.0))
+            if tempo > 0:
+                duration.add_metric(list(lv), 60.0 / tempo)
+                if measured > 0:
+                    ratio.add_metric(list(lv), abs(measured - tempo) / tempo)
+            state = str(health.get("tempo_drift", "unknown"))
+            for name in DRIFT_STATES:
+                drift.add_metric([*lv, name], 1.0 if name == state else 0.0)
+            info.add_metric(list(lv), {"node_id": str(health.get("node_id", ""))})
+        yield duration
+        yield drift
+        yield ratio
+        yield info
+        budget_keys = sorted(
+            {
+                k
+                for _, health in samples
+                for k, v in health.items()
+                if k.startswith("budget_") and isinstance(v, int) and not isinstance(v, bool)
+            }
+        )
+        for key in budget_keys:
+            counter = core.CounterMetricFamily(
+                _budget_name(key), f"Budget engine counter {key!r} (health key).", labels=labels
+            )
+            for lv, health in samples:
+                if key in health:
+                    counter.add_metric(list(lv), float(health[key]))
+            yield counter
+
+
+def instrument(integration: Integration, *, registry: Any = None) -> Callable[[], None]:
+    """Export ``integration``'s metrics on a Prometheus registry (without serving them).
+
+    Use it when your application already exposes a registry (its own, or
+    ``prometheus_client.REGISTRY``, the default).
+
+    Args:
+        integration: the integration to export (started or not).
+        registry: a ``prometheus_client.CollectorRegistry``; default the global ``REGISTRY``.
+
+    Returns:
+        A function that stops exporting this integration's series.
+
+    Raises:
+        ImportError: prometheus-client is not installed.
+        InvalidArgument: another integration with the same cluster and agent id is
+            already exported on that registry.
+    """
+    return BackbeatMetrics.for_registry(registry).add(integration)
+
+
+class MetricsServer:
+    """An HTTP endpoint serving a registry in the Prometheus text format; stop it with :meth:`close`.
+
+    Returned by :func:`serve_metrics` and :meth:`Integration.serve_metrics`. Also a
+    context manager (``with integration.serve_metrics(9464): ...``).
+
+    Attributes:
+        port: the TCP port it listens on (the real one when 0 was asked for).
+        addr: the address it is bound to.
+    """
+
+    def __init__(self, httpd: Any, thread: threading.Thread, addr: str, remove: Callable[[], None]) -> None:
+        self._httpd = httpd
+        self._thread = thread
+        self._remove = remove
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.addr = addr
+        self.port: int = int(httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT/metrics`` (HOST is ``127.0.0.1`` when bound to every address)."""
+        host = "127.0.0.1" if self.addr in ("", "0.0.0.0", "::") else self.addr
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        """Stop serving, join the server thread and stop exporting the integration. Idempotent."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+        self._remove()
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "serving"
+        return f"<MetricsServer {self.url} {state}>"
+
+
+def serve_metrics(
+    integration: Integration, port: int, *, addr: str = "0.0.0.0", registry: Any = None
+) -> MetricsServer:
+    """Export ``integration``'s metrics and serve ``registry`` over HTTP on ``port``.
+
+    Args:
+        integration: the integration to export.
+        port: TCP port (0 picks a free one; read it from ``.port``).
+        addr: address to bind (``"0.0.0.0"``: every IPv4 interface, as prometheus_client does).
+        registry: the registry to add the metrics to and to serve; default the
+            global ``prometheus_client.REGISTRY`` (so your own default-registry
+            metrics are served too).
+
+    Returns:
+        The running server; ``close()`` it (or use ``with``) to stop it. Stopping the
+        integration does not stop the server.
+
+    Raises:
+        ImportError: prometheus-client is not installed.
+        InvalidArgument: ``port`` is not an integer in 0..65535.
+        OSError: the port cannot be bound (already in use, no permission).
+    """
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgument("port", port, "must be an integer in 0..65535")
+    pc = _prometheus()
+    if registry is None:
+        registry = pc.REGISTRY
+    remove = instrument(integration, registry=registry)
+    try:
+        httpd, thread = pc.start_http_server(port, addr=addr, registry=registry)
+    except BaseException:
+        remove()
+        raise
+    return MetricsServer(httpd, thread, addr, remove)
