@@ -1,0 +1,147 @@
+"""Helpers shared by the in-process tests: a hand-driven pulse and a claim recorder."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from backbeat_sync import BackbeatConfig, BeatFrame, Integration, StatusClaim
+from backbeat_sync.transport.local import LocalBus
+
+_names = itertools.count()
+
+
+def unique_bus() -> str:
+    """A bus name no other test uses."""
+    return f"test-{next(_names)}"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)
+
+
+class HandledBeats:
+    """Tracks the newest beat an integration's beat thread has finished handling."""
+
+    def __init__(self, integration: Integration) -> None:
+        self._cond = threading.Condition()
+        self.latest = -1
+        integration._add_handled_listener(self._handled)
+
+    def _handled(self, frame: BeatFrame, seconds: float) -> None:
+        with self._cond:
+            self.latest = max(self.latest, frame.beat_index)
+            self._cond.notify_all()
+
+    def wait(self, index: int, timeout: float = 5.0) -> None:
+        """Wait until beat ``index`` (or a later one) has been handled."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.latest >= index, timeout):
+                raise AssertionError(f"beat {index} not handled in {timeout}s (latest {self.latest})")
+
+
+class ManualPulse:
+    """Publishes beat frames on a local bus when told to (``local://NAME?pulse=manual``).
+
+    With ``handled`` set, :meth:`beat` returns once the integration has handled the beat.
+    """
+
+    def __init__(
+        self,
+        bus: str,
+        cluster_id: str,
+        tempo_bpm: float = 60.0,
+        bar_length: int = 4,
+        handled: HandledBeats | None = None,
+    ) -> None:
+        self.handled = handled
+        self.bus = LocalBus.named(bus)
+        self.cluster_id = cluster_id
+        self.tempo_bpm = tempo_bpm
+        self.bar_length = bar_length
+        self.subject = f"backbeat.beat.{cluster_id}"
+
+    def frame(self, index: int, **changes: object) -> BeatFrame:
+        fields: dict[str, object] = {
+            "cluster_id": self.cluster_id,
+            "beat_index": index,
+            "downbeat": index % self.bar_length == 0,
+            "phase": "downbeat" if index % self.bar_length == 0 else "upbeat",
+            "tempo_bpm": self.tempo_bpm,
+            "window_id": f"w-{index // self.bar_length}",
+            "bar_length": self.bar_length,
+        }
+        fields.update(changes)
+        return BeatFrame(**fields)  # type: ignore[arg-type]
+
+    def beat(self, index: int, *, wait: bool = True, **changes: object) -> BeatFrame:
+        """Publish the frame for ``index`` (and wait until it is handled, if tracking)."""
+        f = self.frame(index, **changes)
+        self.bus.publish(self.subject, f.encode())
+        if wait and self.handled is not None:
+            self.handled.wait(index)
+        return f
+
+    def raw(self, data: bytes) -> None:
+        """Publish raw bytes on the beat subject."""
+        self.bus.publish(self.subject, data)
+
+
+class ClaimLog:
+    """Records claims from ``on_claim`` and lets a test wait for them."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.claims: list[StatusClaim] = []
+
+    def __call__(self, claim: StatusClaim) -> None:
+        with self._cond:
+            self.claims.append(claim)
+            self._cond.notify_all()
+
+    def wait_for(self, predicate: Callable[[list[StatusClaim]], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate(claims)`` holds."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: predicate(self.claims), timeout):
+                tail = [(c.task_id, c.state, c.phase) for c in self.claims[-5:]]
+                raise AssertionError(f"claims did not arrive in {timeout}s; last: {tail}")
+
+    def for_task(self, task_id: str) -> list[StatusClaim]:
+        with self._cond:
+            return [c for c in self.claims if c.task_id == task_id]
+
+    def snapshot(self) -> list[StatusClaim]:
+        with self._cond:
+            return list(self.claims)
+
+
+@contextmanager
+def manual_integration(
+    *, tempo_bpm: float = 60.0, bar_length: int = 4, **config: object
+) -> Iterator[tuple[Integration, ManualPulse, ClaimLog]]:
+    """A started integration on a private manual bus, its pulse, and its claim log."""
+    bus = unique_bus()
+    cfg = BackbeatConfig(
+        cluster_id="test",
+        agent_id="agent-1",
+        nats_url=f"local://{bus}?pulse=manual",
+        tempo_bpm=tempo_bpm,
+        bar_length=bar_length,
+        **config,  # type: ignore[arg-type]
+    )
+    integration = Integration(cfg, node_id="node-1")
+    log = ClaimLog()
+    integration.on_claim(log)
+    pulse = ManualPulse(
+        bus, "test", tempo_bpm=tempo_bpm, bar_length=bar_length, handled=HandledBeats(integration)
+    )
+    with integration:
+        yield integration, pulse, log
