@@ -126,10 +126,8 @@ def test_progress_caps_and_beats_left_floor() -> None:
         for b in (2, 3, 4, 5):
             pulse.beat(b)
         log.wait_for(lambda cs: any(c.beat_index == 5 and c.task_id == "slow" for c in cs))
-    last = log.for_task("slow")[-1] if log.for_task("slow")[-1].beat_index == 5 else None
-    beat5 = [c for c in log.for_task("slow") if c.beat_index == 5 and c.state == "executing"][0]
-    assert (beat5.beats_left, beat5.progress) == (0, 1.0)
-    assert last is not None or beat5
+    beat5 = next(c for c in log.for_task("slow") if c.beat_index == 5)
+    assert (beat5.state, beat5.beats_left, beat5.progress) == ("executing", 0, 1.0)
 
 
 def test_health_claim_every_8_beats() -> None:
@@ -162,7 +160,7 @@ def test_health_state_executing_with_operations() -> None:
 
 def test_downbeat_cleans_finished_operations() -> None:
     """Finished operations stop counting at once and leave the registry on the next downbeat."""
-    with manual_integration() as (i, pulse, log):
+    with manual_integration() as (i, pulse, _log):
         pulse.beat(1)
         wait_until(lambda: i.clock.current_beat == 1)
         i.start_p2p_operation("a", "election", 2)
@@ -342,7 +340,7 @@ def test_api_errors() -> None:
         with pytest.raises(InvalidArgument, match="phase"):
             i.update_p2p_operation_phase("x", "dancing", 1)
         i.update_p2p_operation_phase("x", OperationPhase.NEGOTIATING, 2)
-        with pytest.raises(InvalidPhaseTransition, match="negotiating.*connecting"):
+        with pytest.raises(InvalidPhaseTransition, match=r"negotiating.*connecting"):
             i.update_p2p_operation_phase("x", OperationPhase.CONNECTING, 2)
         i.update_p2p_operation_phase("x", "negotiating", 4)  # same phase: peers only
         assert i.registry.get("x").peer_count == 4

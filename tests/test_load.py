@@ -32,7 +32,7 @@ def assert_in_order(task: str, claims: list[StatusClaim]) -> None:
 
 
 def test_seed_load_test_1000_operations() -> None:
-    """1,000 operations started, carried over several beats, completed: all claims, in order, registry empty."""
+    """1,000 operations started, carried over several beats, completed: all claims in order, none left."""
     bus = unique_bus()
     cfg = BackbeatConfig(cluster_id="load", agent_id="a", nats_url=f"local://{bus}", tempo_bpm=3000)
     log = ClaimLog()
@@ -59,7 +59,7 @@ def test_seed_load_test_1000_operations() -> None:
 
 
 def test_32_threads_500_operations_each() -> None:
-    """32 threads start, move and complete 500 operations each at once: no error, no lost or reordered claim."""
+    """32 threads start, move and complete 500 operations each at once: no error, lost or reordered claim."""
     bus = unique_bus()
     cfg = BackbeatConfig(cluster_id="stress", agent_id="a", nats_url=f"local://{bus}", tempo_bpm=6000)
     log = ClaimLog()
