@@ -170,7 +170,7 @@ def test_oversized_message_rejected_unread() -> None:
 
 
 def test_huge_numbers_rejected() -> None:
-    """A float that overflows to infinity and a 5000-digit integer are rejected, not raised as other errors."""
+    """A float that overflows to infinity and a 5000-digit integer are rejected as ProtocolError."""
     with pytest.raises(ProtocolError):
         parse_beat_frame(dumps(FRAME).replace(b'"tempo_bpm": 2', b'"tempo_bpm": 1e999'))
     with pytest.raises(ProtocolError):
