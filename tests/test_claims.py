@@ -1,0 +1,83 @@
+"""Tests for backbeat_sync.claims: the computed fields and notes lines of PROTOCOL.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from backbeat_sync import ManualTime, OperationPhase, P2POperation
+from backbeat_sync.claims import ClaimFactory, active_notes, failed_notes, health_notes, progress_fields
+
+
+@pytest.mark.parametrize(
+    ("start", "estimate", "current", "expected"),
+    [
+        (10, 4, 10, (4, 0.0)),
+        (10, 4, 11, (3, 0.25)),
+        (10, 4, 14, (0, 1.0)),
+        (10, 4, 20, (0, 1.0)),
+        (10, 5, 12, (3, 0.4)),
+        (10, 1, 9, (1, 0.0)),  # clock behind the start (never negative)
+    ],
+)
+def test_progress_fields(start: int, estimate: int, current: int, expected: tuple[int, float]) -> None:
+    """beats_left = max(0, e - p); progress = min(1.0, p / e); p = c - s."""
+    assert progress_fields(start, estimate, current) == expected
+
+
+def test_notes_formats() -> None:
+    """The seed's own notes lines."""
+    assert active_notes("election", "started", 0, "12D3KooWAbc") == (
+        "P2P election: started (peers: 0, node: 12D3KooWAbc)"
+    )
+    assert failed_notes("quorum not reached within timeout", "election") == (
+        "P2P operation failed: quorum not reached within timeout (type: election)"
+    )
+    assert (
+        health_notes(True, 2, 2.0, "n")
+        == "CHORUS P2P healthy: connected=true, operations=2, tempo=2 BPM, node=n"
+    )
+    assert health_notes(False, 0, 2.5, "n") == (
+        "CHORUS P2P healthy: connected=false, operations=0, tempo=2.5 BPM, node=n"
+    )
+
+
+def make(phase: OperationPhase, reason: str | None = None) -> P2POperation:
+    return P2POperation(
+        id="op", type="dht_store", start_beat=100, estimated_beats=4, phase=phase, peer_count=3, reason=reason
+    )
+
+
+def test_claim_for_each_phase() -> None:
+    """Active, completed and failed operations claim the fields PROTOCOL.md gives them."""
+    t = ManualTime(wall=1_790_000_000.25)
+    f = ClaimFactory("c", "a", "n", t)
+    active = f.for_operation(make(OperationPhase.NEGOTIATING), 101)
+    assert (active.state, active.beats_left, active.progress, active.phase) == (
+        "executing",
+        3,
+        0.25,
+        "negotiating",
+    )
+    assert active.notes == "P2P dht_store: negotiating (peers: 3, node: n)"
+    assert active.sent_at == "2026-09-21T14:13:20.250Z"
+    done = f.for_operation(make(OperationPhase.COMPLETED), 101)
+    assert (done.state, done.beats_left, done.progress) == ("done", 0, 1.0)
+    assert done.notes == "P2P dht_store: completed (peers: 3, node: n)"
+    failed = f.for_operation(make(OperationPhase.FAILED, "boom"), 101)
+    assert (failed.state, failed.beats_left, failed.progress) == ("failed", 0, 0.0)
+    assert failed.notes == "P2P operation failed: boom (type: dht_store)"
+
+
+def test_health_claim_states() -> None:
+    """Health: waiting with no operations, executing with some, failed with recent errors."""
+    f = ClaimFactory("c", "a", "n", ManualTime())
+    kw = {"current_beat": 8, "connected": True, "tempo_bpm": 2.0}
+    assert f.for_health(operations=0, recent_errors=False, **kw).state == "waiting"  # type: ignore[arg-type]
+    assert f.for_health(operations=2, recent_errors=False, **kw).state == "executing"  # type: ignore[arg-type]
+    health = f.for_health(operations=2, recent_errors=True, **kw)  # type: ignore[arg-type]
+    assert (health.state, health.task_id, health.beats_left, health.progress) == (
+        "failed",
+        "chorus-p2p-health",
+        0,
+        1.0,
+    )

@@ -1,0 +1,146 @@
+"""Tests for backbeat_sync.operations: phase rules and the registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from backbeat_sync import (
+    DuplicateOperation,
+    InvalidPhaseTransition,
+    OperationNotFound,
+    OperationPhase,
+    OperationType,
+    P2POperation,
+)
+from backbeat_sync.operations import OperationRegistry
+
+P = OperationPhase
+
+
+def op(op_id: str = "x", announced: bool = True) -> P2POperation:
+    return P2POperation(id=op_id, type="election", start_beat=0, estimated_beats=3, announced=announced)
+
+
+@pytest.fixture
+def emitted() -> list[tuple[str, str]]:
+    return []
+
+
+@pytest.fixture
+def registry(emitted: list[tuple[str, str]]) -> OperationRegistry:
+    return OperationRegistry(lambda o: emitted.append((o.id, o.phase.value)))
+
+
+def test_phase_order_and_names() -> None:
+    """Six phases in the seed's order; completed and failed are final."""
+    assert [p.value for p in P] == [
+        "started",
+        "connecting",
+        "negotiating",
+        "executing",
+        "completed",
+        "failed",
+    ]
+    assert [p.rank for p in P] == list(range(6))
+    assert [p.is_final for p in P] == [False] * 4 + [True] * 2
+    assert P.coerce("NEGOTIATING") is P.NEGOTIATING
+    with pytest.raises(ValueError, match="started, connecting"):
+        P.coerce("sleeping")
+
+
+def test_operation_types_are_strings() -> None:
+    """The four seed types are str constants; user types are plain strings."""
+    assert [str(t) for t in OperationType] == ["election", "dht_store", "pubsub_sync", "peer_discovery"]
+    assert OperationType.DHT_STORE == "dht_store"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        [P.CONNECTING, P.NEGOTIATING, P.EXECUTING, P.COMPLETED],
+        [P.EXECUTING, P.COMPLETED],  # phases may be skipped
+        [P.CONNECTING, P.FAILED],
+        [P.FAILED],
+        [P.NEGOTIATING, P.NEGOTIATING, P.EXECUTING],  # same phase again: peers only
+    ],
+)
+def test_forward_moves_are_allowed(registry: OperationRegistry, path: list[OperationPhase]) -> None:
+    """Any forward path is accepted and each step is claimed."""
+    registry.add(op())
+    for phase in path:
+        registry.set_phase("x", phase, 2)
+    assert registry.get("x").phase is path[-1]
+
+
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [(P.NEGOTIATING, P.CONNECTING), (P.EXECUTING, P.STARTED), (P.CONNECTING, P.STARTED)],
+)
+def test_backward_moves_raise(
+    registry: OperationRegistry, first: OperationPhase, then: OperationPhase
+) -> None:
+    """A backward move raises InvalidPhaseTransition naming both phases."""
+    registry.add(op())
+    registry.set_phase("x", first, 1)
+    with pytest.raises(InvalidPhaseTransition) as info:
+        registry.set_phase("x", then, 1)
+    assert (info.value.current, info.value.requested) == (first.value, then.value)
+
+
+def test_no_move_after_final(registry: OperationRegistry) -> None:
+    """A finished operation cannot move again: it is no longer active."""
+    registry.add(op())
+    registry.set_phase("x", P.COMPLETED, 1)
+    with pytest.raises(OperationNotFound):
+        registry.set_phase("x", P.FAILED, 1)
+
+
+def test_claims_follow_changes(registry: OperationRegistry, emitted: list[tuple[str, str]]) -> None:
+    """Start, each change and the end are emitted, in order."""
+    registry.add(op())
+    registry.set_phase("x", P.EXECUTING, 1)
+    registry.finish("x", P.COMPLETED, peer_count=1)
+    assert emitted == [("x", "started"), ("x", "executing"), ("x", "completed")]
+
+
+def test_duplicate_active_id_refused_but_reuse_after_finish(registry: OperationRegistry) -> None:
+    """An active id cannot be registered twice; once finished it may be reused."""
+    registry.add(op())
+    with pytest.raises(DuplicateOperation):
+        registry.add(op())
+    registry.finish("x", P.FAILED, reason="r")
+    registry.add(op())
+    assert registry.active_count == 1
+    assert registry.finished_count == 0
+
+
+def test_quiet_operations(registry: OperationRegistry, emitted: list[tuple[str, str]]) -> None:
+    """An unannounced operation costs no claim unless a beat announced it."""
+    registry.add(op("q", announced=False))
+    registry.finish("q", P.COMPLETED, quiet=True)
+    assert emitted == []
+    registry.add(op("r", announced=False))
+    assert registry.emit_active() == 1  # a beat: now announced
+    registry.finish("r", P.COMPLETED, quiet=True)
+    assert emitted == [("r", "started"), ("r", "completed")]
+    registry.add(op("s", announced=False))
+    assert registry.discard_quiet("s")
+    assert registry.active_count == 0
+    registry.add(op("f", announced=False))
+    registry.finish("f", P.FAILED, reason="boom")  # failures always claimed
+    assert emitted[-1] == ("f", "failed")
+
+
+def test_emit_active_skips_finished_and_chunks(
+    registry: OperationRegistry, emitted: list[tuple[str, str]]
+) -> None:
+    """The per-beat sweep claims every active operation, chunk by chunk."""
+    for n in range(10):
+        registry.add(op(f"o{n}"))
+    registry.finish("o3", P.COMPLETED)
+    emitted.clear()
+    assert registry.emit_active(chunk=3) == 9
+    assert len(emitted) == 9
+    assert registry.cleanup_finished() == 1
+    assert sorted(registry.fail_all("stop")) == sorted(f"o{n}" for n in range(10) if n != 3)
+    assert registry.active_count == 0
