@@ -150,10 +150,9 @@ class BackbeatMetrics:
         pc = _prometheus()
         self._pc = pc
         self._core = importlib.import_module("prometheus_client.core")
-        self.registry = registry
         self._lock = threading.Lock()
-        # key (cluster_id, agent_id) -> (weak integration, remove-listener function)
-        self._members: dict[tuple[str, str], tuple[weakref.ref[Integration], Callable[[], None]]] = {}
+        # key (cluster_id, agent_id) -> (integration, remove-listener function)
+        self._members: dict[tuple[str, str], tuple[Integration, Callable[[], None]]] = {}
         self.beat_handling = pc.Histogram(
             "backbeat_beat_handling_seconds",
             "Time the agent spent handling each beat (claims, health, clean-up), in seconds.",
@@ -181,36 +180,40 @@ class BackbeatMetrics:
     def add(self, integration: Integration) -> Callable[[], None]:
         """Export ``integration``'s metrics on this registry.
 
+        An integration that is not running (never started, or stopped) is replaced
+        by a new one with the same cluster and agent id, so a restarted agent can
+        be instrumented again without removing the old one first.
+
         Returns:
             A function that stops exporting them (idempotent).
 
         Raises:
-            InvalidArgument: another live integration with the same cluster and agent
-                id is already exported here (their series would collide).
+            InvalidArgument: another *running* integration with the same cluster and
+                agent id is already exported here (their series would collide).
         """
         key = (integration.config.cluster_id, integration.config.agent_id)
         with self._lock:
             current = self._members.get(key)
-            if current is not None:
-                other = current[0]()
-                if other is integration:
-                    return lambda: self._remove(key, integration)
-                if other is not None:
+            if current is not None and current[0] is not integration:
+                if current[0].running:
                     raise InvalidArgument(
                         "integration",
                         integration,
-                        f"an integration for cluster_id={key[0]!r} agent_id={key[1]!r}"
+                        f"a running integration for cluster_id={key[0]!r} agent_id={key[1]!r}"
                         " already exports metrics on this registry",
                     )
-            child = self.beat_handling.labels(*key)
-            unlisten = integration._add_handled_listener(lambda _frame, seconds: child.observe(seconds))
-            self._members[key] = (weakref.ref(integration), unlisten)
+                current[1]()
+                current = None
+            if current is None:
+                child = self.beat_handling.labels(*key)
+                unlisten = integration._add_handled_listener(lambda _frame, seconds: child.observe(seconds))
+                self._members[key] = (integration, unlisten)
         return lambda: self._remove(key, integration)
 
     def _remove(self, key: tuple[str, str], integration: Integration) -> None:
         with self._lock:
             current = self._members.get(key)
-            if current is None or current[0]() is not integration:
+            if current is None or current[0] is not integration:
                 return
             del self._members[key]
         current[1]()
@@ -221,17 +224,7 @@ class BackbeatMetrics:
 
     def _live(self) -> list[tuple[tuple[str, str], Integration]]:
         with self._lock:
-            members = list(self._members.items())
-        live = []
-        for key, (ref, _) in members:
-            integration = ref()
-            if integration is None:
-                with self._lock:
-                    if key in self._members and self._members[key][0] is ref:
-                        del self._members[key]
-                continue
-            live.append((key, integration))
-        return live
+            return [(key, integration) for key, (integration, _) in self._members.items()]
 
     def describe(self) -> Iterator[Any]:
         """The fixed metric families (for the registry's duplicate check); budget ones are dynamic."""

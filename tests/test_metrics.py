@@ -1,0 +1,250 @@
+"""Tests for backbeat_sync.metrics: the scrape-time collector, the histogram, the HTTP endpoint."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from backbeat_sync import BackbeatConfig, Integration, InvalidArgument, ManualTime
+from backbeat_sync.metrics import COUNTERS, DRIFT_STATES, GAUGES, instrument, serve_metrics
+
+from .support import HandledBeats, ManualPulse, manual_integration, unique_bus, wait_until
+
+LABELS = {"cluster_id": "test", "agent_id": "agent-1"}
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    """A fresh registry per test."""
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def manual_time_integration() -> Iterator[tuple[Integration, ManualPulse, ManualTime]]:
+    """A started integration whose clock only moves when the test advances it."""
+    bus = unique_bus()
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id="agent-1", nats_url=f"local://{bus}?pulse=manual", tempo_bpm=60
+    )
+    clock = ManualTime()
+    integration = Integration(cfg, node_id="node-1", time_source=clock)
+    pulse = ManualPulse(bus, "test", tempo_bpm=60, handled=HandledBeats(integration))
+    with integration:
+        yield integration, pulse, clock
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET a metrics endpoint and return {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_counters_and_gauges_read_health_at_scrape_time(registry: CollectorRegistry) -> None:
+    """Every counter and gauge equals the health value it is named after, at the moment of the scrape."""
+    with manual_integration() as (integration, pulse, _log):
+        instrument(integration, registry=registry)
+        for index in range(8, 11):
+            pulse.beat(index)
+        integration.start_p2p_operation("dht-store-k", "dht_store", 3)
+        health = integration.get_health()
+        for key, (name, _doc) in COUNTERS.items():
+            assert float(health[key]) == registry.get_sample_value(name + "_total", LABELS), key
+        for key, (name, _doc) in GAUGES.items():
+            assert float(health[key]) == registry.get_sample_value(name, LABELS), key
+        assert registry.get_sample_value("backbeat_beats_received_total", LABELS) == 3.0
+        assert registry.get_sample_value("backbeat_active_operations", LABELS) == 1.0
+        assert registry.get_sample_value("backbeat_current_beat", LABELS) == 10.0
+        assert registry.get_sample_value("backbeat_agent_info", {**LABELS, "node_id": "node-1"}) == 1.0
+        integration.complete_p2p_operation("dht-store-k", 3)
+        assert registry.get_sample_value("backbeat_active_operations", LABELS) == 0.0
+
+
+def test_missed_beats_are_counted(registry: CollectorRegistry) -> None:
+    """A jump in the beat index shows up in backbeat_missed_beats_total."""
+    with manual_integration() as (integration, pulse, _log):
+        instrument(integration, registry=registry)
+        pulse.beat(4)
+        pulse.beat(8)
+        assert registry.get_sample_value("backbeat_missed_beats_total", LABELS) == 3.0
+
+
+def test_tempo_drift_is_one_hot_with_a_ratio(
+    registry: CollectorRegistry, manual_time_integration: tuple[Integration, ManualPulse, ManualTime]
+) -> None:
+    """Beats 1.5 s apart at an announced 60 BPM measure 40 BPM: drift 'critical', ratio 1/3."""
+    integration, pulse, clock = manual_time_integration
+    instrument(integration, registry=registry)
+    assert registry.get_sample_value("backbeat_tempo_drift", {**LABELS, "drift": "unknown"}) == 1.0
+    assert None is registry.get_sample_value("backbeat_tempo_drift_ratio", LABELS)
+    for index in range(4):
+        pulse.beat(index)
+        clock.advance(1.5)
+    drift = {
+        s: registry.get_sample_value("backbeat_tempo_drift", {**LABELS, "drift": s}) for s in DRIFT_STATES
+    }
+    assert drift == {"unknown": 0.0, "acceptable": 0.0, "warning": 0.0, "critical": 1.0}
+    assert registry.get_sample_value("backbeat_measured_tempo_bpm", LABELS) == 40.0
+    assert pytest.approx(1 / 3) == registry.get_sample_value("backbeat_tempo_drift_ratio", LABELS)
+    assert registry.get_sample_value("backbeat_beat_duration_seconds", LABELS) == 1.0
+
+
+def test_histogram_counts_every_handled_beat(registry: CollectorRegistry) -> None:
+    """backbeat_beat_handling_seconds gets one observation per handled beat, in seconds."""
+    with manual_integration() as (integration, pulse, _log):
+        instrument(integration, registry=registry)
+        for index in range(5):
+            pulse.beat(index)
+        count = registry.get_sample_value("backbeat_beat_handling_seconds_count", LABELS)
+        total = registry.get_sample_value("backbeat_beat_handling_seconds_sum", LABELS)
+    assert count == 5.0
+    assert total is not None
+    assert 0.0 <= total < 5.0
+
+
+def test_budget_health_keys_become_counters(registry: CollectorRegistry) -> None:
+    """Integer health keys starting budget_ are exported as backbeat_<key>_total counters."""
+    with manual_integration() as (integration, _pulse, _log):
+        instrument(integration, registry=registry)
+        assert None is registry.get_sample_value("backbeat_budget_warnings_total", LABELS)
+        integration.count("budget_warnings")
+        integration.count("budget_exhausted_interrupt_total", 2)
+        assert registry.get_sample_value("backbeat_budget_warnings_total", LABELS) == 1.0
+        assert registry.get_sample_value("backbeat_budget_exhausted_interrupt_total", LABELS) == 2.0
+
+
+def test_two_agents_share_a_registry_and_a_clash_is_refused(registry: CollectorRegistry) -> None:
+    """Integrations with different ids are labelled apart; the same ids twice are refused by name."""
+    other_cfg = BackbeatConfig(cluster_id="test", agent_id="agent-2", nats_url=f"local://{unique_bus()}")
+    other = Integration(other_cfg, node_id="node-2")
+    instrument(other, registry=registry)
+    with manual_integration() as (first, _p1, _l1), manual_integration() as (second, _p2, _l2):
+        remove = instrument(first, registry=registry)
+        with pytest.raises(InvalidArgument, match="agent_id='agent-1' already exports metrics"):
+            instrument(second, registry=registry)
+        assert registry.get_sample_value("backbeat_started", LABELS) == 1.0
+        assert registry.get_sample_value("backbeat_started", {**LABELS, "agent_id": "agent-2"}) == 0.0
+        remove()
+        instrument(second, registry=registry)
+        assert registry.get_sample_value("backbeat_started", LABELS) == 1.0
+
+
+def test_instrument_twice_is_harmless_and_remove_drops_the_series(registry: CollectorRegistry) -> None:
+    """Instrumenting the same integration again is a no-op; removing it drops every series."""
+    with manual_integration() as (integration, pulse, _log):
+        remove = instrument(integration, registry=registry)
+        instrument(integration, registry=registry)
+        pulse.beat(1)
+        assert registry.get_sample_value("backbeat_beat_handling_seconds_count", LABELS) == 1.0
+        remove()
+        remove()
+        pulse.beat(2)
+        text = generate_latest(registry).decode()
+    assert 'agent_id="agent-1"' not in text
+
+
+def test_stopped_integration_reads_as_not_started(registry: CollectorRegistry) -> None:
+    """After stop(), backbeat_started and backbeat_connected are 0."""
+    with manual_integration() as (integration, _pulse, _log):
+        instrument(integration, registry=registry)
+        assert registry.get_sample_value("backbeat_connected", LABELS) == 1.0
+    assert registry.get_sample_value("backbeat_started", LABELS) == 0.0
+    assert registry.get_sample_value("backbeat_connected", LABELS) == 0.0
+
+
+def test_a_stopped_integration_is_replaced_by_a_new_one_with_its_ids(registry: CollectorRegistry) -> None:
+    """A restarted agent (new Integration, same ids) can be instrumented again: the stopped one gives way."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="again", nats_url=f"local://{unique_bus()}?pulse=manual")
+    labels = {"cluster_id": "test", "agent_id": "again"}
+    with Integration(cfg, node_id="old") as old:
+        instrument(old, registry=registry)
+    with Integration(cfg, node_id="new") as new:
+        instrument(new, registry=registry)
+        assert registry.get_sample_value("backbeat_started", labels) == 1.0
+        assert registry.get_sample_value("backbeat_agent_info", {**labels, "node_id": "new"}) == 1.0
+        assert registry.get_sample_value("backbeat_agent_info", {**labels, "node_id": "old"}) is None
+
+
+def test_default_registry_is_prometheus_global(registry: CollectorRegistry) -> None:
+    """Without registry=, the metrics go on prometheus_client.REGISTRY."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="global-reg", nats_url=f"local://{unique_bus()}")
+    integration = Integration(cfg, node_id="n")
+    remove = instrument(integration)
+    try:
+        labels = {"cluster_id": "test", "agent_id": "global-reg"}
+        assert REGISTRY.get_sample_value("backbeat_active_operations", labels) == 0.0
+    finally:
+        remove()
+    assert None is REGISTRY.get_sample_value("backbeat_active_operations", labels)
+
+
+def test_serve_metrics_endpoint_moves_during_a_run(registry: CollectorRegistry) -> None:
+    """Scraping integration.serve_metrics() twice during a run shows beats and claims going up."""
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id="served", nats_url=f"local://{unique_bus()}", tempo_bpm=3000
+    )
+    labels = (("agent_id", "served"), ("cluster_id", "test"))
+    threads_before = set(threading.enumerate())
+    with Integration(cfg, node_id="n") as integration:
+        server = integration.serve_metrics(0, addr="127.0.0.1", registry=registry)
+        with server:
+            integration.start_p2p_operation("peer-discovery-1", "peer_discovery", 5)
+            wait_until(lambda: integration.get_health()["beats_received"] >= 2, what="2 beats")
+            first = scrape(server.url)
+            seen = first[("backbeat_beats_received_total", labels)]
+            wait_until(lambda: integration.get_health()["beats_received"] >= seen + 3, what="3 more beats")
+            second = scrape(server.url)
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(server.url, timeout=2)
+    assert (
+        second[("backbeat_beats_received_total", labels)]
+        >= first[("backbeat_beats_received_total", labels)] + 3
+    )
+    assert (
+        second[("backbeat_claims_emitted_total", labels)] > first[("backbeat_claims_emitted_total", labels)]
+    )
+    assert (
+        second[("backbeat_beat_handling_seconds_count", labels)]
+        > first[("backbeat_beat_handling_seconds_count", labels)]
+    )
+    assert second[("backbeat_active_operations", labels)] == 1.0
+    assert set() == set(threading.enumerate()) - threads_before
+
+
+@pytest.mark.parametrize("port", [-1, 65536, "9464", True, 1.5])
+def test_serve_metrics_rejects_a_bad_port(port: object, registry: CollectorRegistry) -> None:
+    """A port that is not an integer in 0..65535 is refused, naming the argument."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="port", nats_url=f"local://{unique_bus()}")
+    with pytest.raises(InvalidArgument, match="port="):
+        serve_metrics(Integration(cfg, node_id="n"), port, registry=registry)  # type: ignore[arg-type]
+
+
+def test_port_in_use_raises_and_leaves_nothing_exported(registry: CollectorRegistry) -> None:
+    """When the port cannot be bound, OSError propagates and the integration is not left exported."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="busy", nats_url=f"local://{unique_bus()}")
+    integration = Integration(cfg, node_id="n")
+    with serve_metrics(integration, 0, addr="127.0.0.1", registry=registry) as server:
+        other = CollectorRegistry()
+        with pytest.raises(OSError):
+            serve_metrics(integration, server.port, addr="127.0.0.1", registry=other)
+        assert None is other.get_sample_value("backbeat_started", {"cluster_id": "test", "agent_id": "busy"})
+
+
+def test_missing_prometheus_client_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without prometheus-client, the error names the extra to install."""
+    registry = CollectorRegistry()
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    cfg = BackbeatConfig(cluster_id="test", agent_id="noprom", nats_url=f"local://{unique_bus()}")
+    with pytest.raises(ImportError, match=r"backbeat_sync\[prometheus\]"):
+        instrument(Integration(cfg, node_id="n"), registry=registry)
