@@ -247,11 +247,20 @@ class BackbeatConfig:
         return attrs.evolve(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> BackbeatConfig:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> BackbeatConfig:
         """Build a config from ``CHORUS_BACKBEAT_*`` variables, then ``overrides``.
 
         Args:
             environ: the variables to read (default ``os.environ``).
+            defaults: field values used where the environment sets nothing
+                (``defaults={"nats_url": "local://"}`` runs in-process unless
+                ``CHORUS_BACKBEAT_NATS_URL`` is set).
             **overrides: field values that win over the environment.
 
         Returns:
@@ -266,7 +275,7 @@ class BackbeatConfig:
         ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = dict(defaults or {})
         from_var: dict[str, str] = {}
         for field, var, conv in _ENV_FIELDS:
             name = ENV_PREFIX + var

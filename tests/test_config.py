@@ -176,3 +176,11 @@ def test_mask_url() -> None:
     assert mask_url("nats://u:p@h:1,nats://h2:2") == "nats://u:***@h:1,nats://h2:2"
     assert mask_url("nats://tok@h:1") == "nats://***@h:1"
     assert mask_url("nats://h:1") == "nats://h:1"
+
+
+def test_from_env_defaults_apply_only_where_env_is_silent() -> None:
+    """defaults= fills fields the environment does not set; the environment wins over it."""
+    cfg = BackbeatConfig.from_env({}, defaults={"nats_url": "local://", "tempo_bpm": 120})
+    assert (cfg.nats_url, cfg.tempo_bpm) == ("local://", 120)
+    env = {"CHORUS_BACKBEAT_NATS_URL": "nats://h:1"}
+    assert BackbeatConfig.from_env(env, defaults={"nats_url": "local://"}).nats_url == "nats://h:1"
