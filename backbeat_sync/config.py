@@ -161,6 +161,31 @@ def _subject_template(inst: Any, attribute: attrs.Attribute[str], value: str) ->
         )
 
 
+def _to_tuple(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if value is None:
+        return ()
+    return tuple(value)
+
+
+def _signing_key(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    _optional_str(inst, attribute, value)
+    if value is not None:
+        from .signing import SigningKey
+
+        SigningKey.load(value, field=attribute.name)
+
+
+def _trusted_keys(inst: Any, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
+    if not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(attribute.name, value, "must be non-empty strings")
+    if value:
+        from .signing import Verifier
+
+        Verifier.from_keys(value, field=attribute.name)
+
+
 @attrs.frozen(kw_only=True)
 class BackbeatConfig:
     """How an :class:`~backbeat_sync.Integration` joins a BACKBEAT cluster.
@@ -213,6 +238,17 @@ class BackbeatConfig:
     tls_ca: str | None = attrs.field(default=None, validator=_optional_str)
     tls_cert: str | None = attrs.field(default=None, validator=_optional_str)
     tls_key: str | None = attrs.field(default=None, validator=_optional_str)
+
+    # --- signing (the ``signing`` extra) ---------------------------------------
+    #: This agent's Ed25519 private key (PEM file path or ``base64:`` seed): signs its claims.
+    signing_key: str | None = attrs.field(default=None, validator=_signing_key, repr=_secret_repr)
+    #: Key id put in signed claims (default: derived from the public key).
+    signing_key_id: str | None = attrs.field(default=None, validator=_optional_str)
+    #: Public keys of pulses to trust (PEM paths or ``base64:`` keys, optionally ``ID=``-prefixed).
+    #: When set, unsigned and forged beat frames are dropped.
+    trusted_pulse_keys: tuple[str, ...] = attrs.field(
+        default=(), converter=_to_tuple, validator=_trusted_keys
+    )
 
     @property
     def is_local(self) -> bool:
@@ -272,7 +308,8 @@ class BackbeatConfig:
         Variables read: ``ENABLED``, ``CLUSTER_ID``, ``AGENT_ID``, ``NATS_URL``,
         ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
         ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
-        ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, each prefixed ``CHORUS_BACKBEAT_``.
+        ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
+        ``TRUSTED_PULSE_KEYS`` (comma-separated), each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
@@ -326,7 +363,7 @@ def _identity(raw: str) -> str:
     return raw
 
 
-_SECRET_FIELDS = frozenset({"token", "password", "nkey_seed"})
+_SECRET_FIELDS = frozenset({"token", "password", "nkey_seed", "signing_key"})
 _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("enabled", "ENABLED", _parse_bool),
     ("cluster_id", "CLUSTER_ID", _identity),
@@ -342,4 +379,7 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("tls_ca", "NATS_TLS_CA", _identity),
     ("tls_cert", "NATS_TLS_CERT", _identity),
     ("tls_key", "NATS_TLS_KEY", _identity),
+    ("signing_key", "SIGNING_KEY", _identity),
+    ("signing_key_id", "SIGNING_KEY_ID", _identity),
+    ("trusted_pulse_keys", "TRUSTED_PULSE_KEYS", _identity),
 )

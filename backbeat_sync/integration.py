@@ -43,6 +43,7 @@ from .errors import (
 )
 from .operations import OperationPhase, OperationRegistry, P2POperation
 from .protocol import BeatFrame, StatusClaim, parse_beat_frame
+from .signing import SigningKey, Verifier
 from .transport import Transport, TransportEvent, make_transport
 
 __all__ = ["Integration", "IntegrationState"]
@@ -156,6 +157,12 @@ class Integration:
         self._frame_listeners: tuple[Callable[[], None], ...] = ()
         self._handled_listeners: tuple[Callable[[BeatFrame, float], None], ...] = ()
         self._encoder: Callable[[StatusClaim], bytes] = StatusClaim.encode
+        self._verifier: Verifier | None = None
+        if config.signing_key is not None:
+            signer = SigningKey.load(config.signing_key, config.signing_key_id)
+            self._encoder = signer.encode_claim
+        if config.trusted_pulse_keys:
+            self._verifier = Verifier.from_keys(config.trusted_pulse_keys, field="trusted_pulse_keys")
 
         self._errors: deque[str] = deque(maxlen=10)
         self._errors_lock = threading.Lock()
@@ -643,8 +650,15 @@ class Integration:
         self._beat_queue.put(frame)
 
     def _accept_frame(self, frame: BeatFrame) -> bool:
-        """Hook for frame verification (signatures); True lets the frame through."""
-        return True
+        """With trusted pulse keys, only frames signed by one of them get through."""
+        if self._verifier is None:
+            return True
+        verdict = self._verifier.verify(frame)
+        if verdict == "ok":
+            return True
+        self.count("unsigned_frames" if verdict == "unsigned" else "forged_frames")
+        self.record_error(f"dropped beat frame: {verdict.replace('_', ' ')} (beat {frame.beat_index})")
+        return False
 
     def transport_event(self, event: TransportEvent, detail: str) -> None:
         """Transport entry point: the connection changed state."""

@@ -58,6 +58,12 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
     )
 
 
+def _signing_bytes(raw: Mapping[str, Any] | None, built: Mapping[str, Any]) -> bytes:
+    if raw is None:
+        return canonical_json(built)
+    return canonical_json({k: v for k, v in raw.items() if k != "sig"})
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -103,7 +109,7 @@ def _int(
     return value
 
 
-def _number(obj: Mapping[str, Any], key: str, kind: str) -> float:
+def _number(obj: Mapping[str, Any], key: str, kind: str) -> Any:
     if key not in obj:
         raise ProtocolError(kind, f"missing required field {key!r}")
     value = obj[key]
@@ -115,7 +121,7 @@ def _number(obj: Mapping[str, Any], key: str, kind: str) -> float:
         raise ProtocolError(kind, f"field {key!r} is out of range") from None
     if not math.isfinite(number):
         raise ProtocolError(kind, f"field {key!r} must be finite")
-    return number
+    return value  # as sent (int or float), so re-encoding gives the same JSON
 
 
 def _bool(obj: Mapping[str, Any], key: str, kind: str) -> bool:
@@ -172,6 +178,8 @@ class BeatFrame:
     deadline_at: str | None = None
     sig: str | None = attrs.field(default=None, repr=False)
     key_id: str | None = None
+    #: The decoded JSON object this message was parsed from (None when built in code).
+    raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def beat_duration(self) -> float:
@@ -209,8 +217,12 @@ class BeatFrame:
         return canonical_json(self.to_dict())
 
     def signing_bytes(self) -> bytes:
-        """The canonical JSON a signature covers (the message without ``sig``)."""
-        return canonical_json(self.to_dict(signed=False))
+        """The canonical JSON a signature covers: the message without ``sig``.
+
+        For a parsed message this is the object as received (unknown fields and
+        number spellings included), so a signature made by any peer verifies.
+        """
+        return _signing_bytes(self.raw, self.to_dict(signed=False))
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> BeatFrame:
@@ -240,6 +252,7 @@ class BeatFrame:
             deadline_at=_timestamp(obj, "deadline_at", k, required=False),
             sig=sig,
             key_id=key_id,
+            raw=obj,
         )
 
     @classmethod
@@ -276,6 +289,8 @@ class StatusClaim:
     peer_count: int | None = None
     sig: str | None = attrs.field(default=None, repr=False)
     key_id: str | None = None
+    #: The decoded JSON object this message was parsed from (None when built in code).
+    raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def is_final(self) -> bool:
@@ -318,8 +333,12 @@ class StatusClaim:
         return canonical_json(self.to_dict())
 
     def signing_bytes(self) -> bytes:
-        """The canonical JSON a signature covers (the message without ``sig``)."""
-        return canonical_json(self.to_dict(signed=False))
+        """The canonical JSON a signature covers: the message without ``sig``.
+
+        For a parsed message this is the object as received (unknown fields and
+        number spellings included), so a signature made by any peer verifies.
+        """
+        return _signing_bytes(self.raw, self.to_dict(signed=False))
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> StatusClaim:
@@ -358,6 +377,7 @@ class StatusClaim:
             peer_count=_int(obj, "peer_count", k, required=False),
             sig=sig,
             key_id=key_id,
+            raw=obj,
         )
 
     @classmethod
