@@ -464,3 +464,29 @@ def test_shared_local_pulse_runs_at_config_tempo() -> None:
         assert abs(b.clock.current_beat - a.clock.current_beat) <= 1
     assert health["current_tempo"] == 1200
     assert health["measured_bpm"] == pytest.approx(1200, rel=0.2)
+
+
+def test_pulse_reset_is_followed_after_a_bar() -> None:
+    """A pulse that restarts from a lower index is followed after a bar of stale frames, and recorded."""
+    from backbeat_sync import ManualTime
+
+    from .support import HandledBeats, ManualPulse
+
+    t = ManualTime()
+    bus = unique_bus()
+    cfg = BackbeatConfig(cluster_id="test", agent_id="a", nats_url=f"local://{bus}?pulse=manual")
+    i = Integration(cfg, node_id="n", time_source=t)
+    pulse = ManualPulse(bus, "test", handled=HandledBeats(i))
+    with i:
+        pulse.beat(5000)
+        for n in range(3):
+            t.advance(1.0)
+            pulse.beat(10 + n, wait=False)
+        assert i.clock.current_beat == 5000
+        t.advance(1.0)
+        pulse.beat(13)
+        health = i.get_health()
+    assert health["current_beat"] == 13
+    assert health["pulse_resets"] == 1
+    assert health["stale_frames"] == 4
+    assert any(e.startswith("pulse reset: resynchronised to beat 13") for e in health["errors"])
