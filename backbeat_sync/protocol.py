@@ -33,6 +33,7 @@ __all__ = [
     "parse_beat_frame",
     "parse_message",
     "parse_status_claim",
+    "wire_json",
 ]
 
 BEAT_FRAME_TYPE: Final = "backbeat.beatframe.v1"
@@ -49,6 +50,25 @@ _TIMESTAMP = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
 
 _FRAME: Final = "beat frame"
 _CLAIM: Final = "status claim"
+
+
+_orjson: Any
+try:  # the ``fast`` extra: about 5x faster encoding on the claim hot path
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised when the extra is absent
+    _orjson = None
+
+
+def wire_json(obj: Mapping[str, Any]) -> bytes:
+    """Encode ``obj`` for the wire: compact, keys sorted, UTF-8 (orjson when installed).
+
+    The bytes a signature covers are always :func:`canonical_json`; a verifier
+    re-canonicalises what it receives, so the encoder used here does not matter to it.
+    """
+    if _orjson is not None:
+        encoded: bytes = _orjson.dumps(obj, option=_orjson.OPT_SORT_KEYS)
+        return encoded
+    return canonical_json(obj)
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
@@ -213,8 +233,8 @@ class BeatFrame:
         return d
 
     def encode(self) -> bytes:
-        """Canonical JSON bytes of this frame."""
-        return canonical_json(self.to_dict())
+        """Compact JSON bytes of this frame, keys sorted (see :func:`wire_json`)."""
+        return wire_json(self.to_dict())
 
     def signing_bytes(self) -> bytes:
         """The canonical JSON a signature covers: the message without ``sig``.
@@ -329,8 +349,8 @@ class StatusClaim:
         return d
 
     def encode(self) -> bytes:
-        """Canonical JSON bytes of this claim."""
-        return canonical_json(self.to_dict())
+        """Compact JSON bytes of this claim, keys sorted (see :func:`wire_json`)."""
+        return wire_json(self.to_dict())
 
     def signing_bytes(self) -> bytes:
         """The canonical JSON a signature covers: the message without ``sig``.
