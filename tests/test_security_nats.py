@@ -1,0 +1,168 @@
+"""Least-privilege NATS, signed pulses on a real server, and no secret in any output."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from loguru import logger
+
+from backbeat_sync import BackbeatConfig, Integration
+from backbeat_sync.protocol import parse_status_claim
+from backbeat_sync.pulse import Pulse
+from backbeat_sync.signing import SigningKey, Verifier, generate_private_key
+
+from .natsserver import AsyncRunner, NatsServer, Witness
+from .support import wait_until
+
+pytestmark = pytest.mark.nats
+
+CLUSTER = "secure"
+AGENT_PW = "agent-pw-Zq81"
+PULSE_PW = "pulse-pw-Lk22"
+MONITOR_PW = "monitor-pw-Vb93"
+
+#: The server config docs/nats.md shows: each principal gets only what it needs.
+LEAST_PRIVILEGE = f"""
+authorization {{
+  users = [
+    {{
+      user: agent-a, password: "{AGENT_PW}",
+      permissions: {{
+        publish:   {{ allow: ["backbeat.status.{CLUSTER}.agent-a", "_INBOX.>"] }},
+        subscribe: {{ allow: ["backbeat.beat.{CLUSTER}", "_INBOX.>"] }}
+      }}
+    }},
+    {{
+      user: pulse, password: "{PULSE_PW}",
+      permissions: {{ publish: {{ allow: ["backbeat.beat.{CLUSTER}"] }}, subscribe: {{ deny: [">"] }} }}
+    }},
+    {{
+      user: monitor, password: "{MONITOR_PW}",
+      permissions: {{ publish: {{ deny: [">"] }}, subscribe: {{ allow: ["backbeat.>", "_INBOX.>"] }} }}
+    }}
+  ]
+}}
+"""
+
+
+class ConfiguredServer(NatsServer):
+    """A NatsServer started with a configuration file (for permissions)."""
+
+    def __init__(self, binary: str, workdir: Path, conf: str) -> None:
+        super().__init__(binary, workdir)
+        self.conf = self.workdir / "server.conf"
+        self.conf.write_text(conf)
+
+    def _args(self) -> list[str]:
+        return [*super()._args(), "-c", str(self.conf)]
+
+
+@pytest.fixture
+def locked_server(nats_binary: str, tmp_path: Path) -> ConfiguredServer:
+    server = ConfiguredServer(nats_binary, tmp_path / "locked", LEAST_PRIVILEGE)
+    server.start()
+    yield server  # type: ignore[misc]
+    server.kill()
+
+
+def url(server: NatsServer, user: str, password: str) -> str:
+    return f"nats://{user}:{password}@127.0.0.1:{server.port}"
+
+
+def test_agent_works_under_least_privilege(locked_server: ConfiguredServer, nats_runner: AsyncRunner) -> None:
+    """An agent allowed only its own status subject and the beat subject follows beats and claims."""
+    witness = Witness(nats_runner, url(locked_server, "monitor", MONITOR_PW), "backbeat.status.>")
+    pulse_cfg = BackbeatConfig(
+        cluster_id=CLUSTER, agent_id="pulse", nats_url=url(locked_server, "pulse", PULSE_PW)
+    )
+    agent_cfg = BackbeatConfig(
+        cluster_id=CLUSTER, agent_id="agent-a", nats_url=url(locked_server, "agent-a", AGENT_PW)
+    )
+    with Pulse(pulse_cfg, tempo_bpm=1200), Integration(agent_cfg, node_id="n-a") as agent:
+        wait_until(lambda: agent.clock.has_beat, timeout=10, what="a beat under least privilege")
+        agent.start_p2p_operation("dht-store-k", "dht_store", 3)
+        agent.complete_p2p_operation("dht-store-k", 2)
+        witness.wait_for(lambda ds: any(d["state"] == "done" for d in ds), what="done claim")
+        assert not any("Permissions Violation" in e for e in agent.get_health()["errors"])
+    witness.close()
+
+
+def test_publishing_outside_permissions_shows_in_errors(locked_server: ConfiguredServer) -> None:
+    """An agent whose status subject is not allowed is refused by the server, and health says so."""
+    cfg = BackbeatConfig(
+        cluster_id=CLUSTER, agent_id="agent-b", nats_url=url(locked_server, "agent-a", AGENT_PW)
+    )
+    with Integration(cfg, node_id="n-b") as agent:
+        agent.start_p2p_operation("op", "election", 3)
+        wait_until(
+            lambda: any("permissions violation" in e.lower() for e in agent.get_health()["errors"]),
+            timeout=10,
+            what="the server's refusal in errors",
+        )
+
+
+def test_signed_pulse_on_nats(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """A Pulse with a signing key is followed by an agent that trusts it; a forger's frames are dropped."""
+    key = SigningKey.load(generate_private_key())
+    forger = SigningKey.load(generate_private_key(), key_id=key.key_id)
+    base = BackbeatConfig(cluster_id="signed", agent_id="a", nats_url=nats_server.url)
+    agent_cfg = base.evolve(trusted_pulse_keys=(key.public_text(),))
+    with Integration(agent_cfg, node_id="n") as agent:
+        with Pulse(base.evolve(agent_id="forger"), tempo_bpm=1200, sign=forger.sign_frame):
+            wait_until(
+                lambda: agent.get_health().get("forged_frames", 0) >= 3, timeout=10, what="forged frames"
+            )
+        assert agent.get_health()["beats_received"] == 0
+        with Pulse(base.evolve(agent_id="pulse"), tempo_bpm=1200, sign=key.sign_frame):
+            wait_until(lambda: agent.get_health()["beats_received"] >= 3, timeout=10, what="signed beats")
+    assert Verifier.from_keys([key.public_text()]).key_ids == [key.key_id]
+
+
+def test_no_secret_in_any_output(nats_server_userpass: NatsServer, nats_runner: AsyncRunner) -> None:
+    """Logs, health, claims, exceptions and reprs of a run with credentials and keys hold no secret."""
+    from .natsserver import PASSWORD, USER
+
+    signing = generate_private_key()
+    secrets = [PASSWORD, signing.split(":", 1)[1]]
+    out = io.StringIO()
+    logger.enable("backbeat_sync")
+    sink = logger.add(out, level="DEBUG", format="{message} {extra}")
+    seen: list[str] = []
+    server_url = f"nats://{USER}:{PASSWORD}@127.0.0.1:{nats_server_userpass.port}"
+    witness = Witness(nats_runner, server_url, "backbeat.status.>")
+    try:
+        cfg = BackbeatConfig(
+            cluster_id="c",
+            agent_id="a",
+            signing_key=signing,
+            nats_url=server_url,
+        )
+        seen.append(repr(cfg))
+        with Integration(cfg, node_id="n") as agent:
+            seen.append(repr(agent))
+            agent.on_claim(lambda c: seen.append(c.encode().decode()))
+            agent.start_p2p_operation("op", "election", 3)
+            agent.fail_p2p_operation("op", "because")
+            witness.wait_for(lambda ds: len(ds) >= 2, what="two claims on the wire")
+            seen.append(str(agent.get_health()))
+        bad = cfg.evolve(
+            nats_url=f"nats://{USER}:wrong-{PASSWORD}@127.0.0.1:{nats_server_userpass.port}",
+            connect_timeout=2.0,
+        )
+        with pytest.raises(Exception) as info:
+            Integration(bad, node_id="n").start()
+        seen.append(str(info.value))
+        seen.append(repr(info.value))
+    finally:
+        logger.remove(sink)
+        logger.disable("backbeat_sync")
+    text = "\n".join(seen) + out.getvalue()
+    assert "authorization violation" in str(info.value).lower()
+    for secret in secrets:
+        assert secret not in text
+    signer = SigningKey.load(signing)
+    wire = [parse_status_claim(d) for d in list(witness.messages)]
+    witness.close()
+    assert [Verifier.from_keys([signer.public_text()]).verify(c) for c in wire[:2]] == ["ok", "ok"]
