@@ -57,6 +57,10 @@ PASSWORD = "pa55-w0rd-QRS"
 __all__ = ["PASSWORD", "TOKEN", "USER", "AsyncRunner", "NatsServer", "find_binary", "free_port"]
 
 
+async def quiet_error_cb(exc: Exception) -> None:
+    """nats-py's default error callback logs a traceback per failed reconnect; tests need none."""
+
+
 def find_binary() -> str | None:
     """The nats-server binary: the virtualenv's ``bin/`` first, then ``PATH``."""
     here = Path(sys.executable).parent / "nats-server"
@@ -317,3 +321,142 @@ class AsyncRunner:
         if self.loop.is_running():
             self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+class Witness:
+    """An outside subscriber in raw nats-py (not our classes): records every payload on ``subject``.
+
+    Args:
+        runner: the loop thread to run on.
+        url: server URL(s).
+        subject: subject to subscribe to (wildcards allowed).
+        **connect: more ``nats.connect`` options (auth).
+    """
+
+    def __init__(self, runner: AsyncRunner, url: str | list[str], subject: str, **connect: Any) -> None:
+        self._runner = runner
+        self._cond = threading.Condition()
+        self.messages: list[bytes] = []
+
+        async def cb(msg: Any) -> None:
+            with self._cond:
+                self.messages.append(msg.data)
+                self._cond.notify_all()
+
+        async def setup() -> Any:
+            nc = await nats.connect(url, error_cb=quiet_error_cb, **connect)
+            await nc.subscribe(subject, cb=cb)
+            await nc.flush()
+            return nc
+
+        self._nc = runner.run(setup())
+
+    def dicts(self) -> list[dict[str, Any]]:
+        """The payloads so far, decoded as JSON objects."""
+        with self._cond:
+            return [json.loads(m) for m in self.messages]
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "messages") -> None:
+        """Wait until ``predicate(list_of_dicts)`` holds; fail the test after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._cond:
+                decoded = [json.loads(m) for m in self.messages]
+            if predicate(decoded):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            with self._cond:
+                self._cond.wait(0.05)
+
+    def close(self) -> None:
+        """Close the witness's connection."""
+        self._runner.run(self._nc.close())
+
+
+class RawPulse:
+    """A hand-written beat publisher in raw nats-py: JSON built here, not by ``BeatFrame``.
+
+    Args:
+        runner: the loop thread to run on.
+        url: server URL.
+        cluster_id: the cluster the frames are for.
+        tempo_bpm: beats per minute.
+        bar_length: beats per bar.
+        first_index: the first beat index.
+    """
+
+    def __init__(
+        self,
+        runner: AsyncRunner,
+        url: str | list[str],
+        cluster_id: str,
+        *,
+        tempo_bpm: float = 1200.0,
+        bar_length: int = 4,
+        first_index: int = 1000,
+        **connect: Any,
+    ) -> None:
+        self._runner = runner
+        self.subject = f"backbeat.beat.{cluster_id}"
+        self.cluster_id = cluster_id
+        self.tempo_bpm = tempo_bpm
+        self.bar_length = bar_length
+        self.next_index = first_index
+        self.sent: list[int] = []
+        self._task: Any = None
+        self._nc = runner.run(nats.connect(url, error_cb=quiet_error_cb, **connect))
+
+    def frame(self, index: int) -> dict[str, Any]:
+        """The frame for beat ``index``, as PROTOCOL.md spells it."""
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+        later = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now + 60.0 / self.tempo_bpm))
+        return {
+            "type": "backbeat.beatframe.v1",
+            "cluster_id": self.cluster_id,
+            "beat_index": index,
+            "downbeat": index % self.bar_length == 0,
+            "phase": "downbeat" if index % self.bar_length == 0 else "upbeat",
+            "tempo_bpm": self.tempo_bpm,
+            "window_id": f"w-{index // self.bar_length}",
+            "bar_length": self.bar_length,
+            "sent_at": stamp + "Z",
+            "deadline_at": later + "Z",
+        }
+
+    def publish_raw(self, data: bytes) -> None:
+        """Publish ``data`` on the beat subject (for malformed-frame tests)."""
+        self._runner.run(self._nc.publish(self.subject, data))
+
+    def beat(self) -> int:
+        """Publish the next beat now; returns its index."""
+        index = self.next_index
+        self.next_index += 1
+        self._runner.run(self._nc.publish(self.subject, json.dumps(self.frame(index)).encode()))
+        self.sent.append(index)
+        return index
+
+    def start(self) -> None:
+        """Publish beats on the tempo in the background (drift-free)."""
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            k = 0
+            while True:
+                index = self.next_index
+                self.next_index += 1
+                await self._nc.publish(self.subject, json.dumps(self.frame(index)).encode())
+                self.sent.append(index)
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + k * 60.0 / self.tempo_bpm - loop.time()))
+
+        self._task = self._runner.spawn(run())
+
+    def stop(self) -> None:
+        """Stop the background beats and close the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self._runner.run(self._nc.close())

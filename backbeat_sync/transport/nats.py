@@ -331,7 +331,8 @@ class NatsLink:
                 self._state = _State.RUNNING
             return
         try:
-            fut.result(timeout=self._config.connect_timeout + CLOSE_GRACE + self._config.reconnect_wait)
+            # The coroutine enforces connect_timeout itself; this bound only guards a stuck loop.
+            fut.result(timeout=self._config.connect_timeout + 2 * CLOSE_GRACE + self._config.reconnect_wait)
         except BaseException as exc:
             fut.cancel()
             self._teardown()
@@ -339,7 +340,7 @@ class NatsLink:
                 self._state = _State.NEW
             if isinstance(exc, (BackbeatConnectionError, ConfigError)):
                 raise
-            cause = "timed out" if isinstance(exc, FutureTimeout) else describe_error(exc)
+            cause = self._timeout_cause() if isinstance(exc, FutureTimeout) else describe_error(exc)
             raise BackbeatConnectionError(self.masked_servers, self.scrub(cause)) from None
         with self._state_lock:
             self._state = _State.RUNNING
@@ -463,8 +464,7 @@ class NatsLink:
                 elif self._fatal.done():
                     cause = self._fatal.result()
                 else:
-                    last = f" (last error: {self._last_error})" if self._last_error else ""
-                    cause = f"no connection within {self._config.connect_timeout:g} s{last}"
+                    cause = self._timeout_cause()
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 await self._close_client(nc)
@@ -477,6 +477,10 @@ class NatsLink:
         self._connected_evt.set()
         await self._on_connect(nc)
         self._report(TransportEvent.CONNECTED, f"connected to {_server_label(nc)}")
+
+    def _timeout_cause(self) -> str:
+        last = f" (last error: {self._last_error})" if self._last_error else ""
+        return f"no connection within {self._config.connect_timeout:g} s{last}"
 
     async def _close_client(self, nc: Client) -> None:
         try:

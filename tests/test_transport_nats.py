@@ -1,0 +1,585 @@
+"""Tests for backbeat_sync.transport.nats: the outbox, connect options, and a real nats-server.
+
+The other side of every NATS test is raw nats-py written in ``tests/natsserver.py``
+(a hand-written beat publisher and an outside subscriber), not our own classes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from loguru import logger
+
+from backbeat_sync import BackbeatConfig, BackbeatConnectionError, ConfigError, Integration
+from backbeat_sync._time import format_rfc3339
+from backbeat_sync.protocol import HEALTH_TASK_ID, StatusClaim
+from backbeat_sync.transport.nats import NatsTransport, Outbox, connect_options, describe_error
+
+from .natsserver import PASSWORD, TOKEN, USER, AsyncRunner, NatsServer, RawPulse, Witness, free_port
+from .support import HandledBeats, wait_until
+
+CLUSTER = "nt"
+NODE = "12D3KooWTest"
+RFC3339_Z = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+
+
+def claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
+    """A claim for ``task`` in ``state`` (only what the outbox looks at matters)."""
+    final = state in ("done", "failed")
+    return StatusClaim(
+        cluster_id=CLUSTER,
+        agent_id="a",
+        node_id=NODE,
+        task_id=task,
+        beat_index=beat,
+        state=state,
+        beats_left=0 if final else 1,
+        progress=1.0 if state == "done" else 0.0,
+        notes="n",
+        sent_at=format_rfc3339(1_790_000_000.0),
+    )
+
+
+def config(url: str, **changes: Any) -> BackbeatConfig:
+    """A fast-reconnecting agent config for tests."""
+    fields: dict[str, Any] = {
+        "cluster_id": CLUSTER,
+        "agent_id": "agent-1",
+        "nats_url": url,
+        "tempo_bpm": 1200.0,
+        "reconnect_wait": 0.05,
+        "reconnect_jitter": 0.01,
+        "connect_timeout": 2.0,
+        "flush_timeout": 2.0,
+    }
+    fields.update(changes)
+    return BackbeatConfig(**fields)
+
+
+def library_threads() -> set[threading.Thread]:
+    """Threads that belong to backbeat_sync (or asyncio executors it could leave)."""
+    return {t for t in threading.enumerate() if t.name.startswith(("backbeat", "asyncio"))}
+
+
+@pytest.fixture
+def log_lines() -> Iterator[list[str]]:
+    """Every backbeat_sync log line (level and message) emitted during the test."""
+    lines: list[str] = []
+    logger.enable("backbeat_sync")
+    sink = logger.add(
+        lambda m: lines.append(f"{m.record['level'].name} {m.record['message']}"), level="DEBUG"
+    )
+    try:
+        yield lines
+    finally:
+        logger.remove(sink)
+        logger.disable("backbeat_sync")
+
+
+# -- the outbox (no server) ---------------------------------------------------------------
+
+
+def test_outbox_keeps_order_below_the_bound() -> None:
+    """Below the bound every claim is kept, oldest first."""
+    box = Outbox(limit=10)
+    for i in range(5):
+        box.put("s", claim(f"t{i}"))
+    assert [e.claim.task_id for e in box.take(100)] == ["t0", "t1", "t2", "t3", "t4"]
+    assert (box.dropped, box.coalesced) == (0, 0)
+
+
+def test_outbox_coalesces_intermediate_claims_of_a_task_past_the_bound() -> None:
+    """Past the bound the latest intermediate claim of a task replaces the queued one in place."""
+    box = Outbox(limit=2)
+    box.put("s", claim("a", beat=1))
+    box.put("s", claim("b", beat=1))
+    box.put("s", claim("a", beat=2))
+    box.put("s", claim("a", beat=3))
+    taken = [(e.claim.task_id, e.claim.beat_index) for e in box.take(10)]
+    assert taken == [("a", 3), ("b", 1)]
+    assert box.coalesced == 2
+    assert box.dropped == 0
+
+
+def test_outbox_never_drops_a_final_claim() -> None:
+    """Final claims are kept past the bound; an intermediate claim with no slot is dropped and counted."""
+    box = Outbox(limit=3)
+    for i in range(3):
+        box.put("s", claim(f"t{i}"))
+    for i in range(50):
+        box.put("s", claim(f"f{i}", state="done" if i % 2 else "failed"))
+    box.put("s", claim("new-task"))
+    entries = box.take(1000)
+    assert len(entries) == 53
+    assert sum(1 for e in entries if e.final) == 50
+    assert box.dropped == 1
+
+
+def test_outbox_does_not_coalesce_an_intermediate_claim_into_a_slot_before_a_final() -> None:
+    """After a task's final claim, a later intermediate claim (a reused id) is not merged before it."""
+    box = Outbox(limit=2)
+    box.put("s", claim("a"))
+    box.put("s", claim("a", state="done"))
+    box.put("s", claim("a", beat=9))
+    states = [e.claim.state for e in box.take(10)]
+    assert states == ["executing", "done"]
+    assert box.dropped == 1
+
+
+def test_outbox_wakes_once_per_batch() -> None:
+    """Only the first put after a batch was taken asks for a wake-up."""
+    box = Outbox(limit=100)
+    wakes = [box.put("s", claim(f"t{i}")) for i in range(5)]
+    assert wakes == [True, False, False, False, False]
+    box.rearm()
+    assert box.put("s", claim("x")) is True
+
+
+def test_outbox_put_back_goes_to_the_front_in_order() -> None:
+    """Claims put back (unconfirmed finals) are sent before newer ones, in their order."""
+    box = Outbox(limit=100)
+    box.put("s", claim("new"))
+    first = box.take(1)
+    box.put("s", claim("newer"))
+    box.put_back(first)
+    assert [e.claim.task_id for e in box.take(10)] == ["new", "newer"]
+
+
+def test_outbox_rejects_a_bound_below_one() -> None:
+    """A bound below one is a ConfigError naming outbox_limit."""
+    with pytest.raises(ConfigError, match="outbox_limit"):
+        Outbox(limit=0)
+
+
+# -- connect options (no server) ------------------------------------------------------------
+
+
+def test_connect_options_carry_reconnect_and_auth_settings() -> None:
+    """Name, servers, reconnect forever, wait, ping, buffer and credentials reach nats-py."""
+    cfg = config(
+        "nats://127.0.0.1:1,nats://127.0.0.1:2",
+        token="tok",
+        user="u",
+        password="p",
+        ping_interval=7.0,
+        reconnect_buffer_size=1024,
+    )
+    opts = connect_options(cfg)
+    expected = {
+        "servers": ["nats://127.0.0.1:1", "nats://127.0.0.1:2"],
+        "name": "agent-1",
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.05,
+        "ping_interval": 7.0,
+        "pending_size": 1024,
+        "token": "tok",
+        "user": "u",
+        "password": "p",
+    }
+    assert expected == {k: opts[k] for k in expected}
+
+
+def test_connect_options_map_zero_attempts_to_no_reconnect() -> None:
+    """max_reconnect_attempts=0 turns reconnecting off; n > 0 is passed through."""
+    assert connect_options(config("nats://h:1", max_reconnect_attempts=0))["allow_reconnect"] is False
+    assert connect_options(config("nats://h:1", max_reconnect_attempts=3))["max_reconnect_attempts"] == 3
+
+
+def test_connect_options_name_a_missing_tls_file(tmp_path: Any) -> None:
+    """A TLS CA file that does not exist is a ConfigError naming tls_ca."""
+    with pytest.raises(ConfigError, match="tls_ca"):
+        connect_options(config("tls://h:1", tls_ca=str(tmp_path / "missing.pem")))
+
+
+def test_connect_options_need_cert_and_key_together(tmp_path: Any) -> None:
+    """A client certificate without its key is a ConfigError naming the missing field."""
+    with pytest.raises(ConfigError, match="tls_key"):
+        connect_options(config("tls://h:1", tls_cert=str(tmp_path / "c.pem")))
+
+
+def test_describe_error_names_common_causes() -> None:
+    """Causes read as a user of NATS expects them."""
+    assert describe_error(ConnectionRefusedError(111, "refused")) == "connection refused"
+    assert describe_error(Exception("nats: 'Authorization Violation'")) == "authorization violation"
+    assert describe_error(TimeoutError()) == "timed out"
+
+
+# -- against a real server -------------------------------------------------------------------
+
+
+def check_claim(d: dict[str, Any], agent: str = "agent-1") -> None:
+    """Check one claim's JSON against PROTOCOL.md, field by field."""
+    assert d["type"] == "backbeat.statusclaim.v1"
+    assert d["cluster_id"] == CLUSTER
+    assert agent == d["agent_id"]
+    assert d["node_id"] == NODE
+    assert isinstance(d["task_id"], str)
+    assert d["task_id"]
+    assert isinstance(d["beat_index"], int)
+    assert not isinstance(d["beat_index"], bool)
+    assert d["state"] in {"waiting", "executing", "done", "failed"}
+    assert isinstance(d["beats_left"], int)
+    assert d["beats_left"] >= 0
+    assert isinstance(d["progress"], (int, float))
+    assert 0.0 <= d["progress"] <= 1.0
+    assert isinstance(d["notes"], str)
+    assert RFC3339_Z.match(d["sent_at"]), d["sent_at"]
+    if d["task_id"] == HEALTH_TASK_ID:
+        assert (d["beats_left"], d["progress"]) == (0, 1.0)
+        assert re.fullmatch(
+            rf"CHORUS P2P healthy: connected=(true|false), operations=\d+, tempo=[\d.]+ BPM, node={NODE}",
+            d["notes"],
+        ), d["notes"]
+        return
+    assert d["phase"] in {"started", "connecting", "negotiating", "executing", "completed", "failed"}
+    assert isinstance(d["peer_count"], int)
+    assert d["peer_count"] >= 0
+    op_type = d["operation_type"]
+    if d["state"] == "done":
+        assert (d["phase"], d["beats_left"], d["progress"]) == ("completed", 0, 1.0)
+        assert f"P2P {op_type}: completed (peers: {d['peer_count']}, node: {NODE})" == d["notes"]
+    elif d["state"] == "failed":
+        assert (d["phase"], d["beats_left"], d["progress"]) == ("failed", 0, 0.0)
+        assert d["notes"].startswith("P2P operation failed: ")
+        assert d["notes"].endswith(f" (type: {op_type})")
+    else:
+        assert d["state"] == "executing"
+        assert f"P2P {op_type}: {d['phase']} (peers: {d['peer_count']}, node: {NODE})" == d["notes"]
+
+
+@pytest.mark.nats
+def test_contract_claims_to_a_raw_subscriber_follow_protocol(
+    nats_server: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """A raw pulse drives the agent; a raw subscriber checks every claim field by field and the maths."""
+    witness = Witness(nats_runner, nats_server.url, "backbeat.status.>")
+    pulse = RawPulse(nats_runner, nats_server.url, CLUSTER, tempo_bpm=600, first_index=96)
+    integration = Integration(config(nats_server.url, health_every_beats=4), node_id=NODE)
+    handled = HandledBeats(integration)
+    with integration:
+        pulse.beat()
+        handled.wait(96)
+        integration.start_p2p_operation("election-1", "election", 4)
+        for _ in range(3):
+            index = pulse.beat()
+            witness.wait_for(
+                lambda ds, i=index: any(d["beat_index"] == i and d["task_id"] == "election-1" for d in ds),
+                what=f"claim at beat {index}",
+            )
+        integration.complete_p2p_operation("election-1", 3)
+        pulse.beat()
+        witness.wait_for(lambda ds: any(d["task_id"] == HEALTH_TASK_ID for d in ds), what="health claim")
+    pulse.stop()
+    claims = witness.dicts()
+    witness.close()
+    for d in claims:
+        check_claim(d)
+    op = [d for d in claims if d["task_id"] == "election-1"]
+    expected = [
+        (96, "executing", 4, 0.0),
+        (97, "executing", 3, 0.25),
+        (98, "executing", 2, 0.5),
+        (99, "executing", 1, 0.75),
+        (99, "done", 0, 1.0),
+    ]
+    assert expected == [(d["beat_index"], d["state"], d["beats_left"], d["progress"]) for d in op]
+    assert op[0]["notes"] == "P2P election: started (peers: 0, node: 12D3KooWTest)"
+
+
+@pytest.mark.nats
+def test_a_server_that_is_not_there_raises_naming_it() -> None:
+    """start() fails within connect_timeout with BackbeatConnectionError naming the server; no thread left."""
+    before = library_threads()
+    url = f"nats://127.0.0.1:{free_port()}"
+    integration = Integration(config(url, connect_timeout=0.5), node_id=NODE)
+    t0 = time.monotonic()
+    with pytest.raises(BackbeatConnectionError) as info:
+        integration.start()
+    assert time.monotonic() - t0 < 3.0
+    assert url in str(info.value)
+    assert "connection refused" in info.value.cause
+    assert before == library_threads()
+
+
+@pytest.mark.nats
+def test_wrong_token_is_an_authorization_violation_without_the_secret(
+    nats_server_token: NatsServer, log_lines: list[str]
+) -> None:
+    """A wrong token fails at once with "authorization violation"; no secret in the error or the logs."""
+    url = nats_server_token.url.replace("nats://", "nats://wrong-secret-token@")
+    integration = Integration(config(url, connect_timeout=5.0), node_id=NODE)
+    t0 = time.monotonic()
+    with pytest.raises(BackbeatConnectionError) as info:
+        integration.start()
+    assert time.monotonic() - t0 < 2.0  # not a hang until the connect timeout
+    assert info.value.cause == "authorization violation"
+    assert f"127.0.0.1:{nats_server_token.port}" in str(info.value)
+    assert "wrong-secret-token" not in str(info.value)
+    assert not any("wrong-secret-token" in line for line in log_lines)
+
+
+@pytest.mark.nats
+def test_wrong_password_is_an_authorization_violation(nats_server_userpass: NatsServer) -> None:
+    """A wrong password fails with "authorization violation", and the password shows nowhere."""
+    cfg = config(nats_server_userpass.url, user=USER, password="not-the-password")
+    with pytest.raises(BackbeatConnectionError) as info:
+        Integration(cfg, node_id=NODE).start()
+    assert info.value.cause == "authorization violation"
+    assert "not-the-password" not in str(info.value)
+
+
+@pytest.mark.nats
+def test_right_credentials_connect_and_stay_secret(
+    nats_server_token: NatsServer, nats_server_userpass: NatsServer, log_lines: list[str]
+) -> None:
+    """Token and user/password from config connect; health, repr and logs never show them."""
+    for cfg in (
+        config(nats_server_token.url, token=TOKEN),
+        config(nats_server_userpass.url, user=USER, password=PASSWORD),
+        BackbeatConfig.from_env(
+            {
+                "CHORUS_BACKBEAT_NATS_URL": nats_server_userpass.url,
+                "CHORUS_BACKBEAT_NATS_USER": USER,
+                "CHORUS_BACKBEAT_NATS_PASSWORD": PASSWORD,
+                "CHORUS_BACKBEAT_CLUSTER_ID": CLUSTER,
+            }
+        ),
+    ):
+        with Integration(cfg, node_id=NODE) as integration:
+            health = integration.get_health()
+            assert health["connected"] is True
+            shown = f"{health} {cfg!r} {integration.transport!r}"
+        assert TOKEN not in shown
+        assert PASSWORD not in shown
+    assert not any(TOKEN in line or PASSWORD in line for line in log_lines)
+
+
+@pytest.mark.nats
+def test_connect_in_background_returns_at_once_and_connects_later(nats_binary: str, tmp_path: Any) -> None:
+    """With connect_in_background, start() returns while the server is down; health says so until it is up."""
+    server = NatsServer(nats_binary, tmp_path / "late")
+    integration = Integration(config(server.url, connect_in_background=True), node_id=NODE)
+    t0 = time.monotonic()
+    integration.start()
+    try:
+        assert time.monotonic() - t0 < 1.0
+        assert integration.get_health()["connected"] is False
+        integration.start_p2p_operation("early", "dht_store", 3)
+        integration.complete_p2p_operation("early", 3)  # queued until the connection is made
+        server.start()
+        wait_until(lambda: integration.get_health()["connected"], timeout=10, what="background connect")
+        wait_until(lambda: integration.get_health()["claims_queued"] == 0, what="queued claims published")
+        assert "agent-1" in server.connection_names()
+    finally:
+        integration.stop()
+        server.kill()
+
+
+@pytest.mark.nats
+def test_malformed_frames_do_not_hide_valid_beats(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """10,000 malformed frames interleaved with valid ones: every valid beat is received and counted."""
+    integration = Integration(config(nats_server.url), node_id=NODE)
+    bad = [
+        b"not json",
+        b"[1,2,3]",
+        b'{"type":"backbeat.beatframe.v1"}',
+        b'{"type":"nope"}',
+        b"\xff\xfe\x00",
+        b"{" * 5000,
+        b'{"type":"backbeat.beatframe.v1","cluster_id":"nt","beat_index":-1}',
+        b"x" * (64 * 1024 + 1),
+    ]
+    pulse = RawPulse(nats_runner, nats_server.url, CLUSTER, tempo_bpm=6000, first_index=10)
+    good = 100
+
+    async def flood() -> None:
+        nc = pulse._nc
+        for k in range(10_000):
+            await nc.publish(pulse.subject, bad[k % len(bad)])
+            if k % 100 == 99:
+                index = pulse.next_index
+                pulse.next_index += 1
+                await nc.publish(pulse.subject, json.dumps(pulse.frame(index)).encode())
+        await nc.flush()
+
+    with integration:
+        t0 = time.monotonic()
+        nats_runner.run(flood(), timeout=60)
+        wait_until(lambda: integration.get_health()["beats_received"] == good, timeout=20, what="valid beats")
+        elapsed = time.monotonic() - t0
+        health = integration.get_health()
+    pulse.stop()
+    assert (good, 0, 10_000) == (health["beats_received"], health["missed_beats"], health["rejected_frames"])
+    assert 10 + good - 1 == health["current_beat"]
+    assert elapsed < 20
+
+
+@pytest.mark.nats
+def test_stop_leaves_no_thread_behind(nats_server: NatsServer) -> None:
+    """After stop() no library thread is left, and stop() is idempotent."""
+    before = library_threads()
+    integration = Integration(config(nats_server.url), node_id=NODE)
+    integration.start()
+    assert any(t.name == "backbeat-nats" for t in threading.enumerate())
+    integration.stop()
+    integration.stop()
+    assert before == library_threads()
+
+
+@pytest.mark.nats
+def test_stop_with_the_server_gone_is_bounded_and_leaves_no_thread(nats_server: NatsServer) -> None:
+    """With the server dead and claims queued, stop() returns within flush_timeout and no thread is left."""
+    before = library_threads()
+    integration = Integration(config(nats_server.url, flush_timeout=0.5), node_id=NODE)
+    integration.start()
+    nats_server.kill()
+    wait_until(lambda: not integration.get_health()["connected"], what="disconnect noticed")
+    integration.start_p2p_operation("orphan", "dht_store", 3)
+    integration.complete_p2p_operation("orphan", 1)
+    t0 = time.monotonic()
+    integration.stop()
+    assert time.monotonic() - t0 < 0.5 + 3.0
+    assert before == library_threads()
+    health = integration.get_health()
+    assert health["claims_dropped"] >= 2  # given up at stop, and counted
+    assert any("not confirmed" in e for e in health["errors"])
+
+
+@pytest.mark.nats
+def test_outage_finals_reach_a_jetstream_stream_after_restart(
+    nats_jetstream: NatsServer, nats_runner: AsyncRunner, log_lines: list[str]
+) -> None:
+    """Server down for several beats while operations run: reconnect, beats resume, every final arrives."""
+    server = nats_jetstream
+    server.capture()
+    pulse = RawPulse(
+        nats_runner, server.url, CLUSTER, tempo_bpm=1200, first_index=40, reconnect_time_wait=0.05
+    )
+    pulse.start()
+    integration = Integration(config(server.url, outbox_limit=20), node_id=NODE)
+    finals: list[str] = []
+    with integration:
+        wait_until(lambda: integration.get_health()["beats_received"] > 0, what="first beat")
+
+        def run_ops(prefix: str, n: int) -> None:
+            for k in range(n):
+                oid = f"{prefix}-{k}"
+                integration.start_p2p_operation(oid, "dht_store", 3)
+                integration.update_p2p_operation_phase(oid, "executing", 2)
+                if k % 3 == 0:
+                    integration.fail_p2p_operation(oid, "replica timeout")
+                else:
+                    integration.complete_p2p_operation(oid, 2)
+                finals.append(oid)
+
+        run_ops("before", 50)
+        wait_until(lambda: integration.get_health()["claims_queued"] == 0, what="claims confirmed")
+        server.stop()
+        wait_until(lambda: not integration.get_health()["connected"], what="outage noticed")
+        beat_at_outage = integration.get_health()["current_beat"]
+        for k in range(10):  # long-running operations whose claims wait in the outbox
+            integration.start_p2p_operation(f"long-{k}", "election", 50)
+        run_ops("during", 200)  # 600 claims into an outbox bounded at 20: finals all kept
+        for phase in ("connecting", "negotiating"):  # past the bound: latest wins
+            for k in range(10):
+                integration.update_p2p_operation_phase(f"long-{k}", phase, 3)
+        assert integration.get_health()["claims_coalesced"] >= 20
+        server.start()
+        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, timeout=10, what="reconnect")
+        wait_until(lambda: integration.get_health()["current_beat"] > beat_at_outage + 2, what="beats resume")
+        run_ops("after", 50)
+        for k in range(10):
+            integration.complete_p2p_operation(f"long-{k}", 3)
+            finals.append(f"long-{k}")
+        wait_until(lambda: integration.get_health()["claims_queued"] == 0, what="outbox drained")
+    pulse.stop()
+    stored = [json.loads(m) for m in server.stored()]
+    final_ids = {d["task_id"] for d in stored if d["state"] in ("done", "failed")}
+    assert set(finals) - final_ids == set()
+    warnings = [line for line in log_lines if line.startswith("WARNING") and "NATS" in line]
+    assert sum("disconnected from NATS" in line for line in warnings) == 1
+    assert not any("Traceback" in line for line in log_lines)
+    assert sum("reconnected to" in line for line in log_lines) == 1
+
+
+@pytest.mark.nats
+def test_cluster_failover_when_the_agents_node_dies(
+    nats_cluster: list[NatsServer], nats_runner: AsyncRunner
+) -> None:
+    """In a 3-node cluster the agent's node is killed: it fails over, beats go on, finals arrive."""
+    urls = [s.url for s in nats_cluster]
+    pulse = RawPulse(nats_runner, urls, CLUSTER, tempo_bpm=1200, first_index=500, reconnect_time_wait=0.05)
+    pulse.start()
+    integration = Integration(config(",".join(urls)), node_id=NODE)
+    with integration:
+        wait_until(lambda: integration.get_health()["beats_received"] > 1, what="beats through the cluster")
+        agent_node = next(s for s in nats_cluster if "agent-1" in s.connection_names())
+        other = next(s for s in nats_cluster if s is not agent_node)
+        witness = Witness(nats_runner, other.url, "backbeat.status.>")
+        integration.start_p2p_operation("peer-discovery-1", "peer_discovery", 5)
+        agent_node.kill()
+        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, timeout=10, what="failover")
+        beat = integration.get_health()["current_beat"]
+        wait_until(lambda: integration.get_health()["current_beat"] > beat + 2, what="beats after failover")
+        integration.complete_p2p_operation("peer-discovery-1", 7)
+        witness.wait_for(
+            lambda ds: any(d["task_id"] == "peer-discovery-1" and d["state"] == "done" for d in ds),
+            what="final claim via another node",
+        )
+        assert integration.get_health()["connected"] is True
+    pulse.stop()
+    witness.close()
+
+
+@pytest.mark.nats
+def test_publish_wakes_the_loop_once_per_batch(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """10,000 claims from 4 threads at once leave in far fewer wake-ups and all arrive in per-task order."""
+    witness = Witness(nats_runner, nats_server.url, "backbeat.status.>")
+    transport = NatsTransport(config(nats_server.url), StatusClaim.encode)
+
+    class Sink:
+        def frame_received(self, data: bytes, arrival: float) -> None:
+            pass
+
+        def transport_event(self, event: Any, detail: str) -> None:
+            pass
+
+    transport.start(Sink())
+    link = transport._link
+    assert link is not None
+    wakes = 0
+    original = link.wake
+
+    def counting_wake() -> None:
+        nonlocal wakes
+        wakes += 1
+        original()
+
+    link.wake = counting_wake  # type: ignore[method-assign]
+    barrier = threading.Barrier(4)
+
+    def produce(k: int) -> None:
+        barrier.wait()
+        for i in range(2500):
+            transport.publish("backbeat.status.nt.agent-1", claim(f"t{k}", beat=i))
+
+    threads = [threading.Thread(target=produce, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    witness.wait_for(lambda ds: len(ds) == 10_000, what="10,000 claims")
+    transport.stop(2.0)
+    witness.close()
+    assert wakes < 10_000 / 4
+    assert transport.stats()["claims_published"] == 10_000
+    for k in range(4):
+        beats = [d["beat_index"] for d in witness.dicts() if d["task_id"] == f"t{k}"]
+        assert list(range(2500)) == beats
