@@ -1,0 +1,217 @@
+"""Tests for backbeat_sync.pulse.Pulse: frames on NATS as PROTOCOL.md says, tempo, restarts.
+
+The frames are read by a raw nats-py subscriber (``tests/natsserver.py``), not our parser.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import threading
+import time
+from typing import Any
+
+import attrs
+import pytest
+
+from backbeat_sync import BackbeatConfig, BackbeatConnectionError, BeatFrame, ConfigError, ManualTime
+from backbeat_sync.pulse import Pulse, wall_clock_start_index
+from backbeat_sync.transport.local import LocalBus
+
+from .natsserver import AsyncRunner, NatsServer, Witness, free_port
+from .support import unique_bus, wait_until
+
+CLUSTER = "pt"
+RFC3339_Z = re.compile(r"\A(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,9})?Z\Z")
+
+
+def config(url: str, **changes: Any) -> BackbeatConfig:
+    """A pulse config for tests."""
+    fields: dict[str, Any] = {
+        "cluster_id": CLUSTER,
+        "agent_id": "pulse-test",
+        "nats_url": url,
+        "reconnect_wait": 0.05,
+        "reconnect_jitter": 0.01,
+        "connect_timeout": 2.0,
+    }
+    fields.update(changes)
+    return BackbeatConfig(**fields)
+
+
+def epoch(stamp: str) -> float:
+    """Seconds since the epoch of an RFC 3339 ``...Z`` timestamp."""
+    m = RFC3339_Z.match(stamp)
+    assert m is not None, stamp
+    frac = float(m.group(2) or 0.0)
+    return calendar.timegm(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) + frac
+
+
+def library_threads() -> set[threading.Thread]:
+    """Threads that belong to backbeat_sync (or asyncio executors it could leave)."""
+    return {t for t in threading.enumerate() if t.name.startswith(("backbeat", "asyncio"))}
+
+
+@pytest.mark.nats
+def test_frames_follow_the_protocol(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """Each frame carries every field; window_id, downbeat, sent_at and deadline_at follow the rules."""
+    witness = Witness(nats_runner, nats_server.url, f"backbeat.beat.{CLUSTER}")
+    with Pulse(config(nats_server.url), tempo_bpm=1200, bar_length=3, start_index=30) as pulse:
+        witness.wait_for(lambda ds: len(ds) >= 7, what="7 frames")
+        assert pulse.connected is True
+    frames = witness.dicts()[:7]
+    witness.close()
+    assert [f["beat_index"] for f in frames] == list(range(30, 37))
+    for f in frames:
+        i = f["beat_index"]
+        assert f["type"] == "backbeat.beatframe.v1"
+        assert f["cluster_id"] == CLUSTER
+        assert f["downbeat"] is (i % 3 == 0)
+        assert f["phase"] == ("downbeat" if i % 3 == 0 else "upbeat")
+        assert f["tempo_bpm"] == 1200
+        assert f["window_id"] == f"w-{i // 3}"
+        assert f["bar_length"] == 3
+        assert epoch(f["deadline_at"]) - epoch(f["sent_at"]) == pytest.approx(0.05, abs=0.0011)
+
+
+@pytest.mark.nats
+def test_beats_are_drift_free(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """Beat k is sent k beat durations after beat 0, not k sleeps later (no accumulated drift)."""
+    witness = Witness(nats_runner, nats_server.url, f"backbeat.beat.{CLUSTER}")
+    with Pulse(config(nats_server.url), tempo_bpm=3000, start_index=0):
+        witness.wait_for(lambda ds: len(ds) >= 41, what="41 frames")
+    frames = witness.dicts()
+    witness.close()
+    t0 = epoch(frames[0]["sent_at"])
+    late = [epoch(f["sent_at"]) - t0 - f["beat_index"] * 0.02 for f in frames[:41]]
+    assert max(abs(x) for x in late) < 0.015
+    assert late[-1] == pytest.approx(0.0, abs=0.01)
+
+
+@pytest.mark.nats
+def test_set_tempo_takes_effect_from_the_next_beat(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """At 60 BPM a change to 6000 BPM makes the next beat come about 10 ms after the last, not 1 s."""
+    witness = Witness(nats_runner, nats_server.url, f"backbeat.beat.{CLUSTER}")
+    with Pulse(config(nats_server.url), tempo_bpm=60, start_index=0) as pulse:
+        witness.wait_for(lambda ds: len(ds) >= 1, what="first frame")
+        t0 = time.monotonic()
+        pulse.set_tempo(6000)
+        witness.wait_for(lambda ds: len(ds) >= 4, what="frames at the new tempo")
+        assert time.monotonic() - t0 < 0.5
+        assert pulse.tempo_bpm == 6000.0
+    frames = witness.dicts()
+    witness.close()
+    assert [f["tempo_bpm"] for f in frames[:4]] == [60, 6000, 6000, 6000]
+    assert [f["beat_index"] for f in frames[:4]] == [0, 1, 2, 3]
+
+
+def test_default_start_index_comes_from_the_wall_clock() -> None:
+    """Without start_index the first beat is the beat count since the epoch; a restart never goes back."""
+    clock = ManualTime(wall=1_790_000_000.0)
+    first = Pulse(config("nats://127.0.0.1:1"), tempo_bpm=600, time_source=clock)
+    assert first.next_index == wall_clock_start_index(600, 1_790_000_000.0)
+    assert first.next_index == 17_900_000_000
+    clock.advance(1.0)
+    restarted = Pulse(config("nats://127.0.0.1:1"), tempo_bpm=600, time_source=clock)
+    assert restarted.next_index == first.next_index + 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"tempo_bpm": 0}, "tempo_bpm"),
+        ({"tempo_bpm": 6001}, "tempo_bpm"),
+        ({"bar_length": 0}, "bar_length"),
+        ({"start_index": -1}, "start_index"),
+        ({"sign": "not callable"}, "sign"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs: dict[str, Any], field: str) -> None:
+    """Each out-of-range argument is a ConfigError that names it."""
+    with pytest.raises(ConfigError) as info:
+        Pulse(config("nats://127.0.0.1:1"), **kwargs)
+    assert info.value.field == field
+
+
+def test_repr_masks_the_password() -> None:
+    """repr(pulse) shows the servers with the password masked."""
+    pulse = Pulse(config("nats://u:hunter2@127.0.0.1:1"), start_index=0)
+    assert "hunter2" not in repr(pulse)
+    assert "u:***@127.0.0.1:1" in repr(pulse)
+
+
+@pytest.mark.nats
+def test_sign_hook_is_applied_to_every_frame(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
+    """A sign hook's output (sig, key_id) is what goes on the wire."""
+    witness = Witness(nats_runner, nats_server.url, f"backbeat.beat.{CLUSTER}")
+
+    def sign(frame: BeatFrame) -> BeatFrame:
+        return attrs.evolve(frame, sig=f"sig-{frame.beat_index}", key_id="k1")
+
+    with Pulse(config(nats_server.url), tempo_bpm=3000, start_index=5, sign=sign):
+        witness.wait_for(lambda ds: len(ds) >= 3, what="3 frames")
+    frames = witness.dicts()[:3]
+    witness.close()
+    assert [(f["sig"], f["key_id"]) for f in frames] == [("sig-5", "k1"), ("sig-6", "k1"), ("sig-7", "k1")]
+
+
+@pytest.mark.nats
+def test_a_server_that_is_not_there_raises_and_leaves_no_thread() -> None:
+    """start() fails with BackbeatConnectionError naming the server; nothing keeps running."""
+    before = library_threads()
+    url = f"nats://127.0.0.1:{free_port()}"
+    pulse = Pulse(config(url, connect_timeout=0.3), start_index=0)
+    with pytest.raises(BackbeatConnectionError, match=re.escape(url)):
+        pulse.start()
+    assert pulse.running is False
+    assert before == library_threads()
+
+
+@pytest.mark.nats
+def test_stop_is_idempotent_and_leaves_no_thread(nats_server: NatsServer) -> None:
+    """stop() twice is fine; afterwards no pulse thread is left; start() again is refused."""
+    before = library_threads()
+    pulse = Pulse(config(nats_server.url), tempo_bpm=600, start_index=0)
+    pulse.start()
+    assert any(t.name == "backbeat-pulse" for t in threading.enumerate())
+    wait_until(lambda: pulse.frames_sent > 0, what="a frame")
+    pulse.stop()
+    pulse.stop()
+    assert before == library_threads()
+    with pytest.raises(RuntimeError):
+        pulse.start()
+
+
+@pytest.mark.nats
+def test_outage_skips_beats_and_never_sends_them_late(
+    nats_server: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """Server restarted: the pulse reconnects, skips the beats due meanwhile, and resumes on the clock."""
+    with Pulse(config(nats_server.url), tempo_bpm=1200, start_index=0) as pulse:
+        wait_until(lambda: pulse.frames_sent >= 3, what="frames before the outage")
+        nats_server.stop()
+        wait_until(lambda: not pulse.connected, what="outage noticed")
+        down_at = pulse.next_index
+        time.sleep(0.3)  # the outage itself: about 6 beats at 1200 BPM
+        nats_server.start()
+        witness = Witness(nats_runner, nats_server.url, f"backbeat.beat.{CLUSTER}")
+        wait_until(lambda: pulse.reconnect_count == 1, timeout=10, what="reconnect")
+        witness.wait_for(lambda ds: len(ds) >= 2, what="frames after the restart")
+        assert pulse.frames_skipped >= 4
+    frames = witness.dicts()
+    witness.close()
+    indices = [f["beat_index"] for f in frames]
+    assert indices[0] >= down_at + 4  # no backlog of stale beats
+    assert indices == list(range(indices[0], indices[0] + len(indices)))
+
+
+def test_local_pulse_drives_the_in_process_bus() -> None:
+    """With local:// the pulse publishes frames on the named in-process bus."""
+    bus = unique_bus()
+    got: list[bytes] = []
+    unsubscribe = LocalBus.named(bus).subscribe(f"backbeat.beat.{CLUSTER}", lambda s, d: got.append(d))
+    with Pulse(config(f"local://{bus}"), tempo_bpm=3000, start_index=8) as pulse:
+        wait_until(lambda: len(got) >= 2, what="local frames")
+        assert pulse.connected is True
+    unsubscribe()
+    assert [BeatFrame.parse(d).beat_index for d in got[:2]] == [8, 9]
