@@ -271,16 +271,25 @@ class _Out:
         return Console(file=self.stream)
 
 
+def _write_stderr(message: Any) -> None:
+    sys.stderr.write(str(message))
+
+
+#: The id of the stderr handler restored by the last ``main()`` (None: loguru's own, id 0).
+_stderr_handler: int | None = None
+
+
 @contextlib.contextmanager
 def _cli_logging(verbosity: int, gate: threading.Event) -> Iterator[None]:
     """Send the library's log lines to stderr (WARNING, or INFO/DEBUG with -v/-vv); undo on exit.
 
     Without ``-v``, lines are dropped until ``gate`` is set (the command is connected).
     """
+    global _stderr_handler
     level = "WARNING" if verbosity <= 0 else "INFO" if verbosity == 1 else "DEBUG"
     removed_default = True
     try:
-        logger.remove(0)
+        logger.remove(0 if _stderr_handler is None else _stderr_handler)
     except ValueError:
         removed_default = False
 
@@ -300,8 +309,8 @@ def _cli_logging(verbosity: int, gate: threading.Event) -> Iterator[None]:
     finally:
         logger.disable("backbeat_sync")
         logger.remove(sink)
-        if removed_default:
-            logger.add(sys.stderr)
+        if removed_default:  # put loguru's stderr handler back (looked up per line, as pytest swaps it)
+            _stderr_handler = logger.add(_write_stderr, colorize=False)
 
 
 @contextlib.contextmanager

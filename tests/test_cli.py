@@ -1,0 +1,542 @@
+"""Tests for backbeat_sync.cli: every command through main(argv) and as a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from backbeat_sync import BackbeatConfig, BeatFrame, Integration, OperationPhase, StatusClaim
+from backbeat_sync.cli import ClusterView, main, render_view
+from backbeat_sync.pulse import Pulse
+
+from .natsserver import TOKEN, NatsServer, free_port
+from .support import unique_bus, wait_until
+
+COMMANDS = ("demo", "pulse", "monitor", "status")
+SENT_AT = "2026-11-28T01:00:00.000Z"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CHORUS_BACKBEAT_* variable from the caller's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("CHORUS_BACKBEAT_"):
+            monkeypatch.delenv(name)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """main(argv) -> (exit code, stdout, stderr)."""
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess: ours without CHORUS_BACKBEAT_*, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_BACKBEAT_")}
+    env.update(extra)
+    return env
+
+
+def cli(*args: str) -> list[str]:
+    """The argv of ``python -m backbeat_sync ARGS`` (the console script's twin)."""
+    return [sys.executable, "-m", "backbeat_sync", *args]
+
+
+def frame(index: int, *, cluster: str = "c", tempo: float = 600, bar: int = 4) -> BeatFrame:
+    """A beat frame as our pulse makes it."""
+    return BeatFrame(
+        cluster_id=cluster,
+        beat_index=index,
+        downbeat=index % bar == 0,
+        phase="downbeat" if index % bar == 0 else "upbeat",
+        tempo_bpm=tempo,
+        window_id=f"w-{index // bar}",
+        bar_length=bar,
+    )
+
+
+def claim(
+    task: str, beat: int, state: str = "executing", phase: str | None = "started", **kw: Any
+) -> StatusClaim:
+    """A status claim from agent ``a1`` of cluster ``c``."""
+    fields: dict[str, Any] = {
+        "cluster_id": "c",
+        "agent_id": "a1",
+        "node_id": "n1",
+        "task_id": task,
+        "beat_index": beat,
+        "state": state,
+        "beats_left": 3,
+        "progress": 0.25,
+        "notes": f"P2P election: {phase} (peers: 0, node: n1)",
+        "sent_at": SENT_AT,
+        "operation_type": "election",
+        "phase": phase,
+        "peer_count": 0,
+    }
+    fields.update(kw)
+    return StatusClaim(**fields)
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    """stderr is one line, no traceback, and names what was wrong."""
+    assert err.endswith("\n")
+    assert err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err
+
+
+# -- help, version and usage errors ---------------------------------------------------------
+
+
+def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help exits 0 and names the four commands and the first step."""
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    for command in COMMANDS:
+        assert command in out
+    assert "backbeat-sync demo" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help_with_examples(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every command's --help exits 0 and shows examples and the shared flags."""
+    code, out, _ = run([command, "--help"], capsys)
+    assert code == 0
+    assert "examples:" in out
+    assert f"backbeat-sync {command}" in out
+    for flag in ("--nats", "--cluster", "--verbose", "--plain", "--connect-timeout"):
+        assert flag in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """--version prints the package version."""
+    import backbeat_sync
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"backbeat-sync {backbeat_sync.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        ([], ("COMMAND",)),
+        (["dance"], ("invalid choice", "dance")),
+        (["demo", "--bars", "0"], ("--bars", "'0'")),
+        (["demo", "--bars", "many"], ("--bars", "integer")),
+        (["demo", "--tempo", "0"], ("--tempo", "6000")),
+        (["demo", "--tempo", "nan"], ("--tempo",)),
+        (["pulse", "--tempo", "7000"], ("--tempo", "7000")),
+        (["pulse", "--bar", "-1"], ("--bar",)),
+        (["demo", "--metrics-port", "70000"], ("--metrics-port", "65535")),
+        (["status", "--timeout", "-1"], ("--timeout",)),
+        (["status", "--frobnicate"], ("unrecognized arguments", "--frobnicate")),
+        (["status", "--nats", "foo://x"], ("nats_url", "unknown scheme 'foo'")),
+        pytest.param(
+            ["status", "--nats", "nats://u:hunter2@h:99999"],
+            ("nats_url",),
+            marks=pytest.mark.xfail(
+                strict=True, raises=ValueError, reason="config.mask_url raises on a port > 65535 (core bug)"
+            ),
+        ),
+        (["status", "--cluster", "a.b"], ("cluster_id", "single NATS subject token")),
+        (["status", "--connect-timeout", "0", "--nats", "nats://127.0.0.1:1"], ("connect_timeout",)),
+        (["pulse", "--nats", "local://"], ("--nats nats://",)),
+        (["monitor", "--nats", "local://"], ("--nats nats://",)),
+        (["monitor", "--json", "--nats", "nats://127.0.0.1:1"], ("--once",)),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(
+    argv: list[str], needles: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad command, flag or value: exit 2, one line on stderr naming it, nothing on stdout."""
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert out == ""
+    assert_one_line_error(err, *needles)
+    assert "hunter2" not in err
+
+
+def test_a_bad_environment_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A CHORUS_BACKBEAT_* value that cannot be used: exit 2, the variable named."""
+    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "fast")
+    code, _, err = run(["status"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "CHORUS_BACKBEAT_TEMPO_BPM", "fast")
+
+
+def test_status_disabled_prints_the_hap_line_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CHORUS_BACKBEAT_ENABLED=false: the seed's '❌ Disabled' line, exit code 1."""
+    monkeypatch.setenv("CHORUS_BACKBEAT_ENABLED", "false")
+    code, out, _ = run(["status"], capsys)
+    assert code == 1
+    assert out.splitlines()[0] == "BACKBEAT: ❌ Disabled"
+
+
+def test_status_on_the_in_process_pulse_is_connected(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """status on local:// sees beats: '✅ Connected', the health fields, exit 0; JSON on request."""
+    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "3000")
+    code, out, err = run(["status", "--nats", f"local://{unique_bus()}", "--cluster", "st"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "BACKBEAT: ✅ Connected"
+    assert "  connected: true" in lines
+    assert "  cluster_id: st" in lines
+    assert "  tempo_drift: unknown" not in lines
+    code, out, _ = run(["status", "--json", "--nats", f"local://{unique_bus()}"], capsys)
+    report = json.loads(out)
+    assert code == 0
+    assert report["status"] == "connected"
+    assert report["health"]["beats_received"] >= 2
+
+
+def test_verbose_logs_to_stderr_and_logging_is_restored_after_main(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """-v shows the library's info lines on stderr; afterwards backbeat_sync is silent again."""
+    from loguru import logger
+
+    code, _, err = run(["status", "-v", "--nats", f"local://{unique_bus()}"], capsys)
+    assert code == 0
+    assert "CHORUS BACKBEAT integration started" in err
+    seen: list[str] = []
+    sink = logger.add(seen.append, level="DEBUG")
+    try:
+        with Integration(BackbeatConfig(nats_url=f"local://{unique_bus()}"), node_id="n"):
+            pass
+    finally:
+        logger.remove(sink)
+    assert seen == []
+
+
+# -- the cluster view -------------------------------------------------------------------------
+
+
+def test_cluster_view_snapshot_has_the_beat_and_the_tasks() -> None:
+    """Frames give the beat, bar and tempo; claims give one row per agent and task."""
+    view = ClusterView()
+    view.frame(frame(40), arrival=100.0)
+    view.frame(frame(41), arrival=100.1)
+    view.claim(claim("election-1", 41, phase="negotiating", peer_count=3))
+    view.claim(claim("chorus-p2p-health", 41, state="waiting", phase=None, notes="CHORUS P2P healthy: ..."))
+    snap = view.snapshot()
+    assert snap["clusters"] == [
+        {
+            "cluster_id": "c",
+            "current_beat": 41,
+            "bar": 10,
+            "beat_in_bar": 2,
+            "bar_length": 4,
+            "tempo_bpm": 600,
+            "measured_bpm": 600.0,
+            "tempo_drift": "acceptable",
+            "window_id": "w-10",
+            "seconds_since_beat": snap["clusters"][0]["seconds_since_beat"],
+        }
+    ]
+    assert [
+        (t["agent_id"], t["task_id"], t["state"], t["phase"], t["peer_count"]) for t in snap["tasks"]
+    ] == [("a1", "election-1", "executing", "negotiating", 3)]
+    assert [(a["agent_id"], a["health"]) for a in snap["agents"]] == [("a1", "waiting")]
+    assert json.loads(json.dumps(snap)) == snap
+
+
+def test_finished_tasks_fade_after_a_bar() -> None:
+    """A done task stays visible for one bar after it finished, then leaves the snapshot."""
+    view = ClusterView()
+    view.frame(frame(8))
+    view.claim(claim("t", 8, state="done", phase="completed", beats_left=0, progress=1.0))
+    for index in range(9, 13):
+        view.frame(frame(index))
+        assert [t["task_id"] for t in view.snapshot()["tasks"]] == ["t"]
+    view.frame(frame(13))
+    assert view.snapshot()["tasks"] == []
+
+
+def test_cluster_filter_and_invalid_messages() -> None:
+    """Messages of other clusters are ignored; bytes that break the contract are counted."""
+    view = ClusterView("c")
+    view.feed(frame(1, cluster="other").encode())
+    view.feed(claim("x", 1, cluster_id="other").encode())
+    view.feed(b"not json")
+    view.feed(b'{"type": "backbeat.beatframe.v1"}')
+    view.feed(frame(1).encode())
+    snap = view.snapshot()
+    assert [c["cluster_id"] for c in snap["clusters"]] == ["c"]
+    assert snap["tasks"] == []
+    assert snap["invalid_messages"] == 2
+    assert snap["messages"] == 1
+
+
+def test_plain_lines_report_changes_not_repeats() -> None:
+    """A line per downbeat and per task change; the per-beat repeat of a claim prints nothing."""
+    view = ClusterView()
+    assert view.frame(frame(4))[0].startswith("c: bar 1 beat 4 tempo 600 BPM")
+    assert view.frame(frame(5)) == []
+    first = view.claim(claim("e", 5))
+    assert first == ["  beat 5 a1/e executing:started 25% 3 beats left peers 0"]
+    assert view.claim(claim("e", 6, beats_left=2, progress=0.5)) == []
+    warned = view.claim(claim("e", 6, notes="beat budget warning: 75% used, 1 beats left"))
+    assert warned[0].endswith("- beat budget warning: 75% used, 1 beats left")
+    failed = view.claim(
+        claim("e", 7, state="failed", phase="failed", notes="P2P operation failed: x (type: election)")
+    )
+    assert failed == ["  beat 7 a1/e failed:failed - P2P operation failed: x (type: election)"]
+
+
+def test_rich_view_renders_beat_tasks_and_progress() -> None:
+    """The rich panel shows the cluster's beat and drift and each task with its progress bar."""
+    view = ClusterView()
+    view.frame(frame(41), arrival=1.0)
+    view.claim(claim("dht-store-k", 41, phase="executing"))
+    console = Console(file=io.StringIO(), force_terminal=True, width=140, color_system=None)
+    console.print(render_view(view.snapshot(), title="T", footer="the footer"))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    for needle in ("beat 41", "bar 10", "tempo 600 BPM", "dht-store-k", "executing", "the footer", "━"):
+        assert needle in text
+
+
+# -- the demo ---------------------------------------------------------------------------------
+
+
+def demo_available() -> bool:
+    """Whether the budget engine (beat_budget, track_operation) has landed."""
+    import backbeat_sync
+
+    return hasattr(backbeat_sync, "beat_budget") and hasattr(backbeat_sync, "track_operation")
+
+
+needs_budget = pytest.mark.skipif(not demo_available(), reason="backbeat_sync.beat_budget not there yet")
+
+
+@needs_budget
+def test_demo_runs_the_four_flows_and_stops_the_overrun(capsys: pytest.CaptureFixture[str]) -> None:
+    """One bar of the demo: election, DHT store and PubSub done; peer discovery stopped; exit 0."""
+    code, out, err = run(["demo", "--bars", "1", "--tempo", "600"], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1]}
+    # flow  API...  budget  runs  done  stopped  failed  mean
+    assert rows["election"][-5:-1] == ["1", "1", "0", "0"]
+    assert rows["dht_store"][-5:-1] == ["1", "1", "0", "0"]
+    assert rows["pubsub_sync"][-5:-1] == ["1", "1", "0", "0"]
+    assert rows["peer_discovery"][-5:-1] == ["1", "0", "1", "0"]
+    assert "stopped by their budget" in out
+    assert "a1/" not in out
+    assert "demo-agent/election-1 executing:connecting" in out
+    assert "Traceback" not in err
+
+
+@needs_budget
+def test_demo_as_a_subprocess_ends_by_itself(tmp_path: Path) -> None:
+    """`python -m backbeat_sync demo --bars 2` exits 0 by itself, quickly, with the summary."""
+    started = time.monotonic()
+    proc = subprocess.run(
+        cli("demo", "--bars", "2", "--tempo", "1200"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert "Operations" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert took < 20
+
+
+# -- against a real nats-server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def running_pulse(nats_server: NatsServer) -> Iterator[Pulse]:
+    """Our Pulse at 1200 BPM for cluster 'c' on the test server."""
+    cfg = BackbeatConfig(cluster_id="c", agent_id="pulse", nats_url=nats_server.url)
+    with Pulse(cfg, tempo_bpm=1200, bar_length=4) as pulse:
+        yield pulse
+
+
+@pytest.mark.nats
+def test_status_against_a_server_with_a_pulse(
+    nats_server: NatsServer, running_pulse: Pulse, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Connected and beats arriving: exit 0, measured tempo near the pulse's."""
+    code, out, err = run(["status", "--nats", nats_server.url, "--cluster", "c", "--json"], capsys)
+    assert code == 0, err
+    health = json.loads(out)["health"]
+    assert health["connected"] is True
+    assert health["current_tempo"] == 1200
+    assert health["beats_received"] >= 2
+
+
+@pytest.mark.nats
+def test_status_connected_but_no_beat_exits_1(
+    nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server without a pulse for the cluster: '✅ Connected', exit 1, a line saying no beat came."""
+    code, out, err = run(
+        ["status", "--nats", nats_server.url, "--cluster", "quiet", "--timeout", "0.3"], capsys
+    )
+    assert code == 1
+    assert out.splitlines()[0] == "BACKBEAT: ✅ Connected"
+    assert_one_line_error(err, "no beat on backbeat.beat.quiet")
+
+
+@pytest.mark.nats
+def test_status_unreachable_server_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nobody at that port: '⚠️ Disconnected', exit 2, one line naming the server."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    code, out, err = run(["status", "--nats", url, "--connect-timeout", "0.5"], capsys)
+    assert code == 2
+    assert out.splitlines()[0] == "BACKBEAT: ⚠️ Disconnected"
+    assert_one_line_error(err, url, "cannot connect")
+
+
+@pytest.mark.nats
+@pytest.mark.parametrize("command", ["status", "monitor", "pulse"])
+def test_wrong_credentials_exit_2(
+    command: str, nats_server_token: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server that wants a token, given a wrong one: exit 2, 'authorization violation', no secret."""
+    url = f"nats://wrong-token@127.0.0.1:{nats_server_token.port}"
+    code, _, err = run([command, "--nats", url, "--connect-timeout", "2"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "authorization violation")
+    assert "wrong-token" not in err
+    assert TOKEN not in err
+
+
+@pytest.mark.nats
+def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """pulse --beats 6 publishes six frames, prints a line per downbeat, exits 0."""
+    cfg = BackbeatConfig(cluster_id="pc", agent_id="listener", nats_url=nats_server.url)
+    with Integration(cfg, node_id="n") as agent:
+        code, out, err = run(
+            [
+                "pulse",
+                "--nats",
+                nats_server.url,
+                "--cluster",
+                "pc",
+                "--tempo",
+                "1200",
+                "--bar",
+                "3",
+                "--beats",
+                "6",
+            ],
+            capsys,
+        )
+        wait_until(lambda: agent.get_health()["beats_received"] >= 6, what="6 beats at the agent")
+        health = agent.get_health()
+    assert code == 0, err
+    assert "stopped after 6 beat(s)" in out
+    assert health["current_tempo"] == 1200
+    assert sum(1 for line in out.splitlines() if line.startswith("beat ")) >= 1
+
+
+@pytest.mark.nats
+def test_pulse_and_monitor_once_json_list_the_agents_tasks(nats_server: NatsServer) -> None:
+    """`backbeat-sync pulse` and `monitor --once --json` as subprocesses see an agent's tasks."""
+    env = cli_env(CHORUS_BACKBEAT_NATS_URL=nats_server.url, CHORUS_BACKBEAT_CLUSTER_ID="mc")
+    pulse = subprocess.Popen(
+        cli("pulse", "--tempo", "600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        cfg = BackbeatConfig(cluster_id="mc", agent_id="worker-1", nats_url=nats_server.url)
+        with Integration(cfg, node_id="12D3KooWAbc") as agent:
+            wait_until(lambda: agent.get_health()["beats_received"] >= 1, timeout=10, what="a beat")
+            agent.start_p2p_operation("election-1", "election", 5)
+            agent.update_p2p_operation_phase("election-1", OperationPhase.NEGOTIATING, 3)
+            agent.start_p2p_operation("dht-store-k", "dht_store", 3)
+            proc = subprocess.run(
+                cli("monitor", "--once", "--json", "--cluster", "mc", "--timeout", "10"),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=env,
+            )
+            agent.complete_p2p_operation("dht-store-k", 3)
+        pulse.send_signal(signal.SIGINT)
+        pulse_out, pulse_err = pulse.communicate(timeout=10)
+    finally:
+        if pulse.poll() is None:
+            pulse.kill()
+            pulse.communicate()
+    assert proc.returncode == 0, proc.stderr
+    snap = json.loads(proc.stdout)
+    tasks = {(t["agent_id"], t["task_id"]): t for t in snap["tasks"]}
+    assert set(tasks) == {("worker-1", "election-1"), ("worker-1", "dht-store-k")}
+    assert tasks[("worker-1", "election-1")]["phase"] == "negotiating"
+    assert tasks[("worker-1", "election-1")]["state"] == "executing"
+    assert tasks[("worker-1", "election-1")]["node_id"] == "12D3KooWAbc"
+    assert [c["cluster_id"] for c in snap["clusters"]] == ["mc"]
+    assert snap["clusters"][0]["tempo_bpm"] == 600
+    assert pulse.returncode == 0, pulse_err
+    assert "stopped after" in pulse_out
+    assert "Traceback" not in pulse_err
+
+
+@pytest.mark.nats
+def test_monitor_live_plain_lines_and_sigterm(nats_server: NatsServer, running_pulse: Pulse) -> None:
+    """monitor without --once prints plain lines when piped and stops cleanly on SIGTERM."""
+    proc = subprocess.Popen(
+        cli("monitor", "--nats", nats_server.url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    lines: list[str] = []
+    got = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("c: bar "):
+                got.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert got.wait(10), lines
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(5)
+    assert proc.returncode == 0
+    assert "tempo 1200 BPM" in "".join(lines)
+
+
+@needs_budget
+@pytest.mark.nats
+def test_demo_on_a_real_server(nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """demo --nats URL runs its own pulse there and ends with the summary, exit 0."""
+    code, out, err = run(["demo", "--nats", nats_server.url, "--bars", "1", "--tempo", "600"], capsys)
+    assert code == 0, err
+    assert nats_server.url in out
+    assert "peer_discovery" in out
