@@ -212,10 +212,12 @@ def test_status_on_the_in_process_pulse_is_connected(
 
 
 def test_verbose_logs_to_stderr_and_logging_is_restored_after_main(
-    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """-v shows the library's info lines on stderr; afterwards backbeat_sync is silent again."""
     from loguru import logger
+
+    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "3000")
 
     code, _, err = run(["status", "-v", "--nats", f"local://{unique_bus()}"], capsys)
     assert code == 0
