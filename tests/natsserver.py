@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -50,11 +51,25 @@ import nats
 
 T = TypeVar("T")
 
+RFC3339_Z = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
+HEALTH_TASK_ID = "chorus-p2p-health"
+
 TOKEN = "s3cret-t0ken-XYZ"
 USER = "agent"
 PASSWORD = "pa55-w0rd-QRS"
 
-__all__ = ["PASSWORD", "TOKEN", "USER", "AsyncRunner", "NatsServer", "find_binary", "free_port"]
+__all__ = [
+    "PASSWORD",
+    "TOKEN",
+    "USER",
+    "AsyncRunner",
+    "NatsServer",
+    "RawPulse",
+    "Witness",
+    "check_claim",
+    "find_binary",
+    "free_port",
+]
 
 
 async def quiet_error_cb(exc: Exception) -> None:
@@ -460,3 +475,43 @@ class RawPulse:
             self._task.cancel()
             self._task = None
         self._runner.run(self._nc.close())
+
+
+def check_claim(d: dict[str, Any], *, cluster: str, agent: str, node: str) -> None:
+    """Check one claim's JSON against PROTOCOL.md, field by field."""
+    assert d["type"] == "backbeat.statusclaim.v1"
+    assert d["cluster_id"] == cluster
+    assert agent == d["agent_id"]
+    assert d["node_id"] == node
+    assert isinstance(d["task_id"], str)
+    assert d["task_id"]
+    assert isinstance(d["beat_index"], int)
+    assert not isinstance(d["beat_index"], bool)
+    assert d["state"] in {"waiting", "executing", "done", "failed"}
+    assert isinstance(d["beats_left"], int)
+    assert d["beats_left"] >= 0
+    assert isinstance(d["progress"], (int, float))
+    assert 0.0 <= d["progress"] <= 1.0
+    assert isinstance(d["notes"], str)
+    assert RFC3339_Z.match(d["sent_at"]), d["sent_at"]
+    if d["task_id"] == HEALTH_TASK_ID:
+        assert (d["beats_left"], d["progress"]) == (0, 1.0)
+        assert re.fullmatch(
+            rf"CHORUS P2P healthy: connected=(true|false), operations=\d+, tempo=[\d.]+ BPM, node={node}",
+            d["notes"],
+        ), d["notes"]
+        return
+    assert d["phase"] in {"started", "connecting", "negotiating", "executing", "completed", "failed"}
+    assert isinstance(d["peer_count"], int)
+    assert d["peer_count"] >= 0
+    op_type = d["operation_type"]
+    if d["state"] == "done":
+        assert (d["phase"], d["beats_left"], d["progress"]) == ("completed", 0, 1.0)
+        assert f"P2P {op_type}: completed (peers: {d['peer_count']}, node: {node})" == d["notes"]
+    elif d["state"] == "failed":
+        assert (d["phase"], d["beats_left"], d["progress"]) == ("failed", 0, 0.0)
+        assert d["notes"].startswith("P2P operation failed: ")
+        assert d["notes"].endswith(f" (type: {op_type})")
+    else:
+        assert d["state"] == "executing"
+        assert f"P2P {op_type}: {d['phase']} (peers: {d['peer_count']}, node: {node})" == d["notes"]

@@ -7,7 +7,6 @@ The other side of every NATS test is raw nats-py written in ``tests/natsserver.p
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +20,21 @@ from backbeat_sync._time import format_rfc3339
 from backbeat_sync.protocol import HEALTH_TASK_ID, StatusClaim
 from backbeat_sync.transport.nats import NatsTransport, Outbox, connect_options, describe_error
 
-from .natsserver import PASSWORD, TOKEN, USER, AsyncRunner, NatsServer, RawPulse, Witness, free_port
+from .natsserver import (
+    PASSWORD,
+    TOKEN,
+    USER,
+    AsyncRunner,
+    NatsServer,
+    RawPulse,
+    Witness,
+    check_claim,
+    free_port,
+)
 from .support import HandledBeats, wait_until
 
 CLUSTER = "nt"
 NODE = "12D3KooWTest"
-RFC3339_Z = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
 
 
 def claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
@@ -214,46 +222,6 @@ def test_describe_error_names_common_causes() -> None:
 # -- against a real server -------------------------------------------------------------------
 
 
-def check_claim(d: dict[str, Any], agent: str = "agent-1") -> None:
-    """Check one claim's JSON against PROTOCOL.md, field by field."""
-    assert d["type"] == "backbeat.statusclaim.v1"
-    assert d["cluster_id"] == CLUSTER
-    assert agent == d["agent_id"]
-    assert d["node_id"] == NODE
-    assert isinstance(d["task_id"], str)
-    assert d["task_id"]
-    assert isinstance(d["beat_index"], int)
-    assert not isinstance(d["beat_index"], bool)
-    assert d["state"] in {"waiting", "executing", "done", "failed"}
-    assert isinstance(d["beats_left"], int)
-    assert d["beats_left"] >= 0
-    assert isinstance(d["progress"], (int, float))
-    assert 0.0 <= d["progress"] <= 1.0
-    assert isinstance(d["notes"], str)
-    assert RFC3339_Z.match(d["sent_at"]), d["sent_at"]
-    if d["task_id"] == HEALTH_TASK_ID:
-        assert (d["beats_left"], d["progress"]) == (0, 1.0)
-        assert re.fullmatch(
-            rf"CHORUS P2P healthy: connected=(true|false), operations=\d+, tempo=[\d.]+ BPM, node={NODE}",
-            d["notes"],
-        ), d["notes"]
-        return
-    assert d["phase"] in {"started", "connecting", "negotiating", "executing", "completed", "failed"}
-    assert isinstance(d["peer_count"], int)
-    assert d["peer_count"] >= 0
-    op_type = d["operation_type"]
-    if d["state"] == "done":
-        assert (d["phase"], d["beats_left"], d["progress"]) == ("completed", 0, 1.0)
-        assert f"P2P {op_type}: completed (peers: {d['peer_count']}, node: {NODE})" == d["notes"]
-    elif d["state"] == "failed":
-        assert (d["phase"], d["beats_left"], d["progress"]) == ("failed", 0, 0.0)
-        assert d["notes"].startswith("P2P operation failed: ")
-        assert d["notes"].endswith(f" (type: {op_type})")
-    else:
-        assert d["state"] == "executing"
-        assert f"P2P {op_type}: {d['phase']} (peers: {d['peer_count']}, node: {NODE})" == d["notes"]
-
-
 @pytest.mark.nats
 def test_contract_claims_to_a_raw_subscriber_follow_protocol(
     nats_server: NatsServer, nats_runner: AsyncRunner
@@ -280,7 +248,7 @@ def test_contract_claims_to_a_raw_subscriber_follow_protocol(
     claims = witness.dicts()
     witness.close()
     for d in claims:
-        check_claim(d)
+        check_claim(d, cluster=CLUSTER, agent="agent-1", node=NODE)
     op = [d for d in claims if d["task_id"] == "election-1"]
     expected = [
         (96, "executing", 4, 0.0),
