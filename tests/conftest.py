@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from .natsserver import PASSWORD, TOKEN, USER, AsyncRunner, NatsServer, find_binary, start_cluster
+from .natsserver import (
+    PASSWORD,
+    TOKEN,
+    USER,
+    AsyncRunner,
+    NatsServer,
+    find_binary,
+    make_tls_files,
+    start_cluster,
+)
 
 
 @pytest.fixture
@@ -43,6 +52,15 @@ def nats_server_token(nats_binary: str, tmp_path: Path) -> Iterator[NatsServer]:
 def nats_server_userpass(nats_binary: str, tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server that requires ``natsserver.USER`` / ``natsserver.PASSWORD``."""
     yield from _serve(NatsServer(nats_binary, tmp_path / "nats-user", user=USER, password=PASSWORD))
+
+
+@pytest.fixture
+def nats_server_tls(nats_binary: str, tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server that requires TLS; its CA file is ``server.tls_ca``."""
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    server = NatsServer(nats_binary, tmp_path / "nats-tls", tls=(cert, key))
+    server.tls_ca = ca
+    yield from _serve(server)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ is found):
 - ``nats_jetstream``: a server with JetStream on a file store under ``tmp_path``;
   use :meth:`NatsServer.capture` to record subjects in a stream and
   :meth:`NatsServer.stored` to read them back after faults.
+- ``nats_server_tls``: a server that requires TLS, with a throwaway CA; the CA file is
+  ``nats_server_tls.tls_ca`` (see :func:`make_tls_files`).
 - ``nats_cluster``: a list of 3 routed servers on loopback ports (routes are up
   when the fixture returns).
 - ``nats_runner``: an :class:`AsyncRunner`: a loop thread on which a test runs its own
@@ -69,6 +71,7 @@ __all__ = [
     "check_claim",
     "find_binary",
     "free_port",
+    "make_tls_files",
 ]
 
 
@@ -105,6 +108,7 @@ class NatsServer:
         jetstream: enable JetStream with a file store under ``workdir``.
         cluster_port: listen for routes on this port.
         routes: route URLs to solicit (``nats://127.0.0.1:PORT``).
+        tls: ``(cert, key)`` files: the server requires TLS (see :func:`make_tls_files`).
     """
 
     def __init__(
@@ -119,8 +123,11 @@ class NatsServer:
         jetstream: bool = False,
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.binary = binary
+        self.tls = tls
+        self.tls_ca: Path | None = None  # the CA a client should trust (set by the TLS fixture)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -154,6 +161,8 @@ class NatsServer:
             args += ["--user", self.user, "--pass", self.password or ""]
         if self.jetstream:
             args += ["-js", "-sd", str(self.workdir / "store")]
+        if self.tls is not None:
+            args += ["--tls", "--tlscert", str(self.tls[0]), "--tlskey", str(self.tls[1])]
         if self.cluster_port is not None:
             args += ["--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--cluster_name", "bbtest"]
             if self.routes:
@@ -275,6 +284,65 @@ class NatsServer:
         if self.user:
             return {"user": self.user, "password": self.password}
         return {}
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it.
+
+    Returns:
+        ``(ca_pem, server_cert_pem, server_key_pem)`` paths.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "backbeat test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
 
 
 def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 10.0) -> list[NatsServer]:

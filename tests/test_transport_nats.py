@@ -551,3 +551,24 @@ def test_publish_wakes_the_loop_once_per_batch(nats_server: NatsServer, nats_run
     for k in range(4):
         beats = [d["beat_index"] for d in witness.dicts() if d["task_id"] == f"t{k}"]
         assert list(range(2500)) == beats
+
+
+@pytest.mark.nats
+def test_tls_with_the_servers_ca_connects(nats_server_tls: NatsServer, nats_runner: AsyncRunner) -> None:
+    """tls:// with tls_ca trusting the server's CA connects, and claims flow over TLS."""
+    url = nats_server_tls.url.replace("nats://", "tls://")
+    cfg = config(url, tls_ca=str(nats_server_tls.tls_ca))
+    with Integration(cfg, node_id=NODE) as integration:
+        assert integration.get_health()["connected"] is True
+        integration.start_p2p_operation("tls-op", "dht_store", 2)
+        integration.complete_p2p_operation("tls-op", 1)
+        wait_until(lambda: integration.get_health()["claims_published"] >= 2, what="claims over TLS")
+
+
+@pytest.mark.nats
+def test_tls_with_an_untrusted_server_fails_clearly(nats_server_tls: NatsServer) -> None:
+    """Without the server's CA the connection fails with a TLS cause, not a hang."""
+    url = nats_server_tls.url.replace("nats://", "tls://")
+    with pytest.raises(BackbeatConnectionError) as info:
+        Integration(config(url, connect_timeout=0.5), node_id=NODE).start()
+    assert "TLS error" in info.value.cause
