@@ -928,7 +928,12 @@ class _Demo:
         if not cfg.is_local and not args.no_pulse:
             from .pulse import Pulse
 
-            pulse = Pulse(cfg, tempo_bpm=args.tempo, bar_length=args.bar)
+            sign = None
+            if cfg.signing_key is not None:
+                from .signing import SigningKey
+
+                sign = SigningKey.load(cfg.signing_key, cfg.signing_key_id).sign_frame
+            pulse = Pulse(cfg, tempo_bpm=args.tempo, bar_length=args.bar, sign=sign)
             pulse.start()
         try:
             return self._run_agent()
@@ -1141,7 +1146,12 @@ def _cmd_pulse(args: argparse.Namespace, out: _Out) -> int:
         raise _UsageError(
             "a pulse on local:// would only beat inside this process; give a server: --nats nats://HOST:4222"
         )
-    pulse = Pulse(cfg, start_index=args.start_index)
+    sign = None
+    if cfg.signing_key is not None:  # CHORUS_BACKBEAT_SIGNING_KEY: sign every frame (the signing extra)
+        from .signing import SigningKey
+
+        sign = SigningKey.load(cfg.signing_key, cfg.signing_key_id).sign_frame
+    pulse = Pulse(cfg, start_index=args.start_index, sign=sign)
     pulse.start()
     out.logs_open.set()
     bar = pulse.bar_length
