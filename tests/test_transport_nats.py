@@ -572,3 +572,18 @@ def test_tls_with_an_untrusted_server_fails_clearly(nats_server_tls: NatsServer)
     with pytest.raises(BackbeatConnectionError) as info:
         Integration(config(url, connect_timeout=0.5), node_id=NODE).start()
     assert "TLS error" in info.value.cause
+
+
+@pytest.mark.nats
+def test_giving_up_reconnecting_is_reported_in_health(nats_server: NatsServer) -> None:
+    """With max_reconnect_attempts=1 a dead server ends in a closed connection recorded in errors."""
+    integration = Integration(config(nats_server.url, max_reconnect_attempts=1), node_id=NODE)
+    with integration:
+        nats_server.kill()
+        wait_until(
+            lambda: any("closed for good" in e for e in integration.get_health()["errors"]),
+            timeout=10,
+            what="closed for good",
+        )
+        assert integration.get_health()["connected"] is False
+    assert integration.get_health()["reconnect_count"] == 0

@@ -276,6 +276,11 @@ class NatsLink:
         return self._reconnects
 
     @property
+    def stopped(self) -> bool:
+        """True once ``stop()`` has finished."""
+        return self._state is _State.STOPPED
+
+    @property
     def masked_servers(self) -> str:
         """The configured servers with any password or token masked."""
         return self._config.masked_url
@@ -995,6 +1000,9 @@ class NatsTransport(Transport):
         link = self._link
         if link is None:
             self._pre_outbox.put(subject, claim)
+            return
+        if link.stopped:
+            link.lost += 1  # nobody will send it: count it rather than queue it forever
             return
         if link.outbox.put(subject, claim):
             link.wake()
