@@ -587,3 +587,56 @@ def test_giving_up_reconnecting_is_reported_in_health(nats_server: NatsServer) -
         )
         assert integration.get_health()["connected"] is False
     assert integration.get_health()["reconnect_count"] == 0
+
+
+@pytest.mark.nats
+def test_finals_in_flight_when_the_server_dies_are_sent_again(
+    nats_jetstream: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """Operations finish non-stop while the server is killed twice: unconfirmed finals resent, none lost."""
+    server = nats_jetstream
+    server.capture()
+    pulse = RawPulse(nats_runner, server.url, CLUSTER, tempo_bpm=600, first_index=1, reconnect_time_wait=0.05)
+    pulse.start()
+    integration = Integration(config(server.url), node_id=NODE)
+    finished: list[str] = []
+    stop = threading.Event()
+
+    def churn(worker: int) -> None:
+        n = 0
+        while not stop.is_set():
+            oid = f"w{worker}-{n}"
+            n += 1
+            integration.start_p2p_operation(oid, "pubsub_sync", 2)
+            if n % 4:
+                integration.complete_p2p_operation(oid, 3)
+            else:
+                integration.fail_p2p_operation(oid, "no route")
+            finished.append(oid)
+            if n % 50 == 0:
+                stop.wait(0.005)  # keep the rate at a few thousand operations per second
+
+    with integration:
+        wait_until(lambda: integration.get_health()["beats_received"] > 0, what="first beat")
+        workers = [threading.Thread(target=churn, args=(k,)) for k in range(2)]
+        for t in workers:
+            t.start()
+        for restart in range(1, 3):
+            wait_until(
+                lambda r=restart: integration.get_health()["claims_published"] > 500 * r, what="traffic"
+            )
+            server.kill()
+            server.start()
+            wait_until(
+                lambda r=restart: integration.get_health()["reconnect_count"] == r, timeout=10, what="back"
+            )
+        stop.set()
+        for t in workers:
+            t.join()
+        wait_until(lambda: integration.get_health()["claims_queued"] == 0, timeout=10, what="all confirmed")
+        resent = integration.transport.stats()["claims_resent"]  # type: ignore[union-attr]
+    pulse.stop()
+    stored = [json.loads(m) for m in server.stored()]
+    final_ids = {d["task_id"] for d in stored if d["state"] in ("done", "failed")}
+    assert set(finished) - final_ids == set()
+    assert resent > 0

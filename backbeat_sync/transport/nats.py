@@ -887,9 +887,7 @@ class _ClaimLink(NatsLink):
                     await asyncio.sleep(wait)
                     continue  # the connection may have dropped meanwhile
                 if not await self._confirm_once(self._config.flush_timeout, settle=CONFIRM_SETTLE):
-                    if self.inflight and self._connected:
-                        await asyncio.sleep(CONFIRM_SETTLE)  # a failed flush: try again shortly
-                    break
+                    await asyncio.sleep(CONFIRM_SETTLE)  # a failed flush: try again shortly
 
     async def _confirm_once(self, timeout: float, *, settle: float = 0.0) -> bool:
         """One PING/PONG; on the PONG, confirm the final claims sent ``settle`` s or more before the PING.
