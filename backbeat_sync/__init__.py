@@ -12,6 +12,7 @@ from loguru import logger as _logger
 
 from ._defaults import get_default_integration, set_default_integration
 from ._time import ManualTime, SystemTime, TimeSource
+from .budget import Tracker, beat_budget, track_operation
 from .clock import BeatClock
 from .config import BackbeatConfig
 from .errors import (
@@ -65,10 +66,13 @@ __all__ = [
     "StatusClaim",
     "SystemTime",
     "TimeSource",
+    "Tracker",
     "__version__",
+    "beat_budget",
     "get_default_integration",
     "parse_beat_frame",
     "parse_message",
     "parse_status_claim",
     "set_default_integration",
+    "track_operation",
 ]

@@ -1,0 +1,475 @@
+"""The process-wide budget watchdog: one thread, a heap of deadlines, asynchronous exceptions.
+
+How an exception reaches exactly the code that owns a budget (see ``docs/budgets.md``):
+
+- Each thread that runs budgets has a :class:`ThreadSlot`. Its ``live`` dict holds
+  the budgets armed in that thread, in the order they were entered. Whoever
+  removes a budget from ``live`` first owns its outcome: the owner leaving the
+  block (the budget was not spent), or the watchdog firing it (it was). ``dict.pop``
+  is one atomic step, so exactly one of them wins.
+- The owner's own exit code runs with ``slot.shield`` raised. The watchdog never
+  sets an asynchronous exception into a shielded thread: it hands the exception
+  over in ``slot.sync`` and the owner raises it synchronously when it lowers the
+  shield. An exception set just *before* the shield went up is cleared with
+  ``PyThreadState_SetAsyncExc(tid, NULL)`` and raised synchronously instead. So
+  the exception is raised once, inside the block, whichever side is first.
+- At most one exception of ours is pending per thread (``slot.pending``); a second
+  budget running out in the same thread waits until the first has landed.
+- The watchdog sleeps until the earliest deadline (``BeatClock.seconds_until``),
+  and is woken through a socket pair: by a new budget whose first event is earlier
+  than the planned wake-up, and on every beat frame (tempo changes re-time it).
+  The heap is keyed by beat position, so a tempo change never reorders it.
+  Entries of budgets that ended are dropped lazily when they reach the top, and
+  a compaction outside the lock bounds the garbage.
+- Short budgets cost the watchdog nothing unless they are still running when it
+  wakes: the watchdog promotes budgets it has not seen yet (scanning only slots
+  flagged ``fresh``, newest first) into its heap when it wakes.
+
+The delivery uses a *private* ctypes prototype of ``PyThreadState_SetAsyncExc``
+(never ``ctypes.pythonapi.PyThreadState_SetAsyncExc.argtypes``, which other
+libraries such as func-timeout and stopit share).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import heapq
+import queue
+import select
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any, Final, Protocol
+
+from loguru import logger
+
+from .clock import BeatClock
+
+__all__ = [
+    "ASYNC",
+    "FIRING",
+    "SYNC",
+    "WATCHDOG",
+    "ThreadSlot",
+    "Watchdog",
+    "clear_async_exc",
+    "current_slot",
+    "set_async_exc",
+]
+
+# -- the C call, through a private prototype ---------------------------------------
+
+_SET_PROTO = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.py_object)
+_CLEAR_PROTO = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+_set_async: Callable[[int, Any], int] = _SET_PROTO(("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+_clear_async: Callable[[int, Any], int] = _CLEAR_PROTO(("PyThreadState_SetAsyncExc", ctypes.pythonapi))
+
+
+def set_async_exc(tid: int, exc_class: type[BaseException]) -> int:
+    """Make ``exc_class`` be raised in thread ``tid`` at its next bytecode check.
+
+    Returns:
+        How many thread states were modified (1, or 0 if the thread is gone).
+    """
+    return _set_async(tid, exc_class)
+
+
+def clear_async_exc(tid: int) -> int:
+    """Cancel a pending asynchronous exception of thread ``tid`` (``SetAsyncExc(tid, NULL)``)."""
+    return _clear_async(tid, None)
+
+
+#: Tracker.fired states.
+ARMED: Final = 0
+FIRING: Final = 1  #: the watchdog won the budget and is choosing how to deliver
+ASYNC: Final = 2  #: an asynchronous exception was set in the owner thread
+SYNC: Final = 3  #: the owner raises the exception itself (it was shielded, or cleared it)
+OWNER: Final = 4  #: the owner found the budget spent first (``check()``) and raised
+
+
+class Tracker(Protocol):
+    """What the watchdog needs of a budget (``backbeat_sync.budget.Tracker``)."""
+
+    seq: int
+    slot: ThreadSlot
+    clock: BeatClock
+    event_pos: float
+    promoted: bool
+    fired: int
+    delivered: bool
+
+    def on_event(self, pos_now: float, now: float) -> float | None:
+        """Handle the event due at ``event_pos``; return the next event position or None."""
+        ...
+
+
+# -- per-thread state --------------------------------------------------------------
+
+
+class ThreadSlot:
+    """The budget state of one thread (only the owner thread adds to ``live``).
+
+    Attributes:
+        tid: ``threading.get_ident()`` of the thread.
+        live: armed budgets, in the order they were entered (values are True).
+        pending: the budget whose asynchronous exception is set and not yet raised.
+        shield: >0 while the owner runs its own bookkeeping (no asynchronous exception then).
+        sync: a fired budget whose exception the owner must raise itself.
+        barrier: ``(seq, newest)``: the budget whose exception is unwinding this thread,
+            and the newest budget armed then. Budgets in between may have been left
+            without their exit code, so the watchdog does not interrupt them (their
+            owner raises at exit instead).
+        fresh: set by the owner when it arms a budget the watchdog has not seen.
+        kick: set when ``sync`` is handed over (wakes ``op.sleep``).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "barrier",
+        "fresh",
+        "kick",
+        "live",
+        "pending",
+        "shield",
+        "sync",
+        "thread",
+        "tid",
+    )
+
+    def __init__(self) -> None:
+        self.tid = threading.get_ident()
+        self.thread = weakref.ref(threading.current_thread())
+        self.live: dict[Any, bool] = {}
+        self.pending: Any = None
+        self.shield = 0
+        self.sync: Any = None
+        self.barrier: tuple[int, int] | None = None
+        self.fresh = False
+        self.kick = threading.Event()
+
+
+_local = threading.local()
+_slots_lock = threading.Lock()
+_slots: list[ThreadSlot] = []
+
+
+def current_slot() -> ThreadSlot:
+    """The calling thread's slot (made on first use)."""
+    try:
+        return _local.slot  # type: ignore[no-any-return]
+    except AttributeError:
+        slot = _local.slot = ThreadSlot()
+        with _slots_lock:
+            _slots[:] = [s for s in _slots if s.live or s.thread() is not None]
+            _slots.append(slot)
+        return slot
+
+
+def all_slots() -> list[ThreadSlot]:
+    """A copy of every thread slot."""
+    with _slots_lock:
+        return list(_slots)
+
+
+# -- the watchdog thread -----------------------------------------------------------
+
+#: How long the watchdog thread lingers with nothing to watch before it exits.
+IDLE_EXIT_SECONDS: Final = 0.5
+#: Delay before retrying a delivery into a thread that has one pending already.
+RETRY_SECONDS: Final = 0.0005
+#: Heap garbage allowed before a compaction (plus twice the live entries).
+COMPACT_SLACK: Final = 4096
+
+
+class _Heap:
+    __slots__ = ("clock", "entries")
+
+    def __init__(self, clock: BeatClock) -> None:
+        self.clock = clock
+        self.entries: list[tuple[float, int, Any]] = []
+
+
+class Watchdog:
+    """One thread for the whole process that fires budget events on time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heaps: dict[int, _Heap] = {}
+        self._thread: threading.Thread | None = None
+        self._thread_lock = threading.Lock()
+        self._rsock, self._wsock = socket.socketpair()
+        self._rsock.setblocking(False)
+        self._wsock.setblocking(False)
+        #: Monotonic time of the next planned wake-up; a budget whose first event is
+        #: earlier calls :meth:`notify`. 0.0 while the watchdog is processing.
+        self.next_wake = float("inf")
+        self._stopping = False
+        self._pushed_since_compact = 0
+        self.fired_count = 0
+        self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._callback_thread: threading.Thread | None = None
+
+    # -- called by application threads ----------------------------------------
+
+    def notify(self) -> None:
+        """Wake the watchdog (starting its thread if needed). Lock-free on the common path."""
+        if self._thread is None:
+            self._ensure_thread()
+        try:
+            self._wsock.send(b"\0")
+        except (BlockingIOError, OSError):  # a full socket already means "wake up"
+            pass
+
+    def push(self, tracker: Tracker) -> None:
+        """Add ``tracker``'s next event to the heap (the tracker must have ``event_pos`` set)."""
+        clock = tracker.clock
+        with self._lock:
+            heap = self._heaps.get(id(clock))
+            if heap is None:
+                heap = self._heaps[id(clock)] = _Heap(clock)
+            heapq.heappush(heap.entries, (tracker.event_pos, tracker.seq, tracker))
+            self._pushed_since_compact += 1
+        tracker.promoted = True
+
+    def run_callback(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` on the budget callback thread (user ``on_warning`` callbacks)."""
+        with self._thread_lock:
+            if self._callback_thread is None or not self._callback_thread.is_alive():
+                self._callback_thread = threading.Thread(
+                    target=self._callback_loop, name="backbeat-budget-callbacks", daemon=True
+                )
+                self._callback_thread.start()
+        self._callbacks.put(fn)
+
+    def _callback_loop(self) -> None:
+        while True:
+            try:
+                fn = self._callbacks.get(timeout=IDLE_EXIT_SECONDS)
+            except queue.Empty:
+                with self._thread_lock:
+                    if self._callbacks.empty():
+                        self._callback_thread = None
+                        return
+                continue
+            if fn is None:
+                return
+            try:
+                fn()
+            except Exception:
+                logger.opt(exception=True).warning("backbeat budget on_warning callback raised")
+
+    def _ensure_thread(self) -> None:
+        with self._thread_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="backbeat-watchdog", daemon=True)
+            self._thread.start()
+
+    def shutdown(self, timeout: float = 2.0) -> None:
+        """Stop the watchdog thread (tests; it restarts on the next budget)."""
+        with self._thread_lock:
+            thread = self._thread
+            self._stopping = True
+        if thread is not None:
+            self.notify_only()
+            thread.join(timeout)
+        self._callbacks.put(None)
+        cb = self._callback_thread
+        if cb is not None:
+            cb.join(timeout)
+
+    def notify_only(self) -> None:
+        """Wake the watchdog thread without starting it."""
+        try:
+            self._wsock.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    @property
+    def running(self) -> bool:
+        """Whether the watchdog thread is alive."""
+        t = self._thread
+        return t is not None and t.is_alive()
+
+    def heap_size(self) -> int:
+        """Entries in the heaps, garbage included (for tests and benchmarks)."""
+        with self._lock:
+            return sum(len(h.entries) for h in self._heaps.values())
+
+    # -- the thread --------------------------------------------------------------
+
+    def _drain(self) -> None:
+        try:
+            while self._rsock.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        me = threading.current_thread()
+        while True:
+            self.next_wake = 0.0
+            self._drain()
+            if self._stopping:
+                break
+            now = time.monotonic()
+            try:
+                self._promote_fresh()
+                busy = self._fire_due()
+            except Exception:  # a bug here must not kill the watchdog
+                logger.opt(exception=True).error("backbeat watchdog iteration failed")
+                busy = True
+            target = self._next_target()
+            if not busy and target == float("inf") and not any(s.live for s in all_slots()):
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= IDLE_EXIT_SECONDS:
+                    with self._thread_lock:
+                        if not any(s.fresh for s in all_slots()):
+                            self._thread = None
+                            self.next_wake = float("inf")
+                            return
+                target = now + IDLE_EXIT_SECONDS
+            else:
+                idle_since = None
+            self.next_wake = target
+            if any(s.fresh for s in all_slots()):
+                continue
+            timeout = max(0.0, target - time.monotonic())
+            if timeout > 0:
+                select.select([self._rsock], [], [], min(timeout, 3600.0))
+        with self._thread_lock:
+            if self._thread is me:
+                self._thread = None
+        self.next_wake = float("inf")
+
+    def _promote_fresh(self) -> None:
+        for slot in all_slots():
+            if not slot.fresh:
+                continue
+            slot.fresh = False
+            try:
+                new = []
+                for t in reversed(slot.live):
+                    if t.promoted:
+                        break
+                    new.append(t)
+            except RuntimeError:  # the owner changed live meanwhile: copy instead
+                new = [t for t in list(slot.live) if not t.promoted]
+            for t in new:
+                if not t.promoted and t.fired == ARMED:
+                    self.push(t)
+
+    def _fire_due(self) -> bool:
+        """Handle every due event. Returns True if anything was handled."""
+        handled = False
+        with self._lock:
+            heaps = list(self._heaps.values())
+        for heap in heaps:
+            while True:
+                now = time.monotonic()
+                pos_now = heap.clock.budget_position()
+                with self._lock:
+                    entries = heap.entries
+                    if not entries or entries[0][0] > pos_now:
+                        break
+                    pos, _, t = heapq.heappop(entries)
+                if pos != t.event_pos:  # stale: the tracker moved on
+                    continue
+                handled = True
+                nxt = t.on_event(pos_now, now)
+                if nxt is not None:
+                    t.event_pos = nxt
+                    with self._lock:
+                        heapq.heappush(heap.entries, (nxt, t.seq, t))
+        self._maybe_compact()
+        return handled
+
+    def _maybe_compact(self) -> None:
+        with self._lock:
+            size = sum(len(h.entries) for h in self._heaps.values())
+            if size < COMPACT_SLACK or self._pushed_since_compact < COMPACT_SLACK:
+                return
+            live = sum(len(s.live) for s in all_slots())
+            if size <= 2 * live + COMPACT_SLACK:
+                return
+            taken = [(h, h.entries) for h in self._heaps.values()]
+            for h in self._heaps.values():
+                h.entries = []
+            self._pushed_since_compact = 0
+        # Filter outside the lock: pushes meanwhile go into the fresh lists.
+        for h, old in taken:
+            kept = [e for e in old if e[0] == e[2].event_pos and e[2].fired in (ARMED, ASYNC)]
+            heapq.heapify(kept)
+            with self._lock:
+                for e in h.entries:
+                    heapq.heappush(kept, e)
+                h.entries = kept
+
+    def _next_target(self) -> float:
+        best = float("inf")
+        now = time.monotonic()
+        with self._lock:
+            tops = [(h.clock, h.entries[0][0]) for h in self._heaps.values() if h.entries]
+            for key in [k for k, h in self._heaps.items() if not h.entries]:
+                del self._heaps[key]
+        for clock, pos in tops:
+            best = min(best, now + max(0.0, clock.seconds_until(pos)))
+        return best
+
+    # -- delivery (watchdog thread) -------------------------------------------------
+
+    def deliver(self, t: Any) -> str:
+        """Win ``t`` and raise its exception in its thread.
+
+        Returns:
+            ``"lost"`` (the owner left first), ``"retry"`` (the thread has an
+            exception pending; try again shortly), ``"suspect"`` (an outer
+            budget's exception is unwinding the thread; not interrupted),
+            ``"async"`` or ``"sync"``.
+        """
+        slot: ThreadSlot = t.slot
+        if slot.pending is not None or slot.sync is not None:
+            return "retry"
+        barrier = slot.barrier
+        if barrier is not None and barrier[0] < t.seq <= barrier[1]:
+            return "suspect"
+        newest = max([x.seq for x in list(slot.live)], default=t.seq)
+        if slot.live.pop(t, None) is None:
+            return "lost"
+        # From the shield test to the C call there is no eval-breaker check (no
+        # Python-level call, no backward jump), so the owner cannot raise its
+        # shield in between: the exception is set only into unshielded code.
+        if slot.shield:
+            t.fired = SYNC
+            slot.sync = t
+            slot.kick.set()
+            self.fired_count += 1
+            return "sync"
+        t.fired = ASYNC
+        slot.pending = t
+        slot.barrier = (t.seq, newest)
+        _set_async(slot.tid, t.exc_class)
+        self.fired_count += 1
+        return "async"
+
+
+WATCHDOG = Watchdog()
+
+
+def _reset_after_fork() -> None:  # pragma: no cover - fork only
+    WATCHDOG.__init__()  # type: ignore[misc]
+    _slots.clear()
+    if hasattr(_local, "slot"):
+        del _local.slot
+
+
+with contextlib.suppress(AttributeError):  # pragma: no cover - not on Windows
+    import os
+
+    os.register_at_fork(after_in_child=_reset_after_fork)

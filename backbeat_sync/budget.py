@@ -1,0 +1,1102 @@
+"""Beat budgets for sync code: ``track_operation``, ``@beat_budget``, ``execute_with_beat_budget``.
+
+One engine, two faces: every budgeted call or ``with`` block runs inside a fresh
+:class:`Tracker`. ``track_operation`` is the seed's explicit operation (claimed at
+start, on each phase change and at the end); a ``@beat_budget`` call is the same
+tracker made lighter: it costs no registry entry and no message unless it is
+still running at a beat, gets a warning, runs out or fails.
+
+The budget counts in beats on :meth:`BeatClock.budget_position`, so it stretches
+with the tempo and keeps counting when the pulse is silent. The process-wide
+watchdog (:mod:`backbeat_sync._watchdog`) fires warnings and exhaustion; see
+``docs/budgets.md`` for how an exception is delivered only where it belongs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, cast
+
+import attrs
+import wrapt
+from loguru import logger
+
+from . import _defaults
+from ._time import SYSTEM_TIME
+from ._watchdog import (
+    ARMED,
+    OWNER,
+    SYNC,
+    WATCHDOG,
+    ThreadSlot,
+    _local,
+    all_slots,
+    clear_async_exc,
+    current_slot,
+)
+from .errors import BeatBudgetExceeded, IntegrationNotStarted, InvalidArgument, OperationNotFound
+from .operations import OperationPhase
+
+if TYPE_CHECKING:
+    from .clock import BeatClock
+    from .integration import Integration
+
+__all__ = [
+    "BudgetSettings",
+    "Tracker",
+    "beat_budget",
+    "execute_with_beat_budget",
+    "track_operation",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+OnExhaust = Literal["interrupt", "raise_after", "warn"]
+ON_EXHAUST: Final = ("interrupt", "raise_after", "warn")
+DEFAULT_WARN_AT: Final = (0.5, 0.75, 0.9)
+#: An exception raised more than this long after the budget ran out is ``late``
+#: (the code was blocked in C and could not be interrupted on time).
+LATE_SECONDS: Final = 0.05
+#: After an interrupt, the watchdog checks back this long later (the owner should
+#: have claimed the failure; if the thread is blocked, the watchdog says so).
+FOLLOWUP_SECONDS: Final = 0.05
+#: Near the deadline, ``op.wait`` polls its event at most this far apart.
+WAIT_POLL_SECONDS: Final = 0.001
+#: ``op.sleep``/``op.wait`` re-time themselves at least this often (tempo changes).
+WAIT_RETIME_SECONDS: Final = 0.05
+
+_RUNNING: Any = None  # IntegrationState.RUNNING, bound lazily (import cycle)
+_seq = itertools.count(1)
+_monotonic = time.monotonic
+_sleep = time.sleep
+#: Serialises announcing and finishing budget operations (watchdog, beat thread, owners).
+_ops_lock = threading.RLock()
+_fallback_logged = False
+
+
+def _running_state() -> Any:
+    global _RUNNING
+    if _RUNNING is None:
+        from .integration import IntegrationState
+
+        _RUNNING = IntegrationState.RUNNING
+    return _RUNNING
+
+
+# -- settings ------------------------------------------------------------------------
+
+
+def _check_beats(beats: Any) -> float:
+    if (
+        isinstance(beats, bool)
+        or not isinstance(beats, (int, float))
+        or not math.isfinite(beats)
+        or beats <= 0
+    ):
+        raise InvalidArgument("beats", beats, "must be a finite number of beats > 0")
+    return float(beats)
+
+
+def _check_warn_at(warn_at: Any) -> tuple[float, ...]:
+    if warn_at is None:
+        return ()
+    try:
+        values = tuple(warn_at)
+    except TypeError:
+        raise InvalidArgument("warn_at", warn_at, "must be an iterable of fractions 0 < f < 1") from None
+    for f in values:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f < 1.0:
+            raise InvalidArgument("warn_at", warn_at, "must be an iterable of fractions 0 < f < 1")
+    return tuple(sorted({float(f) for f in values}))
+
+
+@attrs.frozen
+class BudgetSettings:
+    """The settings of a budget, checked once (at decoration, or when a block is made).
+
+    Attributes:
+        beats: the budget in beats (> 0).
+        operation_type: the claims' ``operation_type``.
+        on_exhaust: ``"interrupt"``, ``"raise_after"`` or ``"warn"``.
+        warn_at: fractions of the budget at which a warning is claimed (sorted).
+        on_warning: called as ``on_warning(tracker, fraction)`` on the budget callback thread.
+        name: operation id (``track_operation``) or id prefix (``@beat_budget``).
+        strict: raise :class:`IntegrationNotStarted` instead of running plainly.
+        integration: the integration to use; None for the process default.
+        explicit: True for ``track_operation`` (claimed from the start).
+        manual_phases: do not move to EXECUTING on entry.
+        peers: initial peer count.
+        data: attached to the operation.
+    """
+
+    beats: float = attrs.field(converter=_check_beats)
+    operation_type: str = "budget"
+    on_exhaust: str = "interrupt"
+    warn_at: tuple[float, ...] = attrs.field(default=DEFAULT_WARN_AT, converter=_check_warn_at)
+    on_warning: Callable[[Tracker, float], Any] | None = None
+    name: str | None = None
+    strict: bool = False
+    integration: Integration | None = None
+    explicit: bool = False
+    manual_phases: bool = False
+    peers: int = 0
+    data: Any = None
+    estimated: int = attrs.field(init=False)
+    first_fraction: float = attrs.field(init=False)
+
+    @estimated.default
+    def _estimated(self) -> int:
+        return max(1, math.ceil(self.beats - 1e-9))
+
+    @first_fraction.default
+    def _first(self) -> float:
+        return self.warn_at[0] if self.warn_at else 1.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.on_exhaust not in ON_EXHAUST:
+            raise InvalidArgument("on_exhaust", self.on_exhaust, f"must be one of {', '.join(ON_EXHAUST)}")
+        if not isinstance(self.operation_type, str) or not self.operation_type:
+            raise InvalidArgument("operation_type", self.operation_type, "must be a non-empty string")
+        if self.name is not None and (not isinstance(self.name, str) or not self.name):
+            raise InvalidArgument("name", self.name, "must be a non-empty string")
+        if self.on_warning is not None and not callable(self.on_warning):
+            raise InvalidArgument("on_warning", self.on_warning, "must be callable")
+        if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 0:
+            raise InvalidArgument("peers", self.peers, "must be an integer >= 0")
+
+
+# -- integration hooks ------------------------------------------------------------
+
+_hooked: weakref.WeakSet[Integration] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_last_hooked: Any = None
+#: The last hooked integration's clock reads the system monotonic clock, so the
+#: hot path may read the clock's state tuple directly (``BeatClock.budget_position``).
+_fast_clock = False
+_new = object.__new__
+
+
+def _hook(integration: Integration) -> None:
+    """Once per integration: announce budget calls at each beat; wake the watchdog on frames."""
+    global _last_hooked, _fast_clock
+    with _hook_lock:
+        if integration not in _hooked:
+            ref = weakref.ref(integration)
+            integration._add_beat_hook(lambda frame: _announce_running(ref))
+            integration._add_frame_listener(WATCHDOG.notify_only)
+            _hooked.add(integration)
+        _fast_clock = integration.clock.time_source is SYSTEM_TIME
+        _last_hooked = integration
+
+
+def _announce_running(ref: weakref.ref[Integration]) -> None:
+    """Beat hook: budget calls still running at this beat are claimed from now on."""
+    integration = ref()
+    if integration is None:
+        return
+    with _ops_lock:
+        for slot in all_slots():
+            for t in list(slot.live):
+                if t.integration is integration and not t.announced and t.fired == ARMED:
+                    t._announce()
+
+
+def _resolve(integration: Integration | None) -> Integration | None:
+    i = integration if integration is not None else _defaults._default
+    if i is None or i._state is not _running_state():
+        return None
+    return i
+
+
+def _log_fallback(what: str) -> None:
+    global _fallback_logged
+    if not _fallback_logged:
+        _fallback_logged = True
+        logger.warning(
+            f"BACKBEAT integration not started: {what} runs without a beat budget (the seed's fallback)"
+        )
+
+
+# -- the tracker ----------------------------------------------------------------------
+
+
+class Tracker:
+    """One budgeted call or block: its budget, its operation, its claims.
+
+    Made by :func:`track_operation` (explicit operation, a context manager) or
+    per call by :func:`beat_budget` / :func:`execute_with_beat_budget`.
+
+    Example:
+        >>> import backbeat_sync as bb
+        >>> cfg = bb.BackbeatConfig(cluster_id="dev", agent_id="doc", nats_url="local://tracker-doc",
+        ...                         tempo_bpm=600)
+        >>> with bb.Integration(cfg, node_id="n1") as integration:
+        ...     @bb.beat_budget(8, integration=integration)
+        ...     def store(key: str) -> str:
+        ...         return key.upper()
+        ...     with bb.track_operation("dht-store-k", "dht_store", beats=8, peers=3,
+        ...                             integration=integration) as op:
+        ...         op.set_phase(bb.OperationPhase.EXECUTING, peers=5)
+        ...         op.check()
+        ...         store("k")
+        'K'
+    """
+
+    # Hot fields are slots, set on every call. The rest live in a lazily made
+    # ``__dict__`` and default to the class attributes below, so a call that
+    # starts and ends between two events pays for seven stores, not twenty.
+    __slots__ = ("__dict__", "clock", "event_pos", "integration", "seq", "settings", "slot", "start_pos")
+
+    settings: BudgetSettings
+    integration: Integration | None
+    clock: BeatClock
+    slot: ThreadSlot
+    seq: int
+    start_pos: float
+    event_pos: float
+
+    announced: bool = False  #: its operation is in the registry (claimed)
+    done: bool = False  #: the owner has left (slow path; the fast path just leaves ``slot.live``)
+    finished: bool = False  #: its operation is completed or failed
+    outcome: BaseException | None = None  #: the exception the owner left with
+    exhausted: bool = False  #: ran out without being interrupted (raise_after, warn, suspect)
+    fired: int = ARMED  #: who won the budget and how (``_watchdog`` states)
+    delivered: bool = False  #: its exception has been raised in the owner thread
+    promoted: bool = False  #: the watchdog has it in its heap
+    next_i: int = 0  #: index of the next warning (len(warn_at): exhaustion; more: follow-up)
+    exc: BaseException | None = None  #: the exception raised for it
+    exc_class: Any = None  #: the class set asynchronously (made when it fires)
+    fired_at: float = 0.0  #: monotonic time it fired
+    followup_noted: bool = False
+    peers: int = 0
+    start_beat: int = 0
+
+    def __init__(self, settings: BudgetSettings, integration: Integration | None) -> None:
+        self.settings = settings
+        self.integration = integration
+        self.seq = next(_seq)
+        self.peers = settings.peers
+        self.start_pos = 0.0
+        self.event_pos = 0.0
+
+    @property
+    def deadline(self) -> float:
+        """The budget position at which the budget runs out."""
+        return self.start_pos + self.settings.beats
+
+    # -- public face -------------------------------------------------------------
+
+    @property
+    def operation_id(self) -> str:
+        """The operation id (the claims' ``task_id``)."""
+        s = self.settings
+        if s.explicit:
+            return cast(str, s.name)
+        return f"{s.name}-{self.seq}"
+
+    @property
+    def budget_beats(self) -> float:
+        """The budget, in beats."""
+        return self.settings.beats
+
+    @property
+    def beats_used(self) -> float:
+        """Beats elapsed since the budget started (0.0 when running without an integration)."""
+        if self.integration is None:
+            return 0.0
+        return max(0.0, self.clock.budget_position() - self.start_pos)
+
+    @property
+    def beats_left(self) -> float:
+        """Beats left before the budget runs out (never negative)."""
+        return max(0.0, self.settings.beats - self.beats_used)
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the budget used, 0.0 to 1.0."""
+        return min(1.0, self.beats_used / self.settings.beats)
+
+    @property
+    def spent(self) -> bool:
+        """Whether the budget has run out."""
+        return self.integration is not None and self.beats_used >= self.settings.beats
+
+    def set_phase(self, phase: OperationPhase | str, peers: int | None = None) -> None:
+        """Move the operation to a later phase and claim it (forward only).
+
+        Args:
+            phase: STARTED, CONNECTING, NEGOTIATING or EXECUTING (or its name); leaving
+                the block completes or fails the operation.
+            peers: the peer count now (unchanged if None).
+
+        Raises:
+            InvalidArgument: not an active phase, or ``peers`` is not an integer >= 0.
+            InvalidPhaseTransition: ``phase`` is behind the current phase.
+        """
+        try:
+            target = OperationPhase.coerce(phase)
+        except ValueError as exc:
+            raise InvalidArgument("phase", phase, str(exc)) from None
+        if target.is_final:
+            raise InvalidArgument("phase", phase, "leave the block to complete or fail the operation")
+        if peers is not None and (isinstance(peers, bool) or not isinstance(peers, int) or peers < 0):
+            raise InvalidArgument("peers", peers, "must be an integer >= 0")
+        if peers is not None:
+            self.peers = peers
+        integration = self.integration
+        if integration is None:
+            return
+        slot = self.slot
+        slot.shield += 1
+        try:
+            with _ops_lock:
+                self._announce()
+                if not self.finished:
+                    integration.registry.set_phase(self.operation_id, target, peers)
+        finally:
+            _unshield(slot)
+
+    def check(self) -> None:
+        """Raise :class:`BeatBudgetExceeded` if the budget has run out (any ``on_exhaust``).
+
+        Raises:
+            BeatBudgetExceeded: the budget is spent.
+        """
+        if self.integration is None or self.done:
+            return
+        slot = self.slot
+        slot.shield += 1
+        err: BaseException | None = None
+        try:
+            _absorb_pending(slot)
+            err = self._take_over(check=True)
+        finally:
+            _unshield(slot)
+        if err is not None:
+            raise err
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until the budget runs out, whichever is first.
+
+        Raises:
+            BeatBudgetExceeded: the budget ran out (``on_exhaust="interrupt"``); with
+                ``"raise_after"`` or ``"warn"`` it returns early instead.
+        """
+        self._wait(None, seconds)
+
+    def wait(self, event: threading.Event, timeout: float | None = None) -> bool:
+        """Wait for ``event`` like ``event.wait(timeout)``, returning early when the budget runs out.
+
+        Returns:
+            True if the event is set.
+
+        Raises:
+            BeatBudgetExceeded: the budget ran out (``on_exhaust="interrupt"``).
+        """
+        return self._wait(event, timeout)
+
+    def __enter__(self) -> Tracker:
+        integration = self.integration
+        if integration is None:
+            return self
+        slot = current_slot()
+        self.slot = slot
+        slot.shield += 1
+        try:
+            _absorb_pending(slot)
+            if slot.sync is None:
+                s = self.settings
+                op = integration._new_operation(s.name or "", s.operation_type, s.estimated, s.data)
+                op.peer_count = s.peers
+                integration.registry.add(op)
+                self.announced = True
+                self.start_beat = op.start_beat
+                if not s.manual_phases:
+                    integration.registry.set_phase(op.id, OperationPhase.EXECUTING)
+                self._arm(slot)
+                WATCHDOG.push(self)
+                if self._first_event_time() < WATCHDOG.next_wake:
+                    WATCHDOG.notify()
+        except BaseException:
+            _unshield(slot)
+            raise
+        slot.shield -= 1
+        if slot.shield == 0 and slot.sync is not None:
+            if self.announced:  # an outer budget ran out while we registered: undo, then raise it
+                self.done = True
+                slot.live.pop(self, None)
+                self._finish(OperationPhase.FAILED, "interrupted by an outer beat budget")
+            _raise_sync(slot)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.integration is None:
+            return
+        slot = self.slot
+        slot.shield += 1
+        err = self._leave(slot, exc, None)
+        if err is not None:
+            raise err
+
+    def __repr__(self) -> str:
+        return (
+            f"<Tracker {self.settings.name} budget={self.settings.beats:g} beats"
+            f" on_exhaust={self.settings.on_exhaust}>"
+        )
+
+    # -- engine (owner thread) ---------------------------------------------------
+
+    def _arm(self, slot: ThreadSlot) -> None:
+        clock = self.clock = cast("Integration", self.integration).clock
+        start = self.start_pos = clock.budget_position()
+        self.event_pos = start + self.settings.beats * self.settings.first_fraction
+        slot.live[self] = True
+
+    def _first_event_time(self) -> float:
+        return _monotonic() + max(0.0, self.clock.seconds_until(self.event_pos))
+
+    def _wait(self, event: threading.Event | None, timeout: float | None) -> bool:
+        integration = self.integration
+        if integration is None:
+            if event is None:
+                _sleep(timeout or 0.0)
+                return False
+            return event.wait(timeout)
+        slot = self.slot
+        end = None if timeout is None else _monotonic() + max(0.0, timeout)
+        slot.shield += 1
+        err: BaseException | None = None
+        result = False
+        try:
+            _absorb_pending(slot)
+            slot.kick.clear()
+            while True:
+                if event is not None and event.is_set():
+                    result = True
+                    break
+                if slot.sync is not None:
+                    break
+                if self.exhausted and self.settings.on_exhaust != "interrupt":
+                    break
+                if self.fired != ARMED:
+                    err = self._take_over(check=False)
+                    break
+                until = self.clock.seconds_until(self.deadline)
+                if until <= 0:
+                    err = self._take_over(check=False, force=True)
+                    break
+                step = min(until, WAIT_RETIME_SECONDS)
+                if end is not None:
+                    remaining = end - _monotonic()
+                    if remaining <= 0:
+                        break
+                    step = min(step, remaining)
+                if event is None:
+                    slot.kick.wait(step)
+                else:
+                    event.wait(min(step, max(WAIT_POLL_SECONDS, until - WAIT_POLL_SECONDS)))
+        finally:
+            _unshield(slot)
+        if err is not None:
+            raise err
+        return result
+
+    def _take_over(self, *, check: bool, force: bool = False) -> BaseException | None:
+        """With the shield up: the exception to raise now if the budget is spent, else None.
+
+        ``check``: called by ``check()`` (raises in every mode); else by a wait, which
+        only raises with ``on_exhaust="interrupt"``. ``force``: the budget is known spent.
+        """
+        slot = self.slot
+        if self.fired == ARMED:
+            if not (force or self.spent):
+                return None
+            if not check and self.settings.on_exhaust != "interrupt":
+                self.exhausted = True
+                return None
+            if slot.live.pop(self, None) is not None:
+                self.fired = OWNER
+                self.fired_at = _monotonic()
+                return self._sync_exc(None)
+            while self.fired == ARMED:  # the watchdog won: wait for its decision
+                _sleep(0)
+            _absorb_pending(slot)
+        if self.fired in (SYNC, OWNER) and not self.delivered:
+            if slot.sync is self:
+                slot.sync = None
+            return self._sync_exc(None)
+        return None
+
+    def _leave(
+        self, slot: ThreadSlot, exc: BaseException | None, result: Any, *, won: bool = False
+    ) -> BaseException | None:
+        """Leave the budget (shield already raised). Returns the exception to raise, if any.
+
+        ``won``: the caller already removed the tracker from ``slot.live`` itself.
+        """
+        try:
+            _absorb_pending(slot)
+            self.outcome = exc
+            if not won:
+                won = slot.live.pop(self, None) is not None
+            if not won:
+                while self.fired == ARMED:  # the watchdog won and is deciding how to deliver
+                    _sleep(0)
+                _absorb_pending(slot)
+            self.done = True
+            if slot.live:
+                _drop_stale(slot, self.seq)
+            barrier = slot.barrier
+            if barrier is not None and barrier[0] >= self.seq:
+                slot.barrier = None
+            err: BaseException | None = None
+            fired = self.fired
+            if fired == ARMED:
+                if self.exhausted and exc is None and self.settings.on_exhaust != "warn":
+                    err = self._sync_exc(result)
+            elif not self.delivered:  # SYNC (handed over, or cleared before it landed)
+                if slot.sync is self:
+                    slot.sync = None
+                err = self._sync_exc(result)
+            self._settle(err or exc)
+            return err
+        finally:
+            _unshield(slot)
+
+    def _settle(self, exc: BaseException | None) -> None:
+        """Final bookkeeping of the owner: complete, or fail with the reason."""
+        s = self.settings
+        spent_ours = exc is not None and exc is self.exc
+        if exc is None and self.fired == ARMED and not (self.exhausted and s.on_exhaust != "warn"):
+            if self.announced:
+                with _ops_lock:
+                    self._finish(OperationPhase.COMPLETED, None)
+            return
+        if spent_ours or (self.fired != ARMED and exc is None):
+            reason = self._spent_reason(self.exc)
+            self._count_spent(self.exc)
+        elif exc is not None:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            reason = self._spent_reason(None)
+        with _ops_lock:
+            self._announce()
+            self._finish(OperationPhase.FAILED, reason)
+
+    def _spent_reason(self, exc: BaseException | None) -> str:
+        if isinstance(exc, BeatBudgetExceeded):
+            used, late, over = exc.beats_used, exc.late, exc.beats_over
+        else:
+            used, late, over = self.settings.beats, False, 0.0
+        reason = f"beat budget exceeded: used {used:.2f} of {self.settings.beats:g} beats"
+        if late:
+            reason += f" (late by {over:.2f} beats)"
+        return reason
+
+    def _count_spent(self, exc: BaseException | None) -> None:
+        integration = cast("Integration", self.integration)
+        mode = self.settings.on_exhaust
+        if mode == "interrupt":
+            late = isinstance(exc, BeatBudgetExceeded) and exc.late
+            integration.count(
+                "budget_exhausted_interrupt_late" if late else "budget_exhausted_interrupt_interrupted"
+            )
+        elif mode == "raise_after":
+            integration.count("budget_exhausted_raise_after")
+
+    def _sync_exc(self, result: Any) -> BeatBudgetExceeded:
+        """The exception, raised by the owner itself (it could not be, or was not, set asynchronously)."""
+        exc = BeatBudgetExceeded(**self._exc_fields(), result=result)
+        self.delivered = True
+        self.exc = exc
+        return exc
+
+    def _exc_fields(self) -> dict[str, Any]:
+        pos = self.clock.budget_position()
+        fired_at = self.fired_at
+        late = fired_at > 0 and _monotonic() - fired_at > LATE_SECONDS
+        return {
+            "operation_id": self.operation_id,
+            "budget_beats": self.settings.beats,
+            "beats_used": max(0.0, pos - self.start_pos),
+            "beats_over": max(0.0, pos - self.deadline),
+            "late": late,
+        }
+
+    # -- operations and claims (any thread, under _ops_lock) ------------------------
+
+    def _announce(self) -> None:
+        """Register the operation if it is not yet (light calls), claiming it."""
+        if self.announced or self.finished:
+            return
+        integration = cast("Integration", self.integration)
+        s = self.settings
+        op = integration._new_operation(self.operation_id, s.operation_type, s.estimated, s.data)
+        op.phase = OperationPhase.EXECUTING
+        op.peer_count = self.peers
+        clock = self.clock
+        beats_ago = max(0, math.floor(clock.budget_position() - self.start_pos))
+        op.start_beat = max(0, clock.current_beat - beats_ago)
+        try:
+            integration.registry.add(op)
+        except Exception as exc:  # a duplicate user-chosen name: record, never raise here
+            integration.record_error(f"budget operation not claimed: {exc}")
+            self.finished = True
+            return
+        self.announced = True
+        if self.fired == ARMED and self.outcome is None and (self.done or self not in self.slot.live):
+            self._finish(OperationPhase.COMPLETED, None)  # the owner left meanwhile (fast path)
+
+    def _finish(self, phase: OperationPhase, reason: str | None) -> None:
+        if self.finished or not self.announced:
+            self.finished = True
+            return
+        self.finished = True
+        try:
+            cast("Integration", self.integration).registry.finish(
+                self.operation_id, phase, peer_count=self.peers, reason=reason
+            )
+        except OperationNotFound:  # stop() failed it already
+            pass
+
+    def _note(self, notes: str) -> None:
+        with _ops_lock:
+            self._announce()
+            if not self.finished:
+                cast("Integration", self.integration).emit_operation_note(self.operation_id, notes)
+
+    # -- watchdog thread ------------------------------------------------------------
+
+    def on_event(self, pos_now: float, now: float) -> float | None:
+        """Watchdog: handle the event due now; return the next event position, or None."""
+        s = self.settings
+        n = len(s.warn_at)
+        i = self.next_i
+        if i > n:
+            return self._followup(pos_now)
+        if self.done or self.fired != ARMED or self not in self.slot.live:
+            return None
+        if i < n:
+            self.next_i = i + 1
+            self._warn(s.warn_at[i], pos_now)
+            return self.start_pos + s.beats * s.warn_at[i + 1] if i + 1 < n else self.deadline
+        return self._exhaust(pos_now, now)
+
+    def _warn(self, fraction: float, pos_now: float) -> None:
+        integration = cast("Integration", self.integration)
+        s = self.settings
+        left = max(0.0, self.deadline - pos_now)
+        self._note(
+            f"beat budget warning: {fraction:.0%} of {s.beats:g} beats used,"
+            f" {left:.2f} beats left (type: {s.operation_type})"
+        )
+        integration.count("budget_warnings")
+        integration.log.warn(
+            f"BACKBEAT budget warning: {self.operation_id} used {fraction:.0%} of {s.beats:g} beats"
+        )
+        cb = s.on_warning
+        if cb is not None:
+            WATCHDOG.run_callback(lambda: cb(self, fraction))
+
+    def _exhaust(self, pos_now: float, now: float) -> float | None:
+        integration = cast("Integration", self.integration)
+        s = self.settings
+        used = f"used {pos_now - self.start_pos:.2f} of {s.beats:g} beats"
+        if s.on_exhaust == "interrupt":
+            self.fired_at = now
+            if self.exc_class is None:
+                self.exc_class = _exc_class_for(self)
+            how = WATCHDOG.deliver(self)
+            if how == "lost":
+                return None
+            if how == "retry":
+                return pos_now + _beats(self.clock, 0.0005)
+            if how == "suspect":  # an outer budget's exception is unwinding: raise at exit instead
+                self.exhausted = True
+                self._note(f"beat budget exceeded: {used}; raised when the block exits")
+                return None
+            self.next_i = len(s.warn_at) + 1
+            self._note(f"beat budget exceeded: {used}; interrupting")
+            integration.log.warn(f"BACKBEAT budget exceeded: {self.operation_id} {used}; interrupting")
+            return pos_now + _beats(self.clock, FOLLOWUP_SECONDS)
+        self.exhausted = True
+        if s.on_exhaust == "warn":
+            integration.count("budget_exhausted_warn")
+            self._note(f"beat budget exceeded: {used} (warn only)")
+        else:
+            self._note(f"beat budget exceeded: {used}; raised when the call returns")
+        integration.log.warn(f"BACKBEAT budget exceeded: {self.operation_id} {used} ({s.on_exhaust})")
+        return None
+
+    def _followup(self, pos_now: float) -> float | None:
+        """Watchdog, after an interrupt: make sure the failure is claimed."""
+        if self.finished:
+            return None
+        if self.delivered:
+            if self.done:
+                return None  # the owner is finishing it
+            # The exception landed but the owner's exit code did not run (it landed on
+            # the first instruction of ``__exit__``) or is still inside the block.
+            exc = self.exc
+            self._count_spent(exc)
+            with _ops_lock:
+                self._announce()
+                self._finish(OperationPhase.FAILED, self._spent_reason(exc))
+            return None
+        if not self.followup_noted:
+            self.followup_noted = True
+            used = pos_now - self.start_pos
+            self._note(
+                f"beat budget exceeded: used {used:.2f} of {self.settings.beats:g} beats;"
+                " blocked, raised when the blocking call returns"
+            )
+        return pos_now + 1.0
+
+
+def _beats(clock: BeatClock, seconds: float) -> float:
+    return seconds / clock.beat_duration
+
+
+# -- the exception delivered asynchronously ---------------------------------------
+
+
+def _exc_class_for(t: Tracker) -> type[BeatBudgetExceeded]:
+    """A subclass of BeatBudgetExceeded whose no-argument ``__init__`` fills in ``t``'s figures.
+
+    ``PyThreadState_SetAsyncExc`` raises a class; CPython instantiates it in the
+    target thread when it lands, so ``__init__`` also records the delivery.
+    """
+
+    def __init__(self: BeatBudgetExceeded, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:  # pickling, copying: behave like the base class
+            BeatBudgetExceeded.__init__(self, *args, **kwargs)
+            return
+        t.delivered = True
+        BeatBudgetExceeded.__init__(self, **t._exc_fields())
+        t.exc = self
+        slot = t.slot
+        if slot.pending is t:
+            slot.pending = None
+
+    def __reduce__(self: BeatBudgetExceeded) -> Any:
+        return (
+            _rebuild,
+            (self.operation_id, self.budget_beats, self.beats_used, self.beats_over, self.late, self.result),
+        )
+
+    return type(
+        "BeatBudgetExceeded",
+        (BeatBudgetExceeded,),
+        {
+            "__init__": __init__,
+            "__reduce__": __reduce__,
+            "__module__": BeatBudgetExceeded.__module__,
+            "__qualname__": BeatBudgetExceeded.__qualname__,
+        },
+    )
+
+
+def _rebuild(
+    operation_id: str, budget: float, used: float, over: float, late: bool, result: Any
+) -> BeatBudgetExceeded:
+    return BeatBudgetExceeded(operation_id, budget, used, beats_over=over, late=late, result=result)
+
+
+# -- shield helpers (owner thread) ------------------------------------------------
+
+
+def _absorb_pending(slot: ThreadSlot) -> None:
+    """With the shield up: an exception set before it went up is cleared and made synchronous."""
+    p = slot.pending
+    if p is not None and not p.delivered:
+        clear_async_exc(slot.tid)
+        slot.pending = None
+        p.fired = SYNC
+        if slot.sync is None:
+            slot.sync = p
+
+
+def _unshield(slot: ThreadSlot) -> None:
+    slot.shield -= 1
+    if slot.shield == 0 and slot.sync is not None:
+        _raise_sync(slot)
+
+
+def _raise_sync(slot: ThreadSlot) -> None:
+    """Raise, in the owner thread, a budget exception the watchdog handed over."""
+    t = slot.sync
+    slot.sync = None
+    if t is None or t.delivered:
+        return
+    raise t._sync_exc(None)
+
+
+def _drop_stale(slot: ThreadSlot, seq: int) -> None:
+    """Budgets entered after ``seq`` that are still armed were left without their exit code."""
+    for t in list(slot.live):
+        if t.seq > seq and slot.live.pop(t, None) is not None:
+            t.done = True
+            t.fired = OWNER
+            t.delivered = True
+            t._settle(RuntimeError("left without its exit (an exception landed on its first instruction)"))
+
+
+# -- the two faces ----------------------------------------------------------------------
+
+
+def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
+    """The engine behind ``@beat_budget`` and ``execute_with_beat_budget``: one light tracker per call.
+
+    Returns ``run(wrapped, instance, args, kwargs)`` (wrapt's wrapper signature).
+    The integration is resolved at each call. This path is kept short on purpose
+    (issue 7: a few hundred nanoseconds), so it inlines what ``Tracker._arm`` does.
+    """
+    fixed = settings.integration
+    strict = settings.strict
+    name = settings.name
+    beats = settings.beats
+    first = beats * settings.first_fraction
+    running = _running_state()
+
+    def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        integration = fixed if fixed is not None else _defaults._default
+        if integration is None or integration._state is not running:
+            if strict:
+                raise IntegrationNotStarted(f"@beat_budget(strict=True) on {name}")
+            if not _fallback_logged:
+                _log_fallback(f"{name}()")
+            return wrapped(*args, **kwargs)
+        if integration is not _last_hooked:
+            _hook(integration)
+        try:
+            slot = _local.slot
+        except AttributeError:
+            slot = current_slot()
+        t = _new(Tracker)
+        t.settings = settings
+        t.integration = integration
+        t.seq = next(_seq)
+        clock = t.clock = integration._clock
+        if _fast_clock:
+            idx, t0, spb, off = clock._state
+            now = _monotonic()
+            start = idx + off + (now - t0) / spb
+        else:
+            start = clock.budget_position()
+            now, spb = _monotonic(), clock.beat_duration
+        t.start_pos = start
+        t.event_pos = start + first
+        t.slot = slot
+        slot.live[t] = True
+        slot.fresh = True
+        if now + first * spb < WATCHDOG.next_wake:
+            WATCHDOG.notify()
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            slot.shield += 1
+            err = t._leave(slot, exc, None)
+            if err is not None:
+                raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
+            raise
+        slot.shield += 1
+        if slot.pending is None and slot.live.pop(t, None) is not None:
+            if t.announced or t.exhausted or slot.live:
+                err = t._leave(slot, None, result, won=True)
+                if err is not None:
+                    raise err
+                return result
+            slot.shield -= 1
+            if slot.sync is not None and slot.shield == 0:
+                _raise_sync(slot)
+            return result
+        err = t._leave(slot, None, result)
+        if err is not None:
+            raise err
+        return result
+
+    return run
+
+
+def execute_with_beat_budget(
+    integration: Integration | None, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
+
+    Args:
+        integration: the integration (None: the process default).
+        beats: the budget, in beats (> 0).
+        fn: what to run.
+        *args: positional arguments for ``fn``.
+        **kwargs: keyword arguments for ``fn``.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        BeatBudgetExceeded: the budget ran out while ``fn`` ran.
+        InvalidArgument: ``beats`` is not a number > 0, or ``fn`` is not callable.
+    """
+    if not callable(fn):
+        raise InvalidArgument("fn", fn, "must be callable")
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    settings = BudgetSettings(beats, name=name, integration=integration)
+    return cast(T, _runner(settings)(fn, None, args, kwargs))
+
+
+def track_operation(
+    operation_id: str,
+    operation_type: str,
+    *,
+    beats: float,
+    peers: int = 0,
+    integration: Integration | None = None,
+    on_exhaust: OnExhaust = "interrupt",
+    warn_at: Iterable[float] | None = DEFAULT_WARN_AT,
+    data: Any = None,
+    manual_phases: bool = False,
+    on_warning: Callable[[Tracker, float], Any] | None = None,
+    strict: bool = False,
+) -> Tracker:
+    """Track a block as the seed's explicit operation, with a beat budget.
+
+    Entering registers the operation (STARTED, claimed) and moves it to EXECUTING
+    (claimed) unless ``manual_phases``; leaving normally completes it (``done``
+    claimed); leaving by an exception fails it with the exception as reason, and
+    the exception propagates. With no started integration the block runs plainly
+    (logged once) and the handle's methods do nothing.
+
+    Args:
+        operation_id: unique id (the claims' ``task_id``).
+        operation_type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery`` or a user type.
+        beats: the budget, in beats (> 0).
+        peers: initial peer count.
+        integration: the integration (None: the process default).
+        on_exhaust: ``"interrupt"`` (raise :class:`BeatBudgetExceeded` inside the block),
+            ``"raise_after"`` (raise it when the block ends) or ``"warn"`` (claim and log).
+        warn_at: fractions of the budget at which a warning is claimed and ``on_warning`` runs.
+        data: kept with the operation.
+        manual_phases: stay in STARTED; move phases with ``op.set_phase``.
+        on_warning: ``on_warning(op, fraction)``, on the budget callback thread.
+        strict: raise :class:`IntegrationNotStarted` instead of running plainly.
+
+    Returns:
+        The tracker, a context manager (``with track_operation(...) as op:``).
+
+    Raises:
+        InvalidArgument: an argument is out of range.
+        IntegrationNotStarted: ``strict`` and no started integration.
+    """
+    if not isinstance(operation_id, str) or not operation_id:
+        raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
+    settings = BudgetSettings(
+        beats,
+        operation_type=str(operation_type) if operation_type else operation_type,
+        on_exhaust=on_exhaust,
+        warn_at=warn_at,
+        on_warning=on_warning,
+        name=operation_id,
+        strict=strict,
+        integration=integration,
+        explicit=True,
+        manual_phases=manual_phases,
+        peers=peers,
+        data=data,
+    )
+    resolved = _resolve(integration)
+    if resolved is None:
+        if strict:
+            raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
+        _log_fallback(f"operation {operation_id}")
+    else:
+        _hook(resolved)
+    return Tracker(settings, resolved)
+
+
+def beat_budget(
+    beats: float,
+    *,
+    integration: Integration | None = None,
+    operation_type: str = "budget",
+    on_exhaust: OnExhaust = "interrupt",
+    warn_at: Iterable[float] | None = DEFAULT_WARN_AT,
+    name: str | None = None,
+    on_warning: Callable[[Tracker, float], Any] | None = None,
+    strict: bool = False,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Give every call of the decorated function a budget of ``beats`` beats.
+
+    Works on functions, methods, classmethods and staticmethods (via wrapt); the
+    signature survives. Each call runs in a fresh tracker: it is claimed only if
+    it is still running at a beat, gets a warning, runs out or fails. The
+    integration is resolved at call time; with none started the call runs
+    plainly (logged once), or raises with ``strict=True``.
+
+    Args:
+        beats: the budget, in beats (> 0).
+        integration: the integration (None: the process default).
+        operation_type: the claims' ``operation_type``.
+        on_exhaust: ``"interrupt"``, ``"raise_after"`` or ``"warn"`` (see :func:`track_operation`).
+        warn_at: fractions of the budget at which a warning is claimed.
+        name: operation id prefix (default: the function's qualified name); ids are ``{name}-{n}``.
+        on_warning: ``on_warning(tracker, fraction)``, on the budget callback thread.
+        strict: raise :class:`IntegrationNotStarted` when no integration is started.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        TypeError: (at decoration) the target is an ``async def`` or generator function.
+        InvalidArgument: an argument is out of range.
+
+    Example:
+        >>> from backbeat_sync import beat_budget
+        >>> @beat_budget(3)
+        ... def store(key: str, value: bytes) -> int:
+        ...     return len(value)
+        >>> store("k", b"abc")   # no integration started: runs plainly
+        3
+    """
+    base = BudgetSettings(
+        beats,
+        operation_type=operation_type,
+        on_exhaust=on_exhaust,
+        warn_at=warn_at,
+        on_warning=on_warning,
+        name=name,
+        strict=strict,
+        integration=integration,
+    )
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        target = getattr(func, "__func__", func)
+        if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+            raise TypeError(
+                f"@beat_budget cannot budget async function {getattr(target, '__qualname__', target)!r}:"
+                " the budget would end when the coroutine is created, not when it finishes"
+            )
+        if inspect.isgeneratorfunction(target):
+            raise TypeError(
+                f"@beat_budget cannot budget generator function {getattr(target, '__qualname__', target)!r}:"
+                " its body runs after the call returns, outside the budget"
+            )
+        if not callable(target):
+            raise TypeError(f"@beat_budget needs a function, not {type(func).__name__}")
+        settings = base if base.name else attrs.evolve(base, name=getattr(target, "__qualname__", "call"))
+        return cast("Callable[P, R]", wrapt.decorator(_runner(settings))(func))
+
+    return decorate
