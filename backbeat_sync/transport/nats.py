@@ -247,6 +247,7 @@ class NatsLink:
         self._last_error = ""
         self._bg_error_reported = False
         self._errors_total = 0
+        self._last_loop_error = float("-inf")
 
     def _url_passwords(self) -> list[str]:
         from urllib.parse import urlsplit
@@ -387,6 +388,7 @@ class NatsLink:
 
     def _run_loop(self, loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
         asyncio.set_event_loop(loop)
+        loop.set_exception_handler(self._loop_exception)
         self._connected_evt = asyncio.Event()
         self._fatal = loop.create_future()
         loop.call_soon(ready.set)
@@ -403,6 +405,17 @@ class NatsLink:
                 loop.run_until_complete(loop.shutdown_default_executor())  # getaddrinfo threads
             finally:
                 loop.close()
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Unhandled errors in nats-py's background tasks: one line each, never a traceback."""
+        if self._closing:
+            return
+        exc = context.get("exception")
+        detail = describe_error(exc) if isinstance(exc, BaseException) else str(context.get("message"))
+        now = self._time.monotonic()
+        if now - self._last_loop_error >= 5.0:
+            self._last_loop_error = now
+            self._report(TransportEvent.ERROR, f"NATS client task failed: {detail}")
 
     def call_soon(self, fn: Callable[[], Any]) -> bool:
         """Schedule ``fn()`` on the loop thread from any thread. Returns False if the loop is gone."""
