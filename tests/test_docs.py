@@ -81,8 +81,7 @@ def test_mkdocs_build_is_strict_clean(tmp_path: Path) -> None:
             "-m",
             "mkdocs",
             "build",
-            "--strict",
-            "-q",
+            "--strict",  # no -q: it hides the warnings that --strict turns into a failure
             "-f",
             str(ROOT / "mkdocs.yml"),
             "-d",
