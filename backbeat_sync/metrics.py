@@ -41,6 +41,7 @@ __all__ = [
     "BEAT_HANDLING_BUCKETS",
     "COUNTERS",
     "DRIFT_STATES",
+    "EXHAUSTION_KEYS",
     "GAUGES",
     "BackbeatMetrics",
     "MetricsServer",
@@ -86,7 +87,19 @@ COUNTERS: Final[dict[str, tuple[str, str]]] = {
     "reconnect_count": ("backbeat_reconnects", "Times the NATS connection was re-established."),
     "callback_errors": ("backbeat_callback_errors", "User callbacks that raised."),
     "callbacks_dropped": ("backbeat_callbacks_dropped", "User callback calls dropped (queue full)."),
+    "budget_warnings": ("backbeat_budget_warnings", "Beat budget warnings (each warn_at fraction reached)."),
 }
+
+#: (mode, outcome) of ``backbeat_budget_exhaustions_total`` -> the budget engine's health key.
+#: ``interrupted``: the exception landed on time; ``late``: the code was blocked in C and it
+#: landed when the call returned; ``ran_on``: the mode lets the code run to its end.
+EXHAUSTION_KEYS: Final[dict[tuple[str, str], str]] = {
+    ("interrupt", "interrupted"): "budget_exhausted_interrupt_interrupted",
+    ("interrupt", "late"): "budget_exhausted_interrupt_late",
+    ("raise_after", "ran_on"): "budget_exhausted_raise_after",
+    ("warn", "ran_on"): "budget_exhausted_warn",
+}
+_KNOWN_BUDGET_KEYS: Final = frozenset({"budget_warnings", *EXHAUSTION_KEYS.values()})
 
 #: Health key -> (gauge name, help text). Booleans are exported as 0 or 1.
 GAUGES: Final[dict[str, tuple[str, str]]] = {
@@ -133,9 +146,10 @@ class BackbeatMetrics:
     scrape time, plus the ``backbeat_beat_handling_seconds`` histogram. Get the
     one of a registry with :meth:`for_registry` (or just call :func:`instrument`).
 
-    Health keys exported: see :data:`COUNTERS` and :data:`GAUGES`; every integer
-    health key starting ``budget_`` (counted by the budget engine) becomes the
-    counter ``backbeat_<key>_total``; ``tempo_drift`` becomes
+    Health keys exported: see :data:`COUNTERS` and :data:`GAUGES`; the budget
+    engine's exhaustion counts become ``backbeat_budget_exhaustions_total{mode,
+    outcome}`` (:data:`EXHAUSTION_KEYS`), and any other integer health key
+    starting ``budget_`` the counter ``backbeat_<key>_total``; ``tempo_drift`` becomes
     ``backbeat_tempo_drift{drift=...}`` (1 for the current class, 0 for the
     others) and, once measured, ``backbeat_tempo_drift_ratio``.
 
@@ -277,12 +291,24 @@ class BackbeatMetrics:
         yield drift
         yield ratio
         yield info
+        exhaustions = core.CounterMetricFamily(
+            "backbeat_budget_exhaustions",
+            "Beat budgets that ran out, by on_exhaust mode and outcome (interrupted, late, ran_on).",
+            labels=[*labels, "mode", "outcome"],
+        )
+        for lv, health in samples:
+            for (mode, outcome), key in EXHAUSTION_KEYS.items():
+                exhaustions.add_metric([*lv, mode, outcome], float(health.get(key, 0)))
+        yield exhaustions
         budget_keys = sorted(
             {
                 k
                 for _, health in samples
                 for k, v in health.items()
-                if k.startswith("budget_") and isinstance(v, int) and not isinstance(v, bool)
+                if k.startswith("budget_")
+                and k not in _KNOWN_BUDGET_KEYS
+                and isinstance(v, int)
+                and not isinstance(v, bool)
             }
         )
         for key in budget_keys:

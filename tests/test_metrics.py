@@ -60,7 +60,7 @@ def test_counters_and_gauges_read_health_at_scrape_time(registry: CollectorRegis
         integration.start_p2p_operation("dht-store-k", "dht_store", 3)
         health = integration.get_health()
         for key, (name, _doc) in COUNTERS.items():
-            assert float(health[key]) == registry.get_sample_value(name + "_total", LABELS), key
+            assert float(health.get(key, 0)) == registry.get_sample_value(name + "_total", LABELS), key
         for key, (name, _doc) in GAUGES.items():
             assert float(health[key]) == registry.get_sample_value(name, LABELS), key
         assert registry.get_sample_value("backbeat_beats_received_total", LABELS) == 3.0
@@ -113,15 +113,57 @@ def test_histogram_counts_every_handled_beat(registry: CollectorRegistry) -> Non
     assert 0.0 <= total < 5.0
 
 
-def test_budget_health_keys_become_counters(registry: CollectorRegistry) -> None:
-    """Integer health keys starting budget_ are exported as backbeat_<key>_total counters."""
+def test_budget_warnings_and_exhaustions_by_mode_and_outcome(registry: CollectorRegistry) -> None:
+    """The budget engine's health counts become warnings and exhaustions{mode, outcome} counters."""
     with manual_integration() as (integration, _pulse, _log):
         instrument(integration, registry=registry)
-        assert None is registry.get_sample_value("backbeat_budget_warnings_total", LABELS)
-        integration.count("budget_warnings")
-        integration.count("budget_exhausted_interrupt_total", 2)
-        assert registry.get_sample_value("backbeat_budget_warnings_total", LABELS) == 1.0
-        assert registry.get_sample_value("backbeat_budget_exhausted_interrupt_total", LABELS) == 2.0
+
+        def exhaustions(mode: str, outcome: str) -> float | None:
+            return registry.get_sample_value(
+                "backbeat_budget_exhaustions_total", {**LABELS, "mode": mode, "outcome": outcome}
+            )
+
+        assert exhaustions("interrupt", "late") == 0.0
+        assert registry.get_sample_value("backbeat_budget_warnings_total", LABELS) == 0.0
+        integration.count("budget_warnings", 3)
+        integration.count("budget_exhausted_interrupt_interrupted", 2)
+        integration.count("budget_exhausted_interrupt_late")
+        integration.count("budget_exhausted_raise_after")
+        integration.count("budget_exhausted_warn", 4)
+        integration.count("budget_something_new")
+        assert registry.get_sample_value("backbeat_budget_warnings_total", LABELS) == 3.0
+        assert exhaustions("interrupt", "interrupted") == 2.0
+        assert exhaustions("interrupt", "late") == 1.0
+        assert exhaustions("raise_after", "ran_on") == 1.0
+        assert exhaustions("warn", "ran_on") == 4.0
+        assert registry.get_sample_value("backbeat_budget_something_new_total", LABELS) == 1.0
+        assert registry.get_sample_value("backbeat_budget_exhausted_warn_total", LABELS) is None
+
+
+def test_a_real_budget_exhaustion_is_counted(registry: CollectorRegistry) -> None:
+    """An interrupted @beat_budget call moves backbeat_budget_exhaustions_total{interrupt, interrupted}."""
+    import time
+
+    from backbeat_sync import BeatBudgetExceeded, beat_budget
+
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id="budget", nats_url=f"local://{unique_bus()}", tempo_bpm=3000
+    )
+    labels = {"cluster_id": "test", "agent_id": "budget", "mode": "interrupt", "outcome": "interrupted"}
+
+    @beat_budget(1)
+    def spin() -> None:
+        while True:
+            time.sleep(0.001)
+
+    with Integration(cfg, node_id="n") as integration:
+        instrument(integration, registry=registry)
+        with pytest.raises(BeatBudgetExceeded):
+            spin()
+        wait_until(
+            lambda: registry.get_sample_value("backbeat_budget_exhaustions_total", labels) == 1.0,
+            what="the exhaustion counted",
+        )
 
 
 def test_two_agents_share_a_registry_and_a_clash_is_refused(registry: CollectorRegistry) -> None:
