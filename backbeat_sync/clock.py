@@ -58,6 +58,8 @@ class FrameResult:
     observation: Observation
     missed: int = 0
     tempo_changed: bool = False
+    #: With FIRST and RESET: how far the index sequence moved (new index - previous index).
+    shift: int = 0
 
 
 @attrs.frozen
@@ -128,6 +130,9 @@ class BeatClock:
         self._tempo = float(tempo_bpm)
         self._bar = bar_length
         self._last_index = 0
+        # (last_index, epoch), swapped whole: the epoch counts lock-ons and resets, so an
+        # operation can tell which index sequence its start beat belongs to.
+        self._beat: tuple[int, int] = (0, 0)
         self._has_beat = False
         self._last_arrival = now
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=MEASURE_WINDOW)
@@ -166,6 +171,11 @@ class BeatClock:
         if now is None:
             now = self._time.monotonic()
         return (budget_position - idx - off) * spb - (now - t0)
+
+    @property
+    def beat_and_epoch(self) -> tuple[int, int]:
+        """``(current_beat, epoch)`` read together; the epoch grows at lock-on and at each pulse reset."""
+        return self._beat
 
     @property
     def current_beat(self) -> int:
@@ -282,6 +292,7 @@ class BeatClock:
         keep_budget: bool = False,
     ) -> FrameResult:
         idx, t0, spb, off = self._state
+        shift = frame.beat_index - self._last_index if keep_budget else 0
         if keep_budget:  # lock-on or resync: keep budget_position continuous
             off = idx + off + (now - t0) / spb - frame.beat_index
         tempo_changed = frame.tempo_bpm != self._tempo
@@ -290,10 +301,12 @@ class BeatClock:
         self._tempo = frame.tempo_bpm
         self._bar = frame.bar_length
         self._last_index = frame.beat_index
+        epoch = self._beat[1] + (1 if keep_budget else 0)
+        self._beat = (frame.beat_index, epoch)
         self._has_beat = True
         self._last_arrival = now
         self._received += 1
         self._arrivals.append((frame.beat_index, now))
         self._stale_run.clear()
         self._state = (float(frame.beat_index), now, 60.0 / frame.tempo_bpm, off)
-        return FrameResult(observation, missed=missed, tempo_changed=tempo_changed)
+        return FrameResult(observation, missed=missed, tempo_changed=tempo_changed, shift=shift)

@@ -369,10 +369,12 @@ class Integration:
             raise InvalidArgument("operation_type", operation_type, "must be a non-empty string")
         if not isinstance(estimated_beats, int) or isinstance(estimated_beats, bool) or estimated_beats < 1:
             raise InvalidArgument("estimated_beats", estimated_beats, "must be an integer >= 1")
+        start_beat, epoch = self._clock.beat_and_epoch
         return P2POperation(
             id=operation_id,
             type=str(operation_type),
-            start_beat=self._clock.current_beat,
+            start_beat=start_beat,
+            epoch=epoch,
             estimated_beats=estimated_beats,
             start_time=self._time.time(),
             data=data,
@@ -637,6 +639,8 @@ class Integration:
         result = self._clock.observe(frame, arrival)
         if not result.observation.accepted:
             return
+        if result.observation in (Observation.FIRST, Observation.RESET):
+            self._registry.rebase(self._clock.beat_and_epoch[1], result.shift)
         if result.observation is Observation.GAP:
             self._ratelog.warn(
                 "gap", f"BACKBEAT missed {result.missed} beat(s) before beat={frame.beat_index}"
@@ -665,7 +669,9 @@ class Integration:
         if event is TransportEvent.ERROR:
             self.record_error(f"nats error: {detail}")
         elif event is TransportEvent.DISCONNECTED:
-            self._log.warn(f"BACKBEAT disconnected from NATS: {detail}")
+            self.record_error(f"nats disconnected: {detail}")
+        elif event is TransportEvent.CLOSED:
+            self.record_error(f"nats connection closed: {detail}")
         elif event is TransportEvent.RECONNECTED:
             self._log.info(f"BACKBEAT reconnected to NATS: {detail}")
         elif event is TransportEvent.CONNECTED:

@@ -104,6 +104,8 @@ class P2POperation:
     data: Any = None
     reason: str | None = None
     announced: bool = True
+    #: The clock epoch ``start_beat`` was read in (see ``BeatClock.beat_and_epoch``).
+    epoch: int = 0
 
     @property
     def active(self) -> bool:
@@ -131,6 +133,7 @@ class OperationRegistry:
         self._emit = emit
         self._active: dict[str, P2POperation] = {}
         self._finished: dict[str, P2POperation] = {}
+        self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
 
     @property
     def lock(self) -> threading.Lock:
@@ -173,6 +176,7 @@ class OperationRegistry:
         with self._lock:
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
+            self._catch_up(op)
             self._finished.pop(op.id, None)
             self._active[op.id] = op
             if op.announced:
@@ -240,6 +244,24 @@ class OperationRegistry:
                 op.announced = True
                 self._emit(op)
             return op
+
+    def _catch_up(self, op: P2POperation) -> None:
+        while op.epoch < len(self._shifts):
+            op.start_beat += self._shifts[op.epoch]
+            op.epoch += 1
+
+    def rebase(self, epoch: int, shift: int) -> None:
+        """The clock moved to ``epoch`` with its index sequence shifted by ``shift`` (lock-on, reset).
+
+        Active operations started in earlier epochs move their ``start_beat`` by the
+        shift, so beats counted before the move still count and nothing jumps.
+        """
+        with self._lock:
+            while len(self._shifts) < epoch:
+                self._shifts.append(0)
+            self._shifts[epoch - 1] += shift
+            for op in self._active.values():
+                self._catch_up(op)
 
     def emit_now(self, operation_id: str, emit: Emit) -> bool:
         """Call ``emit(op)`` for an active operation under the lock (marks it announced).

@@ -490,3 +490,18 @@ def test_pulse_reset_is_followed_after_a_bar() -> None:
     assert health["pulse_resets"] == 1
     assert health["stale_frames"] == 4
     assert any(e.startswith("pulse reset: resynchronised to beat 13") for e in health["errors"])
+
+
+def test_operation_started_before_the_first_beat_counts_from_lock_on() -> None:
+    """An operation started before any frame counts its beats from the pulse's first beat, not from 0."""
+    with manual_integration() as (i, pulse, log):
+        i.start_p2p_operation("early", "dht_store", 3)
+        pulse.beat(7_000_000)
+        pulse.beat(7_000_001)
+        log.wait_for(lambda cs: any(c.beat_index == 7_000_001 and c.task_id == "early" for c in cs))
+    assert states(log.for_task("early")) == [
+        (0, "executing", "started", 3, 0.0),
+        (7_000_000, "executing", "started", 3, 0.0),
+        (7_000_001, "executing", "started", 2, pytest.approx(1 / 3)),
+        (7_000_001, "failed", "failed", 0, 0.0),
+    ]

@@ -144,3 +144,15 @@ def test_emit_active_skips_finished_and_chunks(
     assert registry.cleanup_finished() == 1
     assert sorted(registry.fail_all("stop")) == sorted(f"o{n}" for n in range(10) if n != 3)
     assert registry.active_count == 0
+
+
+def test_rebase_moves_operations_of_earlier_epochs(registry: OperationRegistry) -> None:
+    """A lock-on or pulse reset shifts start beats of older epochs, also for operations added late."""
+    registry.add(P2POperation(id="a", type="t", start_beat=0, estimated_beats=3, epoch=0))
+    registry.rebase(1, 5000)
+    assert registry.get("a").start_beat == 5000
+    registry.add(P2POperation(id="late", type="t", start_beat=0, estimated_beats=3, epoch=0))
+    assert registry.get("late").start_beat == 5000
+    registry.add(P2POperation(id="b", type="t", start_beat=5002, estimated_beats=3, epoch=1))
+    registry.rebase(2, -4990)  # the pulse restarted from a lower index
+    assert [registry.get(x).start_beat for x in ("a", "late", "b")] == [10, 10, 12]
