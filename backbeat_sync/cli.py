@@ -280,13 +280,14 @@ _stderr_handler: int | None = None
 
 
 @contextlib.contextmanager
-def _cli_logging(verbosity: int, gate: threading.Event) -> Iterator[None]:
+def _cli_logging(verbosity: int, gate: threading.Event, *, quiet: bool = False) -> Iterator[None]:
     """Send the library's log lines to stderr (WARNING, or INFO/DEBUG with -v/-vv); undo on exit.
 
-    Without ``-v``, lines are dropped until ``gate`` is set (the command is connected).
+    Without ``-v``, lines are dropped until ``gate`` is set (the command is connected);
+    with ``quiet`` (the demo, whose view shows the budget warnings) only errors show.
     """
     global _stderr_handler
-    level = "WARNING" if verbosity <= 0 else "INFO" if verbosity == 1 else "DEBUG"
+    level = ("ERROR" if quiet else "WARNING") if verbosity <= 0 else "INFO" if verbosity == 1 else "DEBUG"
     removed_default = True
     try:
         logger.remove(0 if _stderr_handler is None else _stderr_handler)
@@ -616,7 +617,6 @@ def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: st
     """A rich renderable of a :meth:`ClusterView.snapshot` (header, agents, tasks)."""
     from rich.console import Group
     from rich.panel import Panel
-    from rich.progress_bar import ProgressBar
     from rich.table import Table
     from rich.text import Text
 
@@ -638,39 +638,47 @@ def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: st
             line.append(c["tempo_drift"], style=_DRIFT_STYLE.get(c["tempo_drift"], ""))
         parts.append(line)
     tasks = Table(expand=True, box=None, pad_edge=False, header_style="bold")
-    for name, kw in (
-        ("agent", {}),
-        ("task", {}),
-        ("type", {}),
-        ("state", {}),
-        ("phase", {}),
-        ("progress", {"width": 22}),
-        ("left", {"justify": "right"}),
-        ("beat", {"justify": "right"}),
+    several_agents = len({(t["cluster_id"], t["agent_id"]) for t in snapshot["tasks"]}) > 1
+    columns: list[tuple[str, dict[str, Any]]] = [
+        ("task", {"no_wrap": True}),
+        ("type", {"no_wrap": True}),
+        ("state", {"no_wrap": True, "min_width": 9}),
+        ("phase", {"no_wrap": True, "min_width": 11}),
+        ("progress", {"no_wrap": True, "min_width": 15}),
+        ("left", {"justify": "right", "no_wrap": True, "min_width": 4}),
+        ("beat", {"justify": "right", "no_wrap": True}),
         ("notes", {"overflow": "ellipsis", "no_wrap": True, "ratio": 1}),
-    ):
+    ]
+    if several_agents:
+        columns.insert(0, ("agent", {"no_wrap": True}))
+    for name, kw in columns:
         tasks.add_column(name, **kw)
     for t in snapshot["tasks"]:
-        faded = t["state"] in ("done", "failed")
-        style = "dim" if faded and t["state"] == "done" else ""
+        state = t["state"]
+        filled = round(10 * t["progress"])
+        bar = Text("█" * filled, style=_STATE_STYLE.get(state, "cyan"))
+        bar.append("░" * (10 - filled), style="dim")
+        bar.append(f" {t['progress']:4.0%}")
+        cells: list[Any] = [t["agent_id"]] if several_agents else []
         tasks.add_row(
-            t["agent_id"],
+            *cells,
             t["task_id"],
             t["operation_type"] or "",
-            Text(t["state"], style=_STATE_STYLE.get(t["state"], "")),
+            Text(state, style=_STATE_STYLE.get(state, "")),
             t["phase"] or "",
-            ProgressBar(total=1.0, completed=t["progress"], width=20),
+            bar,
             str(t["beats_left"]),
             str(t["last_beat"]),
-            Text(t["notes"], style="red" if t["state"] == "failed" else "dim"),
-            style=style,
+            Text(t["notes"], style="red" if state == "failed" else "dim"),
+            style="dim" if state == "done" else "",
         )
     parts.append(tasks if snapshot["tasks"] else Text("no tasks", style="dim"))
     health = [a for a in snapshot["agents"] if a["health"] is not None]
     if health:
-        agents = Table(box=None, pad_edge=False, header_style="bold")
-        for name in ("agent", "node", "health", "beat", "notes"):
-            agents.add_column(name)
+        agents = Table(box=None, pad_edge=False, header_style="bold", expand=True)
+        for name in ("agent", "node", "health", "beat"):
+            agents.add_column(name, no_wrap=True)
+        agents.add_column("notes", no_wrap=True, overflow="ellipsis", ratio=1, min_width=8)
         for a in health:
             agents.add_row(
                 a["agent_id"],
@@ -763,10 +771,10 @@ class _Outcome:
 
 #: flow name -> (API shown in the summary, beat budget)
 _FLOWS: Final = {
-    "election": ("track_operation, manual phases", 5),
+    "election": ("track_operation", 5),
     "dht_store": ("track_operation", 3),
     "pubsub_sync": ("@beat_budget", 2),
-    "peer_discovery": ("@beat_budget, overruns on purpose", 3),
+    "peer_discovery": ("@beat_budget", 3),
 }
 
 
@@ -972,6 +980,7 @@ class _Demo:
                     last = self._last_beat.beat_index if self._last_beat is not None else 0
                     self._wait_beat(lambda f: f.beat_index > last, 2 * spb)
                     self._screen = None
+                self.out.logs_open.clear()  # what a normal stop logs is not news
                 health = integration.get_health()
             finally:
                 if server is not None:
@@ -1015,12 +1024,12 @@ class _Demo:
             [
                 "flow",
                 "API",
-                "budget (beats)",
+                "budget",
                 "runs",
                 "done",
-                "stopped by budget",
+                "stopped",
                 "failed",
-                "beats used (mean)",
+                "beats used",
             ],
             rows,
         )
@@ -1033,7 +1042,12 @@ class _Demo:
             ["claims emitted", health.get("claims_emitted")],
             ["local degradation", health.get("local_degradation")],
         ]
-        figures += [[k, v] for k, v in sorted(health.items()) if k.startswith("budget_")]
+        from .metrics import EXHAUSTION_KEYS  # a plain mapping; prometheus-client is not needed
+
+        figures.append(["budget warnings", health.get("budget_warnings", 0)])
+        for (mode, outcome), key in EXHAUSTION_KEYS.items():
+            if health.get(key):
+                figures.append([f"budgets exhausted ({mode}, {outcome})", health[key]])
         self.out.line()
         _print_table(self.out, "Agent health", ["figure", "value"], figures)
         stopped = [o for o in self.results if o.outcome == "stopped"]
@@ -1084,6 +1098,7 @@ def _cmd_status(args: argparse.Namespace, out: _Out) -> int:
             beats.acquire(timeout=max(0.0, second - time.monotonic()))
         health = integration.get_health()
     finally:
+        out.logs_open.clear()  # what a normal stop logs is not news
         integration.stop()
     connected = bool(health["connected"])
     _print_status(out, args, "✅ Connected" if connected else "⚠️ Disconnected", health)
@@ -1185,6 +1200,7 @@ def _cmd_pulse(args: argparse.Namespace, out: _Out) -> int:
     finally:
         if live is not None:
             live.stop()
+        out.logs_open.clear()  # what a normal stop logs is not news
         pulse.stop()
     out.line(
         f"{PROG} pulse: stopped after {pulse.frames_sent} beat(s)"
@@ -1261,6 +1277,7 @@ def _cmd_monitor(args: argparse.Namespace, out: _Out) -> int:
                 pass
         return EXIT_OK
     finally:
+        out.logs_open.clear()  # what a normal stop logs is not news
         link.stop(1.0)
 
 
@@ -1345,7 +1362,8 @@ def main(argv: list[str] | None = None) -> int:
     out = _Out.for_args(args, sys.stdout)
     prefix = f"{PROG} {args.command}: error:"
     try:
-        with _cli_logging(args.verbose, out.logs_open), _sigterm_as_interrupt():
+        quiet = args.command == "demo"
+        with _cli_logging(args.verbose, out.logs_open, quiet=quiet), _sigterm_as_interrupt():
             return _COMMANDS[args.command](args, out)
     except _UsageError as exc:
         print(f"{prefix} {exc}", file=sys.stderr)

@@ -315,7 +315,7 @@ def test_rich_view_renders_beat_tasks_and_progress() -> None:
     console = Console(file=io.StringIO(), force_terminal=True, width=140, color_system=None)
     console.print(render_view(view.snapshot(), title="T", footer="the footer"))
     text = console.file.getvalue()  # type: ignore[attr-defined]
-    for needle in ("beat 41", "bar 10", "tempo 600 BPM", "dht-store-k", "executing", "the footer", "━"):
+    for needle in ("beat 41", "bar 10", "tempo 600 BPM", "dht-store-k", "executing", "the footer", "██░"):
         assert needle in text
 
 
