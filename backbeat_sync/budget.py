@@ -904,7 +904,11 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         slot.live[t] = True
         slot.fresh = True
         if now + first * spb < WATCHDOG.next_wake:
+            # Armed already: shield the wake-up, whose ``except OSError`` would swallow
+            # a BeatBudgetExceeded (a TimeoutError) landing inside it.
+            slot.shield += 1
             WATCHDOG.notify()
+            _unshield(slot)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
