@@ -368,6 +368,87 @@ def test_demo_as_a_subprocess_ends_by_itself(tmp_path: Path) -> None:
     assert took < 20
 
 
+@needs_budget
+def test_demo_metrics_port_serves_counters_that_move(tmp_path: Path) -> None:
+    """demo --metrics-port: scraping during the run shows beats and claims going up."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def scrape() -> dict[str, float]:
+        import urllib.request
+
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.labels.get("agent_id") == "demo-agent"
+        }
+
+    def scrape_or_empty() -> dict[str, float]:
+        try:
+            return scrape()
+        except OSError:
+            return {}
+
+    proc = subprocess.Popen(
+        cli("demo", "--bars", "3", "--tempo", "600", "--metrics-port", str(port)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    try:
+        wait_until(lambda: scrape_or_empty().get("backbeat_beats_received_total", 0) >= 1, timeout=15)
+        first = scrape()
+        wait_until(
+            lambda: (
+                scrape_or_empty().get("backbeat_beats_received_total", 0)
+                >= first["backbeat_beats_received_total"] + 3
+            ),
+            timeout=15,
+        )
+        second = scrape()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"metrics: http://127.0.0.1:{port}/metrics" in out
+    assert second["backbeat_claims_emitted_total"] > first["backbeat_claims_emitted_total"]
+    assert second["backbeat_beat_handling_seconds_count"] > first["backbeat_beat_handling_seconds_count"]
+
+
+def test_console_script_and_module_entry_points(tmp_path: Path) -> None:
+    """`backbeat-sync --help` and `python -m backbeat_sync --help` both work as installed."""
+    script = Path(sys.executable).with_name("backbeat-sync")
+    assert script.exists()
+    for argv in ([str(script), "--help"], cli("--help")):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=cli_env(), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "backbeat-sync demo" in proc.stdout
+
+
+def test_subprocess_user_error_is_one_line(tmp_path: Path) -> None:
+    """As a process too, a bad flag gives exit 2 and one line on stderr, no traceback."""
+    proc = subprocess.run(
+        cli("demo", "--tempo", "fast"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert_one_line_error(proc.stderr, "--tempo", "fast")
+
+
 # -- against a real nats-server ---------------------------------------------------------------
 
 
