@@ -50,9 +50,7 @@ def mask_url(url: str) -> str:
             parts.append(one)
             continue
         if split.username is not None or split.password is not None:
-            host = split.hostname or ""
-            if split.port is not None:
-                host = f"{host}:{split.port}"
+            host = split.netloc.rpartition("@")[2]  # as written: a bad port must not raise here
             user = split.username or ""
             cred = f"{user}:***" if split.password is not None else "***"
             one = split._replace(netloc=f"{cred}@{host}").geturl()

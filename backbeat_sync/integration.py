@@ -669,7 +669,7 @@ class Integration:
         if event is TransportEvent.ERROR:
             self.record_error(f"nats error: {detail}")
         elif event is TransportEvent.DISCONNECTED:
-            self.record_error(f"nats disconnected: {detail}")
+            self.record_error(f"disconnected from NATS: {detail}")
         elif event is TransportEvent.CLOSED:
             self.record_error(f"nats connection closed: {detail}")
         elif event is TransportEvent.RECONNECTED:

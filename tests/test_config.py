@@ -184,3 +184,11 @@ def test_from_env_defaults_apply_only_where_env_is_silent() -> None:
     assert (cfg.nats_url, cfg.tempo_bpm) == ("local://", 120)
     env = {"CHORUS_BACKBEAT_NATS_URL": "nats://h:1"}
     assert BackbeatConfig.from_env(env, defaults={"nats_url": "local://"}).nats_url == "nats://h:1"
+
+
+def test_mask_url_never_raises_on_a_bad_port() -> None:
+    """A URL with an impossible port is masked as written (the error about the port comes later)."""
+    assert mask_url("nats://u:secret@h:99999") == "nats://u:***@h:99999"
+    with pytest.raises(ConfigError) as info:
+        BackbeatConfig(nats_url="nats://u:secret@h:99999")
+    assert "secret" not in str(info.value)
