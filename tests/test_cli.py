@@ -148,7 +148,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["status", "--frobnicate"], ("unrecognized arguments", "--frobnicate")),
         (["status", "--nats", "foo://x"], ("nats_url", "unknown scheme 'foo'")),
         (["status", "--nats", "nats://u:hunter2@h:99999"], ("nats_url", "Port out of range")),
-        ),
         (["status", "--cluster", "a.b"], ("cluster_id", "single NATS subject token")),
         (["status", "--connect-timeout", "0", "--nats", "nats://127.0.0.1:1"], ("connect_timeout",)),
         (["pulse", "--nats", "local://"], ("--nats nats://",)),
