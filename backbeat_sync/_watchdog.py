@@ -184,6 +184,13 @@ RETRY_SECONDS: Final = 0.0005
 COMPACT_SLACK: Final = 4096
 
 
+def _alive(t: Any) -> bool:
+    """Whether a heap entry's budget still needs the watchdog (armed, or awaiting its follow-up)."""
+    if t.fired == ARMED:
+        return t in t.slot.live
+    return t.fired in (ASYNC, SYNC) and not getattr(t, "finished", False)
+
+
 class _Heap:
     __slots__ = ("clock", "entries")
 
@@ -324,6 +331,8 @@ class Watchdog:
             except Exception:  # a bug here must not kill the watchdog
                 logger.opt(exception=True).error("backbeat watchdog iteration failed")
                 busy = True
+            if not busy and not any(s.live for s in all_slots()):
+                self._maybe_compact(force=True)  # nothing armed: only follow-ups can be left
             target = self._next_target()
             if not busy and target == float("inf") and not any(s.live for s in all_slots()):
                 if idle_since is None:
@@ -341,8 +350,8 @@ class Watchdog:
             if any(s.fresh for s in all_slots()):
                 continue
             timeout = max(0.0, target - time.monotonic())
-            if timeout > 0:
-                select.select([self._rsock], [], [], min(timeout, 3600.0))
+            if timeout > 0:  # capped, so an idle watchdog notices it may exit
+                select.select([self._rsock], [], [], min(timeout, IDLE_EXIT_SECONDS))
         with self._thread_lock:
             if self._thread is me:
                 self._thread = None
@@ -390,21 +399,24 @@ class Watchdog:
         self._maybe_compact()
         return handled
 
-    def _maybe_compact(self) -> None:
+    def _maybe_compact(self, *, force: bool = False) -> None:
         with self._lock:
             size = sum(len(h.entries) for h in self._heaps.values())
-            if size < COMPACT_SLACK or self._pushed_since_compact < COMPACT_SLACK:
+            if not size:
                 return
-            live = sum(len(s.live) for s in all_slots())
-            if size <= 2 * live + COMPACT_SLACK:
-                return
+            if not force:
+                if size < COMPACT_SLACK or self._pushed_since_compact < COMPACT_SLACK:
+                    return
+                live = sum(len(s.live) for s in all_slots())
+                if size <= 2 * live + COMPACT_SLACK:
+                    return
             taken = [(h, h.entries) for h in self._heaps.values()]
             for h in self._heaps.values():
                 h.entries = []
             self._pushed_since_compact = 0
         # Filter outside the lock: pushes meanwhile go into the fresh lists.
         for h, old in taken:
-            kept = [e for e in old if e[0] == e[2].event_pos and e[2].fired in (ARMED, ASYNC)]
+            kept = [e for e in old if e[0] == e[2].event_pos and _alive(e[2])]
             heapq.heapify(kept)
             with self._lock:
                 for e in h.entries:
