@@ -170,7 +170,7 @@ def test_compaction_drops_ended_entries_outside_the_lock(manual: Any) -> None:
 
 def test_a_tempo_change_re_times_the_deadline(manual: Any) -> None:
     """A frame with a faster tempo wakes the watchdog, which fires the budget earlier in real time."""
-    integration, pulse, _ = manual
+    _integration, pulse, _ = manual
     pulse.tempo_bpm = 60.0
     pulse.beat(1)  # 1 s beats: a 2-beat budget would take 2 s
     caught: list[bb.BeatBudgetExceeded] = []
