@@ -1072,10 +1072,7 @@ class _Demo:
 
 def _cmd_status(args: argparse.Namespace, out: _Out) -> int:
     """``status``: connect, wait for beats, print the HAP line and the health fields."""
-    try:
-        cfg = _config(args)
-    except BackbeatError:
-        raise
+    cfg = _config(args)
     if not cfg.enabled:
         _print_status(out, args, "❌ Disabled", {"enabled": False})
         return EXIT_NO_BEAT
@@ -1103,6 +1100,7 @@ def _cmd_status(args: argparse.Namespace, out: _Out) -> int:
     connected = bool(health["connected"])
     _print_status(out, args, "✅ Connected" if connected else "⚠️ Disconnected", health)
     if not connected:
+        print(f"{PROG} status: the connection to {probe.masked_url} was lost", file=sys.stderr)
         return EXIT_USAGE
     if health["beats_received"] == 0:
         print(f"{PROG} status: no beat on {probe.beat_subject_for()} within {timeout:g} s", file=sys.stderr)
