@@ -33,13 +33,17 @@ from . import (
     BackbeatConnectionError,
     BackbeatDisabled,
     BackbeatError,
+    BeatBudgetExceeded,
     BeatClock,
     BeatFrame,
     Integration,
+    OperationPhase,
     ProtocolError,
     StatusClaim,
     __version__,
+    beat_budget,
     parse_message,
+    track_operation,
 )
 
 __all__ = ["ClusterView", "main"]
@@ -838,8 +842,6 @@ class _Demo:
             time.sleep(min(left, 0.005))
 
     def _flows(self) -> dict[str, Callable[[int], object]]:
-        from . import OperationPhase, beat_budget, track_operation
-
         integration = self.integration
 
         def election(r: int) -> object:
@@ -894,8 +896,6 @@ class _Demo:
         }
 
     def _run_flow(self, name: str, fn: Callable[[int], object], r: int) -> None:
-        from . import BeatBudgetExceeded
-
         assert self.integration is not None
         clock = self.integration.clock
         start = clock.budget_position()
