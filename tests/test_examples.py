@@ -67,8 +67,8 @@ def test_example_runs_on_the_embedded_default(path: Path, tmp_path: Path) -> Non
 
 @pytest.fixture
 def examples_pulse(nats_server: NatsServer) -> Iterator[NatsServer]:
-    """A pulse at 240 BPM for cluster 'examples' on the test server."""
-    cfg = BackbeatConfig(cluster_id="examples", agent_id="examples-pulse", nats_url=nats_server.url)
+    """A pulse at 240 BPM for cluster 'chorus-dev' (the examples' cluster) on the test server."""
+    cfg = BackbeatConfig(cluster_id="chorus-dev", agent_id="examples-pulse", nats_url=nats_server.url)
     with Pulse(cfg, tempo_bpm=240, bar_length=4):
         yield nats_server
 
@@ -79,9 +79,9 @@ def test_example_honours_the_nats_url(
     path: Path, examples_pulse: NatsServer, nats_runner: AsyncRunner, tmp_path: Path
 ) -> None:
     """With CHORUS_BACKBEAT_NATS_URL set, the example joins that server and its claims reach it."""
-    witness = Witness(nats_runner, examples_pulse.url, "backbeat.status.examples.>")
+    witness = Witness(nats_runner, examples_pulse.url, "backbeat.status.chorus-dev.>")
     try:
-        env = env_for(CHORUS_BACKBEAT_NATS_URL=examples_pulse.url, CHORUS_BACKBEAT_CLUSTER_ID="examples")
+        env = env_for(CHORUS_BACKBEAT_NATS_URL=examples_pulse.url)
         proc, took = run_example(path, env, tmp_path)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
@@ -89,4 +89,4 @@ def test_example_honours_the_nats_url(
         witness.wait_for(lambda claims: len(claims) > 0, timeout=5, what="a claim from the example")
     finally:
         witness.close()
-    assert {c["cluster_id"] for c in witness.dicts()} == {"examples"}
+    assert {c["cluster_id"] for c in witness.dicts()} == {"chorus-dev"}
