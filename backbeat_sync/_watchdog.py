@@ -217,6 +217,8 @@ class Watchdog:
         self._pushed_since_compact = 0
         self.fired_count = 0
         self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        #: Whether an idle watchdog should linger (set by ``budget``: some integration runs).
+        self.keep_alive: Callable[[], bool] = lambda: False
         self._callback_thread: threading.Thread | None = None
 
     # -- called by application threads ----------------------------------------
@@ -337,7 +339,7 @@ class Watchdog:
             if not busy and target == float("inf") and not any(s.live for s in all_slots()):
                 if idle_since is None:
                     idle_since = now
-                elif now - idle_since >= IDLE_EXIT_SECONDS:
+                if now - idle_since >= IDLE_EXIT_SECONDS or not self.keep_alive():
                     with self._thread_lock:
                         if not any(s.fresh for s in all_slots()):
                             self._thread = None

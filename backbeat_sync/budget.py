@@ -198,6 +198,14 @@ def _hook(integration: Integration) -> None:
         _last_hooked = integration
 
 
+def _any_running() -> bool:
+    """Whether an integration that budgets were used with is still running (the watchdog lingers)."""
+    return any(i.running for i in list(_hooked))
+
+
+WATCHDOG.keep_alive = _any_running
+
+
 def _announce_running(ref: weakref.ref[Integration]) -> None:
     """Beat hook: budget calls still running at this beat are claimed from now on."""
     integration = ref()
@@ -629,10 +637,12 @@ class Tracker:
         pos = self.clock.budget_position()
         fired_at = self.fired_at
         late = fired_at > 0 and _monotonic() - fired_at > LATE_SECONDS
+        # The position may step back a little when a late frame snaps it to its index;
+        # a budget that fired was spent, so it reports at least the whole budget.
         return {
             "operation_id": self.operation_id,
             "budget_beats": self.settings.beats,
-            "beats_used": max(0.0, pos - self.start_pos),
+            "beats_used": max(self.settings.beats, pos - self.start_pos),
             "beats_over": max(0.0, pos - self.deadline),
             "late": late,
         }
@@ -644,6 +654,9 @@ class Tracker:
         if self.announced or self.finished:
             return
         integration = cast("Integration", self.integration)
+        if not integration.running:  # stopped meanwhile: nothing can be claimed any more
+            self.finished = True
+            return
         s = self.settings
         op = integration._new_operation(self.operation_id, s.operation_type, s.estimated, s.data)
         op.phase = OperationPhase.EXECUTING
