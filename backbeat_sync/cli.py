@@ -1165,12 +1165,13 @@ def _cmd_pulse(args: argparse.Namespace, out: _Out) -> int:
 
         sign = SigningKey.load(cfg.signing_key, cfg.signing_key_id).sign_frame
     pulse = Pulse(cfg, start_index=args.start_index, sign=sign)
+    first = pulse.next_index
     pulse.start()
     out.logs_open.set()
     bar = pulse.bar_length
     out.line(
         f"{PROG} pulse: cluster {cfg.cluster_id} on {cfg.masked_url}, {pulse.tempo_bpm:g} BPM,"
-        f" {bar} beats per bar, subject {cfg.beat_subject_for()}, first beat {pulse.next_index}."
+        f" {bar} beats per bar, subject {cfg.beat_subject_for()}, first beat {first}."
         " Ctrl-C stops it."
     )
     live = None

@@ -522,15 +522,42 @@ def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureF
                 "3",
                 "--beats",
                 "6",
+                "--start-index",
+                "3000",
             ],
             capsys,
         )
         wait_until(lambda: agent.get_health()["beats_received"] >= 6, what="6 beats at the agent")
         health = agent.get_health()
     assert code == 0, err
+    assert health["current_beat"] == 3005
+    assert "first beat 3000" in out
     assert "stopped after 6 beat(s)" in out
     assert health["current_tempo"] == 1200
     assert sum(1 for line in out.splitlines() if line.startswith("beat ")) >= 1
+
+
+@pytest.mark.nats
+def test_pulse_signs_frames_with_the_signing_key(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With CHORUS_BACKBEAT_SIGNING_KEY set, an agent that trusts only that key accepts every frame."""
+    from backbeat_sync.signing import SigningKey, generate_private_key
+
+    private = generate_private_key()
+    public = SigningKey.load(private).public_text()
+    monkeypatch.setenv("CHORUS_BACKBEAT_SIGNING_KEY", private)
+    cfg = BackbeatConfig(
+        cluster_id="sc", agent_id="strict", nats_url=nats_server.url, trusted_pulse_keys=(public,)
+    )
+    with Integration(cfg, node_id="n") as agent:
+        code, _, err = run(
+            ["pulse", "--nats", nats_server.url, "--cluster", "sc", "--tempo", "1200", "--beats", "4"], capsys
+        )
+        wait_until(lambda: agent.get_health()["beats_received"] >= 4, what="4 signed beats accepted")
+        health = agent.get_health()
+    assert code == 0, err
+    assert health["rejected_frames"] == 0
 
 
 @pytest.mark.nats
