@@ -369,7 +369,10 @@ class Tracker:
             with _ops_lock:
                 self._announce()
                 if not self.finished:
-                    integration.registry.set_phase(self.operation_id, target, peers)
+                    try:
+                        integration.registry.set_phase(self.operation_id, target, peers)
+                    except OperationNotFound:  # stop() failed it meanwhile
+                        self.finished = True
         finally:
             _unshield(slot)
 

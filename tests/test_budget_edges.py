@@ -1,0 +1,155 @@
+"""Edge cases of backbeat_sync.budget: skipped exits, follow-ups, stop() mid-budget, no signals."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import backbeat_sync as bb
+from backbeat_sync import _watchdog
+from tests.support import ClaimLog, unique_bus
+
+
+@pytest.fixture
+def live() -> Iterator[tuple[bb.Integration, ClaimLog]]:
+    """A started integration with a running in-process pulse at 600 BPM, and its claim log."""
+    cfg = bb.BackbeatConfig(
+        cluster_id="edges", agent_id="a1", nats_url=f"local://{unique_bus()}", tempo_bpm=600
+    )
+    integration = bb.Integration(cfg, node_id="node-1")
+    log = ClaimLog()
+    integration.on_claim(log)
+    with integration:
+        yield integration, log
+
+
+def test_inner_budget_left_without_its_exit_is_cleaned_by_the_outer(live: Any) -> None:
+    """An inner block whose __exit__ never ran is failed and disarmed when the outer block exits.
+
+    This is what happens when an exception lands on the first instruction of the
+    inner ``__exit__``; here the exit is skipped by hand. After the outer block the
+    inner budget must never fire, even past its deadline.
+    """
+    integration, log = live
+    slot = _watchdog.current_slot()
+    with bb.track_operation("outer-clean", "t", beats=20):
+        inner = bb.track_operation("inner-skipped", "t", beats=0.5, warn_at=None)
+        inner.__enter__()
+        assert inner in slot.live
+    assert inner not in slot.live
+    end = time.monotonic() + 0.1  # past the inner deadline (50 ms): nothing may land here
+    while time.monotonic() < end:
+        pass
+    log.wait_for(lambda cs: any(c.task_id == "inner-skipped" and c.state == "failed" for c in cs))
+    notes = log.for_task("inner-skipped")[-1].notes
+    assert "left without its exit" in notes
+    assert integration.registry.active_count == 0
+
+
+def test_followup_claims_a_delivered_exception_whose_exit_never_ran(live: Any) -> None:
+    """If the owner's exit code never runs after delivery, the watchdog's follow-up fails the operation."""
+    integration, log = live
+    op = bb.track_operation("never-exited", "t", beats=20, warn_at=None)
+    op.__enter__()
+    slot = op.slot
+    slot.live.pop(op)  # as the watchdog does when it fires
+    op.fired = _watchdog.ASYNC
+    op.delivered = True
+    op.exc = bb.BeatBudgetExceeded("never-exited", 20, 20.5, beats_over=0.5)
+    op.next_i = 1  # past warnings and exhaustion: the follow-up event
+    assert op.on_event(op.clock.budget_position(), time.monotonic()) is None
+    log.wait_for(lambda cs: any(c.task_id == "never-exited" and c.state == "failed" for c in cs))
+    assert (
+        log.for_task("never-exited")[-1].notes
+        == "P2P operation failed: beat budget exceeded: used 20.50 of 20 beats (type: t)"
+    )
+    assert integration.get_health()["budget_exhausted_interrupt_interrupted"] == 1
+
+
+def test_stop_while_a_budget_runs_does_not_break_the_call() -> None:
+    """stop() during a budgeted call fails its operation; the call still ends cleanly."""
+    cfg = bb.BackbeatConfig(cluster_id="s", agent_id="a", nats_url=f"local://{unique_bus()}", tempo_bpm=600)
+    integration = bb.Integration(cfg, node_id="n")
+    integration.start()
+    inside, stopped = threading.Event(), threading.Event()
+    result: list[str] = []
+
+    def work() -> None:
+        with bb.track_operation("outlived", "t", beats=50, integration=integration) as op:
+            inside.set()
+            stopped.wait(5)
+            op.set_phase("executing")
+            op.check()
+        result.append("left")
+
+    th = threading.Thread(target=work)
+    th.start()
+    assert inside.wait(5)
+    integration.stop()
+    stopped.set()
+    th.join(5)
+    assert result == ["left"]
+    assert integration.registry.active_count == 0
+
+
+def test_on_warning_that_raises_is_logged_not_propagated(live: Any) -> None:
+    """A failing on_warning callback does not reach the budgeted code or the watchdog."""
+    called = threading.Event()
+
+    def bad(op: bb.Tracker, fraction: float) -> None:
+        called.set()
+        raise RuntimeError("callback bug")
+
+    with bb.track_operation("cb-fails", "t", beats=1, warn_at=(0.2,), on_warning=bad) as op:
+        assert called.wait(2)
+        op.check()
+    assert _watchdog.WATCHDOG.running
+
+
+def test_no_signals_are_used(live: Any) -> None:
+    """Budgets fire without touching signal handlers or interval timers."""
+    before = (signal.getsignal(signal.SIGALRM), signal.getsignal(signal.SIGINT))
+
+    @bb.beat_budget(0.5)
+    def spin() -> None:
+        while True:
+            pass
+
+    with pytest.raises(bb.BeatBudgetExceeded):
+        spin()
+    assert (signal.getsignal(signal.SIGALRM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_exception_in_one_thread_leaves_other_budgeted_threads_alone(live: Any) -> None:
+    """Of two threads in budgets, only the one whose budget runs out is interrupted."""
+    results: dict[str, str] = {}
+    barrier = threading.Barrier(2)
+
+    def run(name: str, beats: float, seconds: float) -> None:
+        @bb.beat_budget(beats, name=name)
+        def work() -> str:
+            barrier.wait()
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                pass
+            return "finished"
+
+        try:
+            results[name] = work()
+        except bb.BeatBudgetExceeded as e:
+            results[name] = f"stopped {e.operation_id.rsplit('-', 1)[0]}"
+
+    threads = [
+        threading.Thread(target=run, args=("short", 1, 5.0)),
+        threading.Thread(target=run, args=("long", 20, 0.3)),
+    ]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert results == {"short": "stopped short", "long": "finished"}
