@@ -38,11 +38,12 @@ import heapq
 import queue
 import select
 import socket
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 from loguru import logger
 
@@ -182,6 +183,8 @@ IDLE_EXIT_SECONDS: Final = 0.5
 RETRY_SECONDS: Final = 0.0005
 #: Heap garbage allowed before a compaction (plus twice the live entries).
 COMPACT_SLACK: Final = 4096
+#: Precise mode lowers the switch interval when the next event is closer than this.
+PRECISE_WINDOW: Final = 0.015
 
 
 def _alive(t: Any) -> bool:
@@ -219,6 +222,9 @@ class Watchdog:
         self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         #: Whether an idle watchdog should linger (set by ``budget``: some integration runs).
         self.keep_alive: Callable[[], bool] = lambda: False
+        #: Precise mode: the switch interval used while an event is near (None: off).
+        self.precise_interval: float | None = None
+        self._saved_interval: float | None = None
         self._callback_thread: threading.Thread | None = None
 
     # -- called by application threads ----------------------------------------
@@ -349,15 +355,34 @@ class Watchdog:
             else:
                 idle_since = None
             self.next_wake = target
+            self._precise(target)
             if any(s.fresh for s in all_slots()):
                 continue
             timeout = max(0.0, target - time.monotonic())
+            if self.precise_interval is not None and timeout > PRECISE_WINDOW:
+                timeout -= PRECISE_WINDOW  # wake early to lower the switch interval in time
             if timeout > 0:  # capped, so an idle watchdog notices it may exit
                 select.select([self._rsock], [], [], min(timeout, IDLE_EXIT_SECONDS))
+        self._precise(float("inf"))
         with self._thread_lock:
             if self._thread is me:
                 self._thread = None
         self.next_wake = float("inf")
+
+    def _precise(self, target: float) -> None:
+        """Precise mode: lower the switch interval while an event is near, restore it after.
+
+        The exception can only be set once the watchdog holds the GIL, which a busy
+        thread gives up one switch interval after being asked; a short interval
+        around the deadline shortens that wait (and costs a little throughput).
+        """
+        near = self.precise_interval is not None and target - time.monotonic() < PRECISE_WINDOW
+        if near and self._saved_interval is None:
+            self._saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(cast(float, self.precise_interval))
+        elif not near and self._saved_interval is not None:
+            sys.setswitchinterval(self._saved_interval)
+            self._saved_interval = None
 
     def _promote_fresh(self) -> None:
         for slot in all_slots():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -153,3 +154,38 @@ def test_exception_in_one_thread_leaves_other_budgeted_threads_alone(live: Any) 
     for th in threads:
         th.join(10)
     assert results == {"short": "stopped short", "long": "finished"}
+
+
+def test_precise_mode_lowers_the_switch_interval_near_a_deadline_and_restores_it(live: Any) -> None:
+    """In precise mode busy code sees the short switch interval before its deadline; restored after."""
+    from backbeat_sync.budget import precise_mode
+
+    old = sys.getswitchinterval()
+    seen: list[float] = []
+
+    @bb.beat_budget(0.5, warn_at=None)
+    def spin() -> None:
+        while True:
+            seen.append(sys.getswitchinterval())
+
+    precise_mode(switch_interval=0.0005)
+    try:
+        with pytest.raises(bb.BeatBudgetExceeded) as info:
+            spin()
+    finally:
+        precise_mode(False)
+    assert min(seen) == 0.0005
+    assert info.value.beats_over * 0.1 < 0.005  # well under one default switch interval late
+    end = time.monotonic() + 5
+    while sys.getswitchinterval() != old and time.monotonic() < end:
+        time.sleep(0.01)
+    assert sys.getswitchinterval() == old
+
+
+def test_precise_mode_rejects_a_bad_interval() -> None:
+    """A switch interval that is not a positive number is refused, naming the argument."""
+    from backbeat_sync.budget import precise_mode
+
+    with pytest.raises(bb.InvalidArgument) as info:
+        precise_mode(switch_interval=0)
+    assert info.value.name == "switch_interval"
