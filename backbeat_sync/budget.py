@@ -446,7 +446,8 @@ class Tracker:
             if self.announced:  # an outer budget ran out while we registered: undo, then raise it
                 self.done = True
                 slot.live.pop(self, None)
-                self._finish(OperationPhase.FAILED, "interrupted by an outer beat budget")
+                with _ops_lock:
+                    self._finish(OperationPhase.FAILED, "interrupted by an outer beat budget")
             _raise_sync(slot)
         return self
 
@@ -511,14 +512,16 @@ class Tracker:
                 if until <= 0:
                     err = self._take_over(check=False, force=True)
                     break
-                step = min(until, WAIT_RETIME_SECONDS)
+                if len(slot.live) > 1:  # an enclosing budget may run out first
+                    until = min(until, _nearest_deadline(slot))
+                step = min(max(until, WAIT_POLL_SECONDS), WAIT_RETIME_SECONDS)
                 if end is not None:
                     remaining = end - _monotonic()
                     if remaining <= 0:
                         break
                     step = min(step, remaining)
                 if event is None:
-                    slot.kick.wait(step)
+                    slot.kick.wait(step)  # the watchdog sets kick when it hands a budget over
                 else:
                     event.wait(min(step, max(WAIT_POLL_SECONDS, until - WAIT_POLL_SECONDS)))
         finally:
@@ -862,6 +865,15 @@ def _raise_sync(slot: ThreadSlot) -> None:
     if t is None or t.delivered:
         return
     raise t._sync_exc(None)
+
+
+def _nearest_deadline(slot: ThreadSlot) -> float:
+    """Seconds until the earliest interrupting budget of this thread runs out."""
+    nearest = float("inf")
+    for t in list(slot.live):
+        if t.settings.on_exhaust == "interrupt":
+            nearest = min(nearest, t.clock.seconds_until(t.deadline))
+    return nearest
 
 
 def _drop_stale(slot: ThreadSlot, seq: int) -> None:

@@ -189,3 +189,14 @@ def test_precise_mode_rejects_a_bad_interval() -> None:
     with pytest.raises(bb.InvalidArgument) as info:
         precise_mode(switch_interval=0)
     assert info.value.name == "switch_interval"
+
+
+def test_outer_budget_interrupts_an_inner_op_wait_on_time(live: Any) -> None:
+    """An enclosing budget that runs out while an inner block waits on an event stops the wait promptly."""
+    outer = bb.track_operation("outer-w", "t", beats=1, warn_at=None)
+    inner = bb.track_operation("inner-w", "t", beats=50, warn_at=None)
+    t0 = time.monotonic()
+    with pytest.raises(bb.BeatBudgetExceeded) as info, outer, inner:
+        inner.wait(threading.Event())
+    assert info.value.operation_id == "outer-w"
+    assert time.monotonic() - t0 < 0.1 + 0.02
