@@ -32,6 +32,7 @@ from .errors import (
 from .integration import Integration, IntegrationState
 from .operations import OperationPhase, OperationType, P2POperation
 from .protocol import BeatFrame, StatusClaim, parse_beat_frame, parse_message, parse_status_claim
+from .pulse import Pulse
 
 try:
     __version__ = version("backbeat_sync")
@@ -63,6 +64,7 @@ __all__ = [
     "OperationType",
     "P2POperation",
     "ProtocolError",
+    "Pulse",
     "StatusClaim",
     "SystemTime",
     "TimeSource",

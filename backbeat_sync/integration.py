@@ -186,6 +186,7 @@ class Integration:
         self._cb_running: tuple[str, float] | None = None
         self._cb_blocked_reported = False
         self._threads: list[threading.Thread] = []
+        self._metrics_servers: list[Any] = []
 
     # -- properties ----------------------------------------------------------
 
@@ -292,6 +293,9 @@ class Integration:
                 self._transport.stop(self._config.flush_timeout)
         finally:
             self._stop_threads()
+            for server in self._metrics_servers:
+                server.close()
+            self._metrics_servers.clear()
             with self._state_lock:
                 self._state = IntegrationState.STOPPED
             _defaults._stopped(self)
@@ -670,8 +674,8 @@ class Integration:
             self.record_error(f"nats error: {detail}")
         elif event is TransportEvent.DISCONNECTED:
             self.record_error(f"disconnected from NATS: {detail}")
-        elif event is TransportEvent.CLOSED:
-            self.record_error(f"nats connection closed: {detail}")
+        elif event is TransportEvent.CLOSED and self._state is IntegrationState.RUNNING:
+            self.record_error(f"nats connection closed: {detail}")  # unexpected: not our stop()
         elif event is TransportEvent.RECONNECTED:
             self._log.info(f"BACKBEAT reconnected to NATS: {detail}")
         elif event is TransportEvent.CONNECTED:
@@ -830,7 +834,9 @@ class Integration:
         """
         from .metrics import serve_metrics
 
-        return serve_metrics(self, port, addr=addr, registry=registry)
+        server = serve_metrics(self, port, addr=addr, registry=registry)
+        self._metrics_servers.append(server)
+        return server
 
 
 # -- flushing at interpreter exit ----------------------------------------------

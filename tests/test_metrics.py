@@ -290,3 +290,19 @@ def test_missing_prometheus_client_says_how_to_install(monkeypatch: pytest.Monke
     cfg = BackbeatConfig(cluster_id="test", agent_id="noprom", nats_url=f"local://{unique_bus()}")
     with pytest.raises(ImportError, match=r"backbeat_sync\[prometheus\]"):
         instrument(Integration(cfg, node_id="n"), registry=registry)
+
+
+def test_stop_closes_metrics_servers_it_started() -> None:
+    """serve_metrics() servers are closed by stop(): no library thread outlives the integration."""
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from backbeat_sync import BackbeatConfig, Integration
+
+    before = set(threading.enumerate())
+    cfg = BackbeatConfig(cluster_id="m", agent_id="stopper", nats_url="local://metrics-stop?pulse=manual")
+    with Integration(cfg, node_id="n") as integration:
+        integration.serve_metrics(0, addr="127.0.0.1", registry=CollectorRegistry())
+        assert len(set(threading.enumerate()) - before) >= 3
+    assert set(threading.enumerate()) - before == set()
