@@ -418,7 +418,11 @@ class Watchdog:
                 if pos != t.event_pos:  # stale: the tracker moved on
                     continue
                 handled = True
-                nxt = t.on_event(pos_now, now)
+                try:
+                    nxt = t.on_event(pos_now, now)
+                except Exception:  # one budget's failure must not stop the others
+                    logger.opt(exception=True).error("backbeat watchdog: budget event failed")
+                    nxt = None
                 if nxt is not None:
                     t.event_pos = nxt
                     with self._lock:

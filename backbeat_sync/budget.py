@@ -693,6 +693,11 @@ class Tracker:
         except OperationNotFound:  # stop() failed it already
             pass
 
+    def _record(self, message: str) -> None:
+        integration = self.integration
+        if integration is not None:
+            integration.record_error(message)
+
     def _note(self, notes: str) -> None:
         with _ops_lock:
             self._announce()
@@ -712,7 +717,10 @@ class Tracker:
             return None
         if i < n:
             self.next_i = i + 1
-            self._warn(s.warn_at[i], pos_now)
+            try:
+                self._warn(s.warn_at[i], pos_now)
+            except Exception as exc:  # a claim that cannot go out must not cost the exhaustion
+                self._record(f"budget warning of {self.operation_id} not claimed: {exc!r}")
             return self.start_pos + s.beats * s.warn_at[i + 1] if i + 1 < n else self.deadline
         return self._exhaust(pos_now, now)
 
@@ -752,8 +760,11 @@ class Tracker:
             self.next_i = len(s.warn_at) + 1
             if how == "async":
                 _sleep(0)  # hand the GIL over now, so the exception lands before we claim
-            self._note(f"beat budget exceeded: {used}; interrupting")
-            integration.log.warn(f"BACKBEAT budget exceeded: {self.operation_id} {used}; interrupting")
+            try:
+                self._note(f"beat budget exceeded: {used}; interrupting")
+                integration.log.warn(f"BACKBEAT budget exceeded: {self.operation_id} {used}; interrupting")
+            except Exception as exc:
+                self._record(f"budget exhaustion of {self.operation_id} not claimed: {exc!r}")
             return pos_now + _beats(self.clock, FOLLOWUP_SECONDS)
         self.exhausted = True
         if s.on_exhaust == "warn":
