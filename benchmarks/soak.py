@@ -12,8 +12,8 @@ cut off by the restarts. At the end it prints one JSON object::
      "claims": {"sent": ..., "received": ..., "finals_sent": ..., "finals_received": ...,
                 "finals_lost": 0, "finals_duplicated": ...},
      "operations": ..., "budgets_exceeded": ...,
-     "rss_mb": {"first_minute": ..., "peak": ..., "final": ...},
-     "threads": {"first_minute": ..., "max": ..., "final": ..., "after_stop": ...},
+     "rss_mb": {"first_minute": ..., "peak": ..., "final": ..., "ledger": ...},
+     "threads": {"first_minute": ..., "max": ..., "final": ..., "left_after_stop": [...]},
      "errors": [...], "samples": [...]}
 
 Run: ``.venv/bin/python benchmarks/soak.py --minutes 10`` (exit status 1 if a final claim
@@ -139,6 +139,11 @@ class Churn:
             self.finals.add(oid)
 
 
+def ledger_mb(churn: Churn) -> float:
+    """MiB held by the soak's own set of finished operation ids (it grows by design; subtract it)."""
+    return (sys.getsizeof(churn.finals) + sum(sys.getsizeof(x) for x in churn.finals)) / 2**20
+
+
 def read_stream(url: str, stream: str = "CLAIMS") -> list[dict[str, Any]]:
     """Every claim stored in ``stream``, decoded (an ordered push consumer: fast for 10^5 messages)."""
 
@@ -196,7 +201,7 @@ def soak(minutes: float, restart_every: float, workers: int, seed: int) -> dict[
     }
     pulse_cfg = bb.BackbeatConfig(cluster_id=CLUSTER, agent_id="soak-pulse", nats_url=server.url, **fast)
     cfg = bb.BackbeatConfig(cluster_id=CLUSTER, agent_id=AGENT, nats_url=server.url, **fast)
-    threads_before = threading.active_count()
+    threads_before = set(threading.enumerate())
     pulse = Pulse(pulse_cfg, tempo_bpm=TEMPO, bar_length=4)
     pulse.start()
     integration = bb.Integration(cfg, node_id=NODE)
@@ -213,7 +218,7 @@ def soak(minutes: float, restart_every: float, workers: int, seed: int) -> dict[
         while time.monotonic() < end:
             now = time.monotonic()
             if now >= next_sample:
-                rss, peak = rss_mb()
+                rss, _ = rss_mb()
                 health = integration.get_health()
                 samples.append(
                     {
@@ -239,11 +244,19 @@ def soak(minutes: float, restart_every: float, workers: int, seed: int) -> dict[
         while integration.get_health()["claims_queued"] and time.monotonic() < deadline:
             time.sleep(0.05)
         health = integration.get_health()
+        rss_end, peak_end = rss_mb()  # the agent's figures, before this script decodes the stream
     finally:
         churn.stop.set()
         integration.stop()
         pulse.stop()
-    threads_after = threading.active_count()
+    # What stop() left behind, minus the budget watchdog's two threads, which are process-wide
+    # by design (one for every integration, started at the first budget, never per call).
+    left = sorted(
+        t.name
+        for t in set(threading.enumerate()) - threads_before
+        if not t.name.startswith("backbeat-budget")
+    )
+    left = [name for name in left if name != "backbeat-watchdog"]
     t_read = time.monotonic()
     stored = read_stream(server.url)
     print(f"soak: read {len(stored)} stored claims in {time.monotonic() - t_read:.1f} s", file=sys.stderr)
@@ -251,7 +264,6 @@ def soak(minutes: float, restart_every: float, workers: int, seed: int) -> dict[
     final_ids = [d["task_id"] for d in stored if d["state"] in FINAL]
     received = set(final_ids)
     explicit_finals = set(churn.finals)
-    rss, peak = rss_mb()
     first = [s for s in samples if s["t"] <= 60.0] or samples[:1]
     return {
         "minutes": minutes,
@@ -272,13 +284,18 @@ def soak(minutes: float, restart_every: float, workers: int, seed: int) -> dict[
             "coalesced": health["claims_coalesced"],
             "dropped": health["claims_dropped"],
         },
-        "rss_mb": {"first_minute": max(s["rss_mb"] for s in first), "peak": peak, "final": rss},
+        "rss_mb": {
+            "first_minute": max(s["rss_mb"] for s in first),
+            "peak": peak_end,
+            "final": rss_end,
+            "ledger": round(ledger_mb(churn), 1),  # this script's own record of finished ids
+        },
         "threads": {
-            "before": threads_before,
+            "before": len(threads_before),
             "first_minute": max(s["threads"] for s in first),
             "max": max(s["threads"] for s in samples),
             "final": samples[-1]["threads"],
-            "after_stop": threads_after,
+            "left_after_stop": left,
         },
         "stray_exceptions": churn.strays[:10],
         "errors": health["errors"],
@@ -301,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     result = soak(args.minutes, args.restart_every, args.workers, args.seed)
     print(json.dumps(result, indent=2))
     lost = result["claims"]["finals_lost"]
-    leaked = result["threads"]["after_stop"] > result["threads"]["before"]
+    leaked = bool(result["threads"]["left_after_stop"])
     return 1 if lost or leaked or result["stray_exceptions"] else 0
 
 
