@@ -96,14 +96,22 @@ class Tracker(Protocol):
 
     seq: int
     slot: ThreadSlot
-    clock: BeatClock
-    event_pos: float
+    event_pos: float | None
     promoted: bool
     fired: int
     delivered: bool
 
+    @property
+    def clock(self) -> BeatClock:
+        """The clock the budget counts on."""
+        ...
+
     def on_event(self, pos_now: float, now: float) -> float | None:
         """Handle the event due at ``event_pos``; return the next event position or None."""
+        ...
+
+    def first_event(self) -> float:
+        """Position of the budget's first event (when the watchdog first takes it)."""
         ...
 
 
@@ -245,7 +253,9 @@ class Watchdog:
             heap = self._heaps.get(id(clock))
             if heap is None:
                 heap = self._heaps[id(clock)] = _Heap(clock)
-            heapq.heappush(heap.entries, (tracker.event_pos, tracker.seq, tracker))
+            pos = tracker.event_pos
+            assert pos is not None, "push() needs the tracker's event_pos"
+            heapq.heappush(heap.entries, (pos, tracker.seq, tracker))
             self._pushed_since_compact += 1
         tracker.promoted = True
 
@@ -399,6 +409,8 @@ class Watchdog:
                 new = [t for t in list(slot.live) if not t.promoted]
             for t in new:
                 if not t.promoted and t.fired == ARMED:
+                    if t.event_pos is None:
+                        t.event_pos = t.first_event()
                     self.push(t)
 
     def _fire_due(self) -> bool:

@@ -263,16 +263,15 @@ class Tracker:
     # Hot fields are slots, set on every call. The rest live in a lazily made
     # ``__dict__`` and default to the class attributes below, so a call that
     # starts and ends between two events pays for seven stores, not twenty.
-    __slots__ = ("__dict__", "clock", "event_pos", "integration", "seq", "settings", "slot", "start_pos")
+    __slots__ = ("__dict__", "integration", "seq", "settings", "slot", "start_pos")
 
     settings: BudgetSettings
     integration: Integration | None
-    clock: BeatClock
     slot: ThreadSlot
     seq: int
     start_pos: float
-    event_pos: float
 
+    event_pos: float | None = None  #: position of the next event (set when the watchdog takes it)
     announced: bool = False  #: its operation is in the registry (claimed)
     done: bool = False  #: the owner has left (slow path; the fast path just leaves ``slot.live``)
     finished: bool = False  #: its operation is completed or failed
@@ -295,7 +294,15 @@ class Tracker:
         self.seq = next(_seq)
         self.peers = settings.peers
         self.start_pos = 0.0
-        self.event_pos = 0.0
+
+    @property
+    def clock(self) -> BeatClock:
+        """The beat clock the budget counts on (its integration's)."""
+        return cast("Integration", self.integration)._clock
+
+    def first_event(self) -> float:
+        """Position of the first event: the first warning, or the deadline."""
+        return self.start_pos + self.settings.beats * self.settings.first_fraction
 
     @property
     def deadline(self) -> float:
@@ -474,13 +481,12 @@ class Tracker:
     # -- engine (owner thread) ---------------------------------------------------
 
     def _arm(self, slot: ThreadSlot) -> None:
-        clock = self.clock = cast("Integration", self.integration).clock
-        start = self.start_pos = clock.budget_position()
-        self.event_pos = start + self.settings.beats * self.settings.first_fraction
+        self.start_pos = self.clock.budget_position()
+        self.event_pos = self.first_event()
         slot.live[self] = True
 
     def _first_event_time(self) -> float:
-        return _monotonic() + max(0.0, self.clock.seconds_until(self.event_pos))
+        return _monotonic() + max(0.0, self.clock.seconds_until(self.first_event()))
 
     def _wait(self, event: threading.Event | None, timeout: float | None) -> bool:
         integration = self.integration
@@ -959,7 +965,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         t.settings = settings
         t.integration = integration
         t.seq = next(_seq)
-        clock = t.clock = integration._clock
+        clock = integration._clock
         if _fast_clock:
             idx, t0, spb, off = clock._state
             now = _monotonic()
@@ -968,7 +974,6 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             start = clock.budget_position()
             now, spb = _monotonic(), clock.beat_duration
         t.start_pos = start
-        t.event_pos = start + first
         t.slot = slot
         slot.live[t] = True
         slot.fresh = True
