@@ -208,6 +208,10 @@ def test_five_quick_restarts_lose_no_final_claim(
         check_claim(d, cluster=CLUSTER, agent=AGENT, node=NODE)
     long_beats = {d["beat_index"] for d in stored if d["task_id"] == "long-0"}
     assert len(long_beats) > 10  # the long operation was claimed beat after beat, across the restarts
+    print(
+        f"\nrestarts: {len(tickets.finished)} finals, {len(stored)} claims stored,"
+        f" {health['beats_received']} beats"
+    )
 
 
 # -- 2. cluster failover ------------------------------------------------------------------------
@@ -259,6 +263,7 @@ def test_failover_mid_run_loses_nothing_final(
     assert len(tickets.finished) == 600
     assert {oid: s for oid, s in tickets.finished.items() if finals.get(oid) != s} == {}
     assert new_node in survivors
+    print(f"\nfailover: {len(tickets.finished)} finals, {len(claims)} claims seen at a survivor")
 
 
 # -- 3. silence and tempo changes ---------------------------------------------------------------
@@ -309,6 +314,7 @@ def test_silent_pulse_budgets_run_on_and_degradation_comes_and_goes(
     assert 2.5 * SPB - 0.03 <= spent <= 2.5 * SPB + 0.1  # on time, within scheduling noise
     assert info.value.beats_used == pytest.approx(2.5, abs=1.0)
     assert health["missed_beats"] == 3
+    print(f"\nsilence: 2.5-beat budget ran out after {spent:.3f} s ({info.value.beats_used:.2f} beats)")
     assert health["local_degradation"] is False
 
 
@@ -342,6 +348,7 @@ def test_tempo_change_mid_budget_stretches_it(
     assert 4 * SPB - 0.05 <= steady <= 4 * SPB + 0.12  # 0.4 s at 600 BPM
     assert 8 * SPB - 0.1 <= stretched <= 8 * SPB + 0.15  # 0.8 s: every beat of it at 300 BPM
     assert 1.6 <= stretched / steady <= 2.4
+    print(f"\ntempo: 4 beats took {steady:.3f} s at 600 BPM, {stretched:.3f} s after set_tempo(300)")
     assert steady_beats == pytest.approx(4.0, abs=0.5)
     assert stretched_beats == pytest.approx(4.0, abs=0.5)
 
@@ -446,6 +453,7 @@ def test_raising_and_blocked_callbacks_stall_nothing(
     assert "sometimes_blocks" in blocked
     assert any("callback blocked" in e and "sometimes_blocks" in e for e in health["errors"])
     assert stop_seconds < 1.0 + 2.0 + 1.0  # flush_timeout + the callback join bound + slack
+    print(f"\ncallbacks: stop() returned in {stop_seconds:.2f} s with a callback blocked")
     assert not any(t.name in ("backbeat-nats", "backbeat-beat") for t in threading.enumerate())
 
 
@@ -529,6 +537,7 @@ def test_exit_without_stop_is_bounded_by_flush_timeout_with_no_server() -> None:
     assert out.startswith("queued")
     assert int(out.split()[1]) > 0  # there really were claims waiting
     assert seconds - bare < 1.0 + 2.5  # the flush timeout, plus the close bound
+    print(f"\nexit: {seconds - bare:.2f} s over a bare interpreter with the server gone (flush_timeout 1 s)")
 
 
 # -- 7. bad input through the public API; nothing half-started ----------------------------------
