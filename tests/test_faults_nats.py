@@ -174,12 +174,13 @@ def test_five_quick_restarts_lose_no_final_claim(
             t.start()
         tickets.allow(150)
         for restart in range(1, 6):
-            wait_until(lambda r=restart: tickets.count() >= 150 * r, timeout=10, what="operations finishing")
+            target = 150 * restart
+            wait_until(lambda: tickets.count() >= target, timeout=10, what="finishing")  # noqa: B023
             tickets.allow(150)  # these run while the server is down and while it comes back
             (server.kill if restart % 2 else server.stop)()  # a crash, then a clean stop, ...
             server.start()
             wait_until(
-                lambda r=restart: integration.get_health()["reconnect_count"] == r,
+                lambda: integration.get_health()["reconnect_count"] == restart,  # noqa: B023 - called at once
                 timeout=10,
                 what="reconnect",
             )
@@ -657,9 +658,9 @@ def _bad_api_calls(i: Integration) -> list[tuple[str, Callable[[], Any], type[Ex
         ("peers", lambda: track_operation("t", "x", beats=3, peers=-2, integration=i), InvalidArgument),
         (
             "on_exhaust",
-            lambda: track_operation("t", "x", beats=3, on_exhaust="explode", integration=i),
+            lambda: track_operation("t", "x", beats=3, on_exhaust="explode", integration=i),  # type: ignore[arg-type]
             InvalidArgument,
-        ),  # type: ignore[arg-type]
+        ),
         (
             "warn_at",
             lambda: track_operation("t", "x", beats=3, warn_at=(1.5,), integration=i),
@@ -668,9 +669,9 @@ def _bad_api_calls(i: Integration) -> list[tuple[str, Callable[[], Any], type[Ex
         ("warn_at", lambda: track_operation("t", "x", beats=3, warn_at=7, integration=i), InvalidArgument),  # type: ignore[arg-type]
         (
             "on_warning",
-            lambda: track_operation("t", "x", beats=3, on_warning=1, integration=i),
+            lambda: track_operation("t", "x", beats=3, on_warning=1, integration=i),  # type: ignore[arg-type]
             InvalidArgument,
-        ),  # type: ignore[arg-type]
+        ),
         ("beats", lambda: bb.beat_budget(0), InvalidArgument),
         ("beats", lambda: bb.beat_budget(math.nan), InvalidArgument),
         ("name", lambda: bb.beat_budget(2, name=""), InvalidArgument),
