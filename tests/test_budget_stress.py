@@ -178,3 +178,65 @@ def test_nested_blocks_racing_their_deadlines_never_stray(fast: bb.Integration) 
     assert tally.stray == []
     assert tally.ok + tally.raised == per_thread * THREADS
     assert fast.registry.active_count == 0
+
+
+def test_calls_ending_around_beats_are_claimed_consistently() -> None:
+    """Calls that end right as a beat announces them: each announced call gets exactly one final claim.
+
+    The beat thread announces running calls while their owners leave; the claims of
+    every call must end with one ``done`` and nothing after it, and no operation
+    may be left active.
+    """
+    from tests.support import HandledBeats, ManualPulse
+
+    bus = unique_bus()
+    cfg = bb.BackbeatConfig(
+        cluster_id="race", agent_id="a", nats_url=f"local://{bus}?pulse=manual", tempo_bpm=6000
+    )
+    claims: list[bb.StatusClaim] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def record(claim: bb.StatusClaim) -> None:
+        with lock:
+            claims.append(claim)
+
+    with bb.Integration(cfg, node_id="n") as integration:
+        integration.on_claim(record)
+        pulse = ManualPulse(bus, "race", tempo_bpm=6000, handled=HandledBeats(integration))
+
+        def worker(k: int) -> None:
+            rng = random.Random(k)
+
+            @bb.beat_budget(50, name=f"r{k}", warn_at=None)
+            def call(seconds: float) -> None:
+                time.sleep(seconds)  # releases the GIL inside the call, as I/O does
+
+            while not stop.is_set():
+                call(rng.uniform(0, 0.002))
+                for _ in range(rng.randrange(200)):  # a little Python between calls
+                    pass
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+        for th in threads:
+            th.start()
+        for index in range(1, 1000):
+            pulse.beat(index)  # returns once the beat (and its announcing) is handled
+        stop.set()
+        for th in threads:
+            th.join(10)
+        deadline = time.monotonic() + 5
+        while integration.registry.active_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert integration.registry.active_count == 0
+        time.sleep(0.2)  # the callback thread delivers the last claims
+    by_task: dict[str, list[str]] = {}
+    with lock:
+        for c in claims:
+            if c.task_id != "chorus-p2p-health":
+                by_task.setdefault(c.task_id, []).append(c.state)
+    assert len(by_task) > 100, len(by_task)  # calls really were announced, many times
+    bad = {
+        task: states for task, states in by_task.items() if states.count("done") != 1 or states[-1] != "done"
+    }
+    assert bad == {}
