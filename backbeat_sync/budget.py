@@ -180,22 +180,18 @@ class BudgetSettings:
 _hooked: weakref.WeakSet[Integration] = weakref.WeakSet()
 _hook_lock = threading.Lock()
 _last_hooked: Any = None
-#: The last hooked integration's clock reads the system monotonic clock, so the
-#: hot path may read the clock's state tuple directly (``BeatClock.budget_position``).
-_fast_clock = False
 _new = object.__new__
 
 
 def _hook(integration: Integration) -> None:
     """Once per integration: announce budget calls at each beat; wake the watchdog on frames."""
-    global _last_hooked, _fast_clock
+    global _last_hooked
     with _hook_lock:
         if integration not in _hooked:
             ref = weakref.ref(integration)
             integration._add_beat_hook(lambda frame: _announce_running(ref))
             integration._add_frame_listener(WATCHDOG.notify_only)
             _hooked.add(integration)
-        _fast_clock = integration.clock.time_source is SYSTEM_TIME
         _last_hooked = integration
 
 
@@ -966,7 +962,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         t.integration = integration
         t.seq = next(_seq)
         clock = integration._clock
-        if _fast_clock:
+        if clock._time is SYSTEM_TIME:  # read the state tuple directly (BeatClock.budget_position)
             idx, t0, spb, off = clock._state
             now = _monotonic()
             start = idx + off + (now - t0) / spb
