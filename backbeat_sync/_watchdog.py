@@ -234,6 +234,24 @@ class Watchdog:
         self.precise_interval: float | None = None
         self._saved_interval: float | None = None
         self._callback_thread: threading.Thread | None = None
+        self._last_thread: threading.Thread | None = None
+
+    def join_idle(self, timeout: float = 1.0) -> None:
+        """With nothing to watch (no live budget, no running integration), let the threads exit now.
+
+        ``Integration.stop()`` of the last running integration calls this, so no
+        library thread outlives it; a later budget starts the watchdog again.
+        """
+        if self.keep_alive() or any(s.live for s in all_slots()):
+            return
+        thread = self._last_thread
+        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
+            self.notify_only()
+            thread.join(timeout)
+        cb = self._callback_thread
+        if cb is not None and cb.is_alive() and cb is not threading.current_thread():
+            self._callbacks.put(None)
+            cb.join(timeout)
 
     # -- called by application threads ----------------------------------------
 
@@ -292,6 +310,7 @@ class Watchdog:
                 return
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="backbeat-watchdog", daemon=True)
+            self._last_thread = self._thread
             self._thread.start()
 
     def shutdown(self, timeout: float = 2.0) -> None:

@@ -29,6 +29,7 @@ import wrapt
 from loguru import logger
 
 from . import _defaults
+from . import integration as _integration_module
 from ._time import SYSTEM_TIME
 from ._watchdog import (
     ARMED,
@@ -201,6 +202,7 @@ def _any_running() -> bool:
 
 
 WATCHDOG.keep_alive = _any_running
+_integration_module.STOP_HOOKS.append(WATCHDOG.join_idle)
 
 
 def _announce_running(ref: weakref.ref[Integration]) -> None:

@@ -299,6 +299,8 @@ class Integration:
             with self._state_lock:
                 self._state = IntegrationState.STOPPED
             _defaults._stopped(self)
+            for hook in STOP_HOOKS:
+                hook()
             self._log.info("🎵 CHORUS BACKBEAT integration stopped")
 
     def _stop_threads(self) -> None:
@@ -837,6 +839,11 @@ class Integration:
         server = serve_metrics(self, port, addr=addr, registry=registry)
         self._metrics_servers.append(server)
         return server
+
+
+#: Called (no arguments) at the end of every stop(): the budget engine lets its idle
+#: watchdog exit here, so no library thread outlives the last running integration.
+STOP_HOOKS: list[Callable[[], None]] = []
 
 
 # -- flushing at interpreter exit ----------------------------------------------

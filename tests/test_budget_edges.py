@@ -200,3 +200,26 @@ def test_outer_budget_interrupts_an_inner_op_wait_on_time(live: Any) -> None:
         inner.wait(threading.Event())
     assert info.value.operation_id == "outer-w"
     assert time.monotonic() - t0 < 0.1 + 0.02
+
+
+def test_no_budget_thread_outlives_the_last_stop() -> None:
+    """After the last integration stops, the watchdog and on_warning threads are gone (not just idle)."""
+    import threading
+
+    from backbeat_sync import BackbeatConfig, Integration, beat_budget
+
+    before = {t for t in threading.enumerate() if t.name.startswith("backbeat")}
+    cfg = BackbeatConfig(cluster_id="t", agent_id="last-stop", nats_url="local://last-stop", tempo_bpm=6000)
+    warned = threading.Event()
+    with Integration(cfg, node_id="n") as integration:
+
+        @beat_budget(
+            2, integration=integration, on_exhaust="warn", warn_at=(0.1,), on_warning=lambda *a: warned.set()
+        )
+        def slow() -> None:
+            warned.wait(5)
+
+        slow()
+        assert warned.is_set()
+    after = {t for t in threading.enumerate() if t.name.startswith("backbeat")}
+    assert after - before == set()
