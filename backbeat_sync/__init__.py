@@ -12,7 +12,7 @@ from loguru import logger as _logger
 
 from ._defaults import get_default_integration, set_default_integration
 from ._time import ManualTime, SystemTime, TimeSource
-from .budget import Tracker, beat_budget, track_operation
+from .budget import PreciseMode, Tracker, beat_budget, precise_mode, track_operation
 from .clock import BeatClock
 from .config import BackbeatConfig
 from .errors import (
@@ -63,6 +63,7 @@ __all__ = [
     "OperationPhase",
     "OperationType",
     "P2POperation",
+    "PreciseMode",
     "ProtocolError",
     "Pulse",
     "StatusClaim",
@@ -75,6 +76,7 @@ __all__ = [
     "parse_beat_frame",
     "parse_message",
     "parse_status_claim",
+    "precise_mode",
     "set_default_integration",
     "track_operation",
 ]

@@ -901,7 +901,26 @@ def _drop_stale(slot: ThreadSlot, seq: int) -> None:
             t._settle(RuntimeError("left without its exit (an exception landed on its first instruction)"))
 
 
-def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> None:
+class PreciseMode:
+    """Returned by :func:`precise_mode`; as a context manager it restores the previous setting."""
+
+    def __init__(self, previous: float | None) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> PreciseMode:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        WATCHDOG.precise_interval = self._previous
+        WATCHDOG.notify_only()
+
+
+def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> PreciseMode:
     """Opt in to more punctual interrupts, at a small cost in throughput.
 
     A busy thread gives up the GIL one switch interval (``sys.getswitchinterval()``,
@@ -915,6 +934,9 @@ def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> No
         enabled: turn precise mode on (default) or off.
         switch_interval: the interval used near an event, in seconds (> 0).
 
+    Returns:
+        A handle: ``with precise_mode(): ...`` turns it on for the block only.
+
     Raises:
         InvalidArgument: ``switch_interval`` is not a number > 0.
     """
@@ -924,8 +946,10 @@ def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> No
         or switch_interval <= 0
     ):
         raise InvalidArgument("switch_interval", switch_interval, "must be a number of seconds > 0")
+    handle = PreciseMode(WATCHDOG.precise_interval)
     WATCHDOG.precise_interval = float(switch_interval) if enabled else None
     WATCHDOG.notify_only()
+    return handle
 
 
 # -- the two faces ----------------------------------------------------------------------
