@@ -223,3 +223,17 @@ def test_no_budget_thread_outlives_the_last_stop() -> None:
         assert warned.is_set()
     after = {t for t in threading.enumerate() if t.name.startswith("backbeat")}
     assert after - before == set()
+
+
+def test_precise_mode_handle_restores_the_previous_setting() -> None:
+    """with precise_mode(): turns it on for the block only; the previous setting comes back."""
+    from backbeat_sync import precise_mode
+    from backbeat_sync._watchdog import WATCHDOG
+
+    assert WATCHDOG.precise_interval is None
+    with precise_mode(switch_interval=0.001):
+        assert WATCHDOG.precise_interval == 0.001
+        with precise_mode(False):
+            assert WATCHDOG.precise_interval is None
+        assert WATCHDOG.precise_interval == 0.001
+    assert WATCHDOG.precise_interval is None
