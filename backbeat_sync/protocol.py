@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 import attrs
 
@@ -76,12 +76,6 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
         "utf-8"
     )
-
-
-def _signing_bytes(raw: Mapping[str, Any] | None, built: Mapping[str, Any]) -> bytes:
-    if raw is None:
-        return canonical_json(built)
-    return canonical_json({k: v for k, v in raw.items() if k != "sig"})
 
 
 def _reject_constant(name: str) -> Any:
@@ -176,8 +170,61 @@ def _signature(obj: Mapping[str, Any], kind: str) -> tuple[str | None, str | Non
     return _str(obj, "sig", kind, required=False), _str(obj, "key_id", kind, required=False)
 
 
+M = TypeVar("M", bound="_Message")
+
+
+class _Message:
+    """What both message kinds share: encoding, signing bytes, parsing."""
+
+    __slots__ = ()
+    _KIND: ClassVar[str]
+    raw: Mapping[str, Any] | None
+    sig: str | None
+    key_id: str | None
+
+    def to_dict(self, *, signed: bool = True) -> dict[str, Any]:  # pragma: no cover - overridden
+        """The JSON object of this message; optional fields only when set."""
+        raise NotImplementedError
+
+    def _finish_dict(self, d: dict[str, Any], optional: Mapping[str, Any], signed: bool) -> dict[str, Any]:
+        d.update((k, v) for k, v in optional.items() if v is not None)
+        if self.key_id is not None:
+            d["key_id"] = self.key_id
+        if signed and self.sig is not None:
+            d["sig"] = self.sig
+        return d
+
+    def encode(self) -> bytes:
+        """Compact JSON bytes of this message, keys sorted (see :func:`wire_json`)."""
+        return wire_json(self.to_dict())
+
+    def signing_bytes(self) -> bytes:
+        """The canonical JSON a signature covers: the message without ``sig``.
+
+        For a parsed message this is the object as received (unknown fields and
+        number spellings included), so a signature made by any peer verifies.
+        """
+        if self.raw is None:
+            return canonical_json(self.to_dict(signed=False))
+        return canonical_json({k: v for k, v in self.raw.items() if k != "sig"})
+
+    @classmethod
+    def from_dict(cls: type[M], obj: Mapping[str, Any]) -> M:  # pragma: no cover - overridden
+        """Validate a decoded JSON object as this kind of message."""
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls: type[M], data: bytes | bytearray | memoryview | str) -> M:
+        """Parse a message of this kind from the wire (see :func:`parse_beat_frame`).
+
+        Raises:
+            ProtocolError: it breaks a rule of the contract.
+        """
+        return cls.from_dict(_load(data, cls._KIND))
+
+
 @attrs.frozen
-class BeatFrame:
+class BeatFrame(_Message):
     """One beat of the cluster's metronome (pulse -> agents).
 
     Example:
@@ -186,6 +233,8 @@ class BeatFrame:
         >>> BeatFrame.parse(f.encode()) == f
         True
     """
+
+    _KIND: ClassVar[str] = _FRAME
 
     cluster_id: str
     beat_index: int
@@ -222,27 +271,7 @@ class BeatFrame:
             "window_id": self.window_id,
             "bar_length": self.bar_length,
         }
-        if self.sent_at is not None:
-            d["sent_at"] = self.sent_at
-        if self.deadline_at is not None:
-            d["deadline_at"] = self.deadline_at
-        if self.key_id is not None:
-            d["key_id"] = self.key_id
-        if signed and self.sig is not None:
-            d["sig"] = self.sig
-        return d
-
-    def encode(self) -> bytes:
-        """Compact JSON bytes of this frame, keys sorted (see :func:`wire_json`)."""
-        return wire_json(self.to_dict())
-
-    def signing_bytes(self) -> bytes:
-        """The canonical JSON a signature covers: the message without ``sig``.
-
-        For a parsed message this is the object as received (unknown fields and
-        number spellings included), so a signature made by any peer verifies.
-        """
-        return _signing_bytes(self.raw, self.to_dict(signed=False))
+        return self._finish_dict(d, {"sent_at": self.sent_at, "deadline_at": self.deadline_at}, signed)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> BeatFrame:
@@ -275,14 +304,9 @@ class BeatFrame:
             raw=obj,
         )
 
-    @classmethod
-    def parse(cls, data: bytes | bytearray | memoryview | str) -> BeatFrame:
-        """Parse a message from the wire. See :func:`parse_beat_frame`."""
-        return cls.from_dict(_load(data, _FRAME))
-
 
 @attrs.frozen
-class StatusClaim:
+class StatusClaim(_Message):
     """What an agent says about one operation, or about its own health (agent -> cluster).
 
     Example:
@@ -293,6 +317,8 @@ class StatusClaim:
         >>> StatusClaim.parse(c.encode()) == c
         True
     """
+
+    _KIND: ClassVar[str] = _CLAIM
 
     cluster_id: str
     agent_id: str
@@ -336,29 +362,8 @@ class StatusClaim:
             "notes": self.notes,
             "sent_at": self.sent_at,
         }
-        if self.operation_type is not None:
-            d["operation_type"] = self.operation_type
-        if self.phase is not None:
-            d["phase"] = self.phase
-        if self.peer_count is not None:
-            d["peer_count"] = self.peer_count
-        if self.key_id is not None:
-            d["key_id"] = self.key_id
-        if signed and self.sig is not None:
-            d["sig"] = self.sig
-        return d
-
-    def encode(self) -> bytes:
-        """Compact JSON bytes of this claim, keys sorted (see :func:`wire_json`)."""
-        return wire_json(self.to_dict())
-
-    def signing_bytes(self) -> bytes:
-        """The canonical JSON a signature covers: the message without ``sig``.
-
-        For a parsed message this is the object as received (unknown fields and
-        number spellings included), so a signature made by any peer verifies.
-        """
-        return _signing_bytes(self.raw, self.to_dict(signed=False))
+        optional = {"operation_type": self.operation_type, "phase": self.phase, "peer_count": self.peer_count}
+        return self._finish_dict(d, optional, signed)
 
     @classmethod
     def from_dict(cls, obj: Mapping[str, Any]) -> StatusClaim:
@@ -399,11 +404,6 @@ class StatusClaim:
             key_id=key_id,
             raw=obj,
         )
-
-    @classmethod
-    def parse(cls, data: bytes | bytearray | memoryview | str) -> StatusClaim:
-        """Parse a message from the wire. See :func:`parse_status_claim`."""
-        return cls.from_dict(_load(data, _CLAIM))
 
 
 def parse_beat_frame(data: bytes | bytearray | memoryview | str) -> BeatFrame:

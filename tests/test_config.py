@@ -10,11 +10,11 @@ from backbeat_sync.config import mask_url, valid_token
 
 
 def test_defaults_follow_the_seed() -> None:
-    """Defaults are the seed document's: enabled, chorus-production, backbeat-nats:4222, 2 BPM, 8 beats."""
+    """Defaults are the seed document's: enabled, chorus-production, backbeat-nats:4333, 2 BPM, 8 beats."""
     cfg = BackbeatConfig()
     assert cfg.enabled is True
     assert cfg.cluster_id == "chorus-production"
-    assert cfg.nats_url == "nats://backbeat-nats:4222"
+    assert cfg.nats_url == "nats://backbeat-nats:4333"
     assert cfg.tempo_bpm == 2.0
     assert cfg.bar_length == 4
     assert cfg.health_every_beats == 8
@@ -67,8 +67,8 @@ def test_subject_templates_can_be_overridden() -> None:
         ("bar_length", 2.5),
         ("health_every_beats", 0),
         ("enabled", "yes"),
-        ("nats_url", "http://x:4222"),
-        ("nats_url", "backbeat-nats:4222"),
+        ("nats_url", "http://x:4333"),
+        ("nats_url", "backbeat-nats:4333"),
         ("nats_url", ""),
         ("nats_url", "nats://"),
         ("nats_url", "nats://h:99999"),
@@ -90,8 +90,8 @@ def test_bad_values_are_refused_naming_the_field(field: str, value: object) -> N
 
 def test_url_lists_and_schemes() -> None:
     """nats_url takes a comma-separated server list; local:// selects the in-process pulse."""
-    cfg = BackbeatConfig(nats_url="nats://a:4222, tls://b:4223,ws://c:80")
-    assert cfg.servers == ["nats://a:4222", "tls://b:4223", "ws://c:80"]
+    cfg = BackbeatConfig(nats_url="nats://a:4333, tls://b:4223,ws://c:80")
+    assert cfg.servers == ["nats://a:4333", "tls://b:4223", "ws://c:80"]
     assert not cfg.is_local
     assert BackbeatConfig(nats_url="local://").is_local
     assert BackbeatConfig(nats_url="local://bus?pulse=manual").is_local
@@ -103,7 +103,7 @@ def test_from_env_reads_the_seed_variables() -> None:
         "CHORUS_BACKBEAT_ENABLED": "false",
         "CHORUS_BACKBEAT_CLUSTER_ID": "chorus-dev",
         "CHORUS_BACKBEAT_AGENT_ID": "chorus-dev-alice",
-        "CHORUS_BACKBEAT_NATS_URL": "nats://localhost:4222",
+        "CHORUS_BACKBEAT_NATS_URL": "nats://localhost:4333",
         "CHORUS_BACKBEAT_TEMPO_BPM": "120",
         "CHORUS_BACKBEAT_BAR_LENGTH": "3",
     }
@@ -111,7 +111,7 @@ def test_from_env_reads_the_seed_variables() -> None:
     assert cfg.enabled is False
     assert cfg.cluster_id == "chorus-dev"
     assert cfg.agent_id == "override"
-    assert cfg.nats_url == "nats://localhost:4222"
+    assert cfg.nats_url == "nats://localhost:4333"
     assert cfg.tempo_bpm == 120.0
     assert cfg.bar_length == 3
     assert BackbeatConfig.from_env({}).cluster_id == "chorus-production"
@@ -154,7 +154,7 @@ def test_unknown_override_is_refused() -> None:
 def test_secrets_never_appear_in_repr_or_errors() -> None:
     """Passwords, tokens and seeds are masked in repr(), and URL passwords in errors."""
     cfg = BackbeatConfig(
-        nats_url="nats://bob:hunter2@h:4222",
+        nats_url="nats://bob:hunter2@h:4333",
         token="s3cret-token",
         password="pw-secret",
         nkey_seed="SUAMYSEED",
@@ -162,9 +162,9 @@ def test_secrets_never_appear_in_repr_or_errors() -> None:
     text = repr(cfg)
     for secret in ("hunter2", "s3cret-token", "pw-secret", "SUAMYSEED"):
         assert secret not in text
-    assert "bob:***@h:4222" in text
+    assert "bob:***@h:4333" in text
     with pytest.raises(ConfigError) as info:
-        BackbeatConfig(nats_url="nats://bob:hunter2@h:4222,redis://x:1")
+        BackbeatConfig(nats_url="nats://bob:hunter2@h:4333,redis://x:1")
     assert "hunter2" not in str(info.value)
     with pytest.raises(ConfigError) as info2:
         BackbeatConfig.from_env({"CHORUS_BACKBEAT_NATS_PASSWORD": ""})
