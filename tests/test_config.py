@@ -10,11 +10,11 @@ from backbeat_sync.config import mask_url, valid_token
 
 
 def test_defaults_follow_the_seed() -> None:
-    """Defaults are the seed document's: enabled, chorus-production, backbeat-nats:4333, 2 BPM, 8 beats."""
+    """Defaults are the seed document's: enabled, chorus-production, backbeat-nats:4222, 2 BPM, 8 beats."""
     cfg = BackbeatConfig()
     assert cfg.enabled is True
     assert cfg.cluster_id == "chorus-production"
-    assert cfg.nats_url == "nats://backbeat-nats:4333"
+    assert cfg.nats_url == "nats://backbeat-nats:4222"
     assert cfg.tempo_bpm == 2.0
     assert cfg.bar_length == 4
     assert cfg.health_every_beats == 8
