@@ -140,6 +140,19 @@ def test_outbox_does_not_coalesce_an_intermediate_claim_into_a_slot_before_a_fin
     assert box.dropped == 1
 
 
+def test_outbox_keeps_every_claim_while_unbounded() -> None:
+    """While connected (``bounded`` cleared) a whole beat of claims is kept; the bound applies again after."""
+    box = Outbox(limit=3)
+    box.bounded = False
+    for i in range(50):
+        box.put("s", claim(f"t{i}"))
+    assert (len(box), box.dropped, box.coalesced) == (50, 0, 0)
+    box.bounded = True
+    box.put("s", claim("t0", beat=2))
+    box.put("s", claim("late"))
+    assert (len(box), box.dropped, box.coalesced) == (50, 1, 1)
+
+
 def test_outbox_wakes_once_per_batch() -> None:
     """Only the first put after a batch was taken asks for a wake-up."""
     box = Outbox(limit=100)

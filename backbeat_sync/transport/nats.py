@@ -14,7 +14,8 @@ connection drops, every unconfirmed final claim goes back to the front of the
 outbox and is sent again after the reconnect. A repeated final claim is
 harmless (consumers key claims by task); a missing one is not.
 
-While disconnected, claims wait in the outbox. Past ``config.outbox_limit``
+While connected, every claim is queued and the loop drains the outbox in
+batches. While disconnected, claims wait in the outbox. Past ``config.outbox_limit``
 an intermediate claim replaces the queued intermediate claim of the same task
 (latest wins, counted as coalesced); one with nothing to replace is dropped
 (counted); a final claim is always kept.
@@ -661,10 +662,10 @@ class NatsLink:
 class _Entry:
     __slots__ = ("claim", "final", "sent", "seq", "subject")
 
-    def __init__(self, subject: str, claim: StatusClaim) -> None:
+    def __init__(self, subject: str, claim: StatusClaim, final: bool) -> None:
         self.subject = subject
         self.claim = claim
-        self.final = claim.is_final
+        self.final = final
         self.seq = 0  # publish sequence number, set when it goes on the wire
         self.sent = 0.0  # loop time it went on the wire
 
@@ -675,7 +676,10 @@ class Outbox:
     Below ``limit`` every claim is kept in order. At or past it, an
     intermediate claim replaces the queued intermediate claim of the same
     subject and task (latest wins, :attr:`coalesced`); with none to replace it
-    is dropped (:attr:`dropped`). A final claim is always kept.
+    is dropped (:attr:`dropped`). A final claim is always kept. The bound
+    holds while :attr:`bounded` is true; the link clears it while connected,
+    when the loop is draining the outbox anyway (one beat of 100,000 active
+    operations queues 100,000 claims at once, and none of them may be lost).
 
     Args:
         limit: claims held before coalescing starts (>= 1).
@@ -694,6 +698,8 @@ class Outbox:
         self._items: deque[_Entry] = deque()
         self._latest: dict[tuple[str, str], _Entry] = {}
         self._wake_pending = False
+        #: Apply ``limit`` (True while disconnected; the link clears it while connected).
+        self.bounded = True
         self.dropped = 0
         self.coalesced = 0
 
@@ -707,11 +713,12 @@ class Outbox:
             True if the caller must wake the loop (the first claim since the last batch was taken).
         """
         key = (subject, claim.task_id)
+        final = claim.is_final
         with self._lock:
-            if claim.is_final:
+            if final:
                 self._latest.pop(key, None)
-                self._items.append(_Entry(subject, claim))
-            elif len(self._items) >= self._limit:
+                self._items.append(_Entry(subject, claim, True))
+            elif self.bounded and len(self._items) >= self._limit:
                 slot = self._latest.get(key)
                 if slot is not None:
                     slot.claim = claim
@@ -719,7 +726,7 @@ class Outbox:
                 else:
                     self.dropped += 1
             else:
-                entry = _Entry(subject, claim)
+                entry = _Entry(subject, claim, False)
                 self._items.append(entry)
                 self._latest[key] = entry
             wake = not self._wake_pending
@@ -808,6 +815,7 @@ class _ClaimLink(NatsLink):
             await flush(nc, self._config.flush_timeout)  # the server has our SUB
         except Exception:
             pass
+        self.outbox.bounded = False
         if self._wake is not None:
             self._wake.set()
 
@@ -824,6 +832,7 @@ class _ClaimLink(NatsLink):
             )
 
     def _on_disconnect(self) -> None:
+        self.outbox.bounded = True
         if self._flush_task is not None and not self._flush_task.done():
             self._flush_task.cancel()
         if self.inflight:
@@ -832,6 +841,7 @@ class _ClaimLink(NatsLink):
             self.inflight.clear()
 
     def _on_reconnect(self) -> None:
+        self.outbox.bounded = False
         if self._wake is not None:
             self._wake.set()
 
