@@ -6,6 +6,9 @@ from ._time import TimeSource, format_rfc3339
 from .operations import OperationPhase, P2POperation
 from .protocol import HEALTH_TASK_ID, StatusClaim
 
+_COMPLETED = OperationPhase.COMPLETED
+_FAILED = OperationPhase.FAILED
+
 __all__ = ["ClaimFactory", "active_notes", "failed_notes", "health_notes", "progress_fields"]
 
 
@@ -75,31 +78,41 @@ class ClaimFactory:
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
         """
+        # The per-beat hot path (one call per active operation per beat): the maths of
+        # progress_fields() and the lines of active_notes()/failed_notes(), inlined.
         phase = op.phase
-        if phase is OperationPhase.COMPLETED:
+        value = phase.value
+        if phase is _COMPLETED:
             state, beats_left, progress = "done", 0, 1.0
-            line = active_notes(op.type, phase.value, op.peer_count, self.node_id)
-        elif phase is OperationPhase.FAILED:
+            line = f"P2P {op.type}: {value} (peers: {op.peer_count}, node: {self.node_id})"
+        elif phase is _FAILED:
             state, beats_left, progress = "failed", 0, 0.0
-            line = failed_notes(op.reason or "unknown", op.type)
+            line = f"P2P operation failed: {op.reason or 'unknown'} (type: {op.type})"
         else:
             state = "executing"
-            beats_left, progress = progress_fields(op.start_beat, op.estimated_beats, current_beat)
-            line = active_notes(op.type, phase.value, op.peer_count, self.node_id)
+            estimated = op.estimated_beats
+            passed = current_beat - op.start_beat
+            if passed < 0:
+                passed = 0
+            if passed < estimated:
+                beats_left, progress = estimated - passed, passed / estimated
+            else:
+                beats_left, progress = 0, 1.0
+            line = f"P2P {op.type}: {value} (peers: {op.peer_count}, node: {self.node_id})"
         return StatusClaim(
-            cluster_id=self.cluster_id,
-            agent_id=self.agent_id,
-            node_id=self.node_id,
-            task_id=op.id,
-            beat_index=current_beat,
-            state=state,
-            beats_left=beats_left,
-            progress=progress,
-            notes=line if notes is None else notes,
-            sent_at=self.sent_at(),
-            operation_type=op.type,
-            phase=phase.value,
-            peer_count=op.peer_count,
+            self.cluster_id,
+            self.agent_id,
+            self.node_id,
+            op.id,
+            current_beat,
+            state,
+            beats_left,
+            progress,
+            line if notes is None else notes,
+            self.sent_at(),
+            op.type,
+            value,
+            op.peer_count,
         )
 
     def for_health(
