@@ -49,6 +49,7 @@ class LocalBus:
         self.name = name
         self._lock = threading.Lock()
         self._subs: tuple[tuple[int, str, Handler], ...] = ()
+        self._matches: dict[str, bool] = {}  # has_subscribers() per subject, for the current _subs
         self._next_id = 0
         self._pulses: dict[str, _SharedPulse] = {}
 
@@ -71,16 +72,24 @@ class LocalBus:
             sid = self._next_id
             self._next_id += 1
             self._subs = (*self._subs, (sid, pattern, handler))
+            self._matches = {}
 
         def unsubscribe() -> None:
             with self._lock:
                 self._subs = tuple(s for s in self._subs if s[0] != sid)
+                self._matches = {}
 
         return unsubscribe
 
     def has_subscribers(self, subject: str) -> bool:
-        """Whether any subscription matches ``subject``."""
-        return any(subject_matches(p, subject) for _, p, _ in self._subs)
+        """Whether any subscription matches ``subject`` (cached per subject until subscriptions change)."""
+        cache = self._matches  # read before _subs: a change replaces _subs, then the cache
+        hit = cache.get(subject)
+        if hit is None:
+            hit = any(subject_matches(p, subject) for _, p, _ in self._subs)
+            if len(cache) < 4096:
+                cache[subject] = hit
+        return hit
 
     def publish(self, subject: str, data: bytes) -> int:
         """Deliver ``data`` to every matching subscriber, synchronously. Returns how many got it.
