@@ -579,6 +579,19 @@ class Integration:
         """Queue the claim for ``op`` (called by the registry under its lock)."""
         self._publish(self._claims.for_operation(op, self._clock.current_beat))
 
+    def _emit_operations(self, ops: list[P2POperation]) -> None:
+        """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock)."""
+        beat = self._clock.current_beat
+        make = self._claims.for_operation
+        claims = [make(op, beat) for op in ops]
+        transport = self._transport
+        if transport is not None:
+            transport.publish_many(self._status_subject, claims)
+        self._counts["claims_emitted"] += len(claims)  # always under the registry lock
+        if self._callbacks.claim:
+            for claim in claims:
+                self._queue_callback("claim", claim)
+
     def _publish(self, claim: StatusClaim) -> None:
         transport = self._transport
         if transport is not None:
@@ -728,7 +741,7 @@ class Integration:
         beat = self._clock.current_beat
         if beat != self._claimed_beat:  # each beat's claims go out once
             self._claimed_beat = beat
-            self._registry.emit_active()
+            self._registry.emit_active(emit_chunk=self._emit_operations)
         for hook in self._beat_hooks:
             hook(frame)
         downbeats = [f for f in frames if f.downbeat]

@@ -290,7 +290,13 @@ class OperationRegistry:
             del self._active[operation_id]
             return True
 
-    def emit_active(self, chunk: int = 1024, *, also: Emit | None = None) -> int:
+    def emit_active(
+        self,
+        chunk: int = 1024,
+        *,
+        also: Emit | None = None,
+        emit_chunk: Callable[[list[P2POperation]], None] | None = None,
+    ) -> int:
         """Claim every active operation (the per-beat claims), ``chunk`` at a time.
 
         The lock is taken once per chunk, so application threads are not held
@@ -299,6 +305,9 @@ class OperationRegistry:
         Args:
             chunk: operations per lock acquisition.
             also: called for each claimed operation too (under the lock).
+            emit_chunk: if given, called once per chunk with its operations, in
+                order and under the lock, instead of ``emit`` once per operation
+                (the integration queues a whole chunk of claims at once).
 
         Returns:
             How many claims were queued.
@@ -306,17 +315,25 @@ class OperationRegistry:
         with self._lock:
             ids = list(self._active)
         emitted = 0
+        active = self._active
+        emit = self._emit
         for start in range(0, len(ids), chunk):
             with self._lock:
+                ops: list[P2POperation] = []
                 for op_id in ids[start : start + chunk]:
-                    op = self._active.get(op_id)
+                    op = active.get(op_id)
                     if op is None:
                         continue
                     op.announced = True
-                    self._emit(op)
+                    if emit_chunk is None:
+                        emit(op)
+                    else:
+                        ops.append(op)
                     if also is not None:
                         also(op)
                     emitted += 1
+                if ops and emit_chunk is not None:
+                    emit_chunk(ops)
         return emitted
 
     def cleanup_finished(self) -> int:

@@ -146,6 +146,24 @@ def test_emit_active_skips_finished_and_chunks(
     assert registry.active_count == 0
 
 
+def test_emit_active_hands_whole_chunks_to_emit_chunk(
+    registry: OperationRegistry, emitted: list[tuple[str, str]]
+) -> None:
+    """With ``emit_chunk`` the sweep passes each chunk's operations at once, in order, under the lock."""
+    for n in range(7):
+        registry.add(op(f"o{n}"))
+    registry.finish("o1", P.COMPLETED)
+    emitted.clear()
+    chunks: list[tuple[list[str], bool]] = []
+
+    def emit_chunk(ops: list[P2POperation]) -> None:
+        chunks.append(([o.id for o in ops], registry.lock.locked()))
+
+    assert registry.emit_active(chunk=3, emit_chunk=emit_chunk) == 6
+    assert chunks == [(["o0", "o2", "o3"], True), (["o4", "o5", "o6"], True)]
+    assert emitted == []  # the per-operation emit is not called as well
+
+
 def test_rebase_moves_operations_of_earlier_epochs(registry: OperationRegistry) -> None:
     """A lock-on or pulse reset shifts start beats of older epochs, also for operations added late."""
     registry.add(P2POperation(id="a", type="t", start_beat=0, estimated_beats=3, epoch=0))

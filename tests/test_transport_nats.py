@@ -153,6 +153,16 @@ def test_outbox_keeps_every_claim_while_unbounded() -> None:
     assert (len(box), box.dropped, box.coalesced) == (50, 1, 1)
 
 
+def test_outbox_put_many_follows_the_rules_of_put() -> None:
+    """``put_many`` keeps order, wakes once; past the bound it coalesces, drops, keeps finals, as ``put``."""
+    box = Outbox(limit=3)
+    assert box.put_many("s", [claim("a"), claim("b")]) is True
+    assert box.put_many("s", [claim("c"), claim("a", beat=2), claim("d"), claim("b", state="done")]) is False
+    taken = [(e.claim.task_id, e.claim.beat_index, e.final) for e in box.take(10)]
+    assert taken == [("a", 2, False), ("b", 1, False), ("c", 1, False), ("b", 1, True)]
+    assert (box.coalesced, box.dropped) == (1, 1)
+
+
 def test_outbox_wakes_once_per_batch() -> None:
     """Only the first put after a batch was taken asks for a wake-up."""
     box = Outbox(limit=100)

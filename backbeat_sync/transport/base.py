@@ -60,6 +60,11 @@ class Transport(abc.ABC):
     def publish(self, subject: str, claim: StatusClaim) -> None:
         """Queue ``claim`` for ``subject``; thread-safe, returns at once."""
 
+    def publish_many(self, subject: str, claims: list[StatusClaim]) -> None:
+        """Queue ``claims`` for ``subject``, in order (one beat's claims); thread-safe, returns at once."""
+        for claim in claims:
+            self.publish(subject, claim)
+
     @abc.abstractmethod
     def stop(self, flush_timeout: float) -> None:
         """Publish what is queued (for at most ``flush_timeout`` s), close, join threads. Idempotent."""

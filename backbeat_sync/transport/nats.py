@@ -733,6 +733,34 @@ class Outbox:
             self._wake_pending = True
             return wake
 
+    def put_many(self, subject: str, claims: list[StatusClaim]) -> bool:
+        """Queue ``claims`` for ``subject`` in order, under one lock (one beat's claims).
+
+        Returns:
+            True if the caller must wake the loop (as :meth:`put`).
+        """
+        with self._lock:
+            items, latest = self._items, self._latest
+            for claim in claims:
+                key = (subject, claim.task_id)
+                if claim.is_final:
+                    latest.pop(key, None)
+                    items.append(_Entry(subject, claim, True))
+                elif self.bounded and len(items) >= self._limit:
+                    slot = latest.get(key)
+                    if slot is not None:
+                        slot.claim = claim
+                        self.coalesced += 1
+                    else:
+                        self.dropped += 1
+                else:
+                    entry = _Entry(subject, claim, False)
+                    items.append(entry)
+                    latest[key] = entry
+            wake = not self._wake_pending
+            self._wake_pending = True
+            return wake
+
     def rearm(self) -> None:
         """The loop is about to take a batch: the next ``put`` must wake it again."""
         with self._lock:
@@ -1026,6 +1054,18 @@ class NatsTransport(Transport):
             link.lost += 1  # nobody will send it: count it rather than queue it forever
             return
         if link.outbox.put(subject, claim):
+            link.wake()
+
+    def publish_many(self, subject: str, claims: list[StatusClaim]) -> None:
+        """Queue ``claims`` for ``subject`` in order, under one outbox lock; returns at once."""
+        link = self._link
+        if link is None:
+            self._pre_outbox.put_many(subject, claims)
+            return
+        if link.stopped:
+            link.lost += len(claims)
+            return
+        if link.outbox.put_many(subject, claims):
             link.wake()
 
     def stop(self, flush_timeout: float) -> None:
