@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -70,14 +71,19 @@ def row(
         met = ratio <= max_ratio
     return {
         "figure": figure,
-        "value": round(value, 4),
-        "baseline": round(baseline, 4),
-        "ratio": round(ratio, 4),
+        "value": _finite(value),
+        "baseline": _finite(baseline),
+        "ratio": _finite(ratio),
         "target": target if target is not None else f"ratio <= {max_ratio:g}",
         "met": bool(met),
         "unit": unit,
         "detail": detail or {},
     }
+
+
+def _finite(x: float) -> float | None:
+    """``x`` rounded, or None when it is not finite (strict JSON has no Infinity)."""
+    return round(x, 4) if math.isfinite(x) else None
 
 
 def pct(values: list[float], q: float) -> float:
@@ -875,6 +881,9 @@ def machine() -> dict[str, Any]:
 
         info["nats_py"] = version("nats-py")
         info["backbeat_sync"] = version("backbeat_sync")
+    import backbeat_sync
+
+    info["backbeat_sync_path"] = str(Path(backbeat_sync.__file__).parent)
     with contextlib.suppress(OSError):
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return info
