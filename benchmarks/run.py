@@ -334,7 +334,7 @@ def bench_throughput(quick: bool) -> list[Row]:
 
     from backbeat_sync import BackbeatConfig, Integration, StatusClaim
 
-    total, repeats = (40_000, 1) if quick else (200_000, 3)
+    total, repeats = (40_000, 1) if quick else (200_000, 5)
     raw_rates: list[float] = []
     our_rates: list[float] = []
     with nats_server() as server:
@@ -548,7 +548,7 @@ def bench_scale(quick: bool) -> list[Row]:
     from backbeat_sync import BackbeatConfig, BeatFrame, Integration
 
     sizes = (1_000, 10_000, 30_000) if quick else (1_000, 10_000, 100_000)
-    batch, batches = (200, 3) if quick else (500, 7)
+    batch, batches = (200, 3) if quick else (500, 11)
     tempo = 60.0
     rows: list[Row] = []
     with nats_server() as server:
