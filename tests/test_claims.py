@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from backbeat_sync import ManualTime, OperationPhase, P2POperation
+from backbeat_sync import ManualTime, OperationPhase, P2POperation, StatusClaim
 from backbeat_sync.claims import ClaimFactory, active_notes, failed_notes, health_notes, progress_fields
 
 
@@ -66,6 +66,29 @@ def test_claim_for_each_phase() -> None:
     failed = f.for_operation(make(OperationPhase.FAILED, "boom"), 101)
     assert (failed.state, failed.beats_left, failed.progress) == ("failed", 0, 0.0)
     assert failed.notes == "P2P operation failed: boom (type: dht_store)"
+
+
+def test_claim_fields_match_a_claim_built_by_name() -> None:
+    """The hot path builds claims positionally: every field lands where the keyword-built claim has it."""
+    f = ClaimFactory("c", "a", "n", ManualTime(wall=1_790_000_000.25))
+    built = f.for_operation(make(OperationPhase.EXECUTING), 102)
+    expected = StatusClaim(
+        cluster_id="c",
+        agent_id="a",
+        node_id="n",
+        task_id="op",
+        beat_index=102,
+        state="executing",
+        beats_left=2,
+        progress=0.5,
+        notes="P2P dht_store: executing (peers: 3, node: n)",
+        sent_at="2026-09-21T14:13:20.250Z",
+        operation_type="dht_store",
+        phase="executing",
+        peer_count=3,
+    )
+    assert built == expected
+    assert built.to_dict() == expected.to_dict()
 
 
 def test_health_claim_states() -> None:
