@@ -84,6 +84,20 @@ _sleep = time.sleep
 _ops_lock = threading.RLock()
 _fallback_logged = False
 
+#: wrapt's ``enabled`` gate of every non-strict ``@beat_budget``: wrapt tests its truth in
+#: C on each call and, when it is empty, calls the function directly, so the fallback
+#: (no integration running) costs less than a bare pass-through wrapper. It holds one
+#: item while an integration runs, and until the fallback has been logged once.
+_BUDGETS_ON: list[bool] = [True]
+
+
+def _refresh_gate() -> None:
+    """Open the gate while any integration runs (or the fallback is yet to be logged); else close it."""
+    if _fallback_logged and not any(i.running for i in list(_integration_module._live)):
+        _BUDGETS_ON.clear()
+    elif not _BUDGETS_ON:
+        _BUDGETS_ON.append(True)
+
 
 def _running_state() -> Any:
     global _RUNNING
@@ -203,6 +217,8 @@ def _any_running() -> bool:
 
 WATCHDOG.keep_alive = _any_running
 _integration_module.STOP_HOOKS.append(WATCHDOG.join_idle)
+_integration_module.STOP_HOOKS.append(_refresh_gate)
+_integration_module.START_HOOKS.append(_refresh_gate)
 
 
 def _announce_running(ref: weakref.ref[Integration]) -> None:
@@ -231,6 +247,7 @@ def _log_fallback(what: str) -> None:
         logger.warning(
             f"BACKBEAT integration not started: {what} runs without a beat budget (the seed's fallback)"
         )
+        _refresh_gate()
 
 
 # -- the tracker ----------------------------------------------------------------------
@@ -1197,6 +1214,9 @@ def beat_budget(
         if not callable(target):
             raise TypeError(f"@beat_budget needs a function, not {type(func).__name__}")
         settings = base if base.name else attrs.evolve(base, name=getattr(target, "__qualname__", "call"))
-        return cast("Callable[P, R]", wrapt.decorator(_runner(settings))(func))
+        # strict must always check (and raise); wrapt tests a list's truth in C (its stubs
+        # only name bool-like objects, hence Any)
+        gate: Any = None if settings.strict else _BUDGETS_ON
+        return cast("Callable[P, R]", wrapt.decorator(_runner(settings), enabled=gate)(func))
 
     return decorate

@@ -267,6 +267,8 @@ class Integration:
             raise
         _defaults._started(self)
         _register_exit_hook(self)
+        for hook in START_HOOKS:
+            hook()
         self._log.info(
             f"🎵 CHORUS BACKBEAT integration started - cluster={self._config.cluster_id}"
             f" agent={self._config.agent_id}"
@@ -857,6 +859,8 @@ class Integration:
 #: Called (no arguments) at the end of every stop(): the budget engine lets its idle
 #: watchdog exit here, so no library thread outlives the last running integration.
 STOP_HOOKS: list[Callable[[], None]] = []
+#: Called (no arguments) once start() has succeeded: the budget engine opens its gate.
+START_HOOKS: list[Callable[[], None]] = []
 
 
 # -- flushing at interpreter exit ----------------------------------------------
