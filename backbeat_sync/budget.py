@@ -1217,6 +1217,6 @@ def beat_budget(
         # strict must always check (and raise); wrapt tests a list's truth in C (its stubs
         # only name bool-like objects, hence Any)
         gate: Any = None if settings.strict else _BUDGETS_ON
-        return cast("Callable[P, R]", wrapt.decorator(_runner(settings), enabled=gate)(func))
+        return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(_runner(settings))(func))
 
     return decorate
