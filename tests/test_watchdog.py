@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import itertools
+import functools
 import operator
 import threading
 import time
@@ -54,17 +54,20 @@ def test_set_async_exc_raises_only_in_the_target_thread() -> None:
 def test_clear_async_exc_cancels_a_pending_exception() -> None:
     """A pending exception cleared before it can land is never raised; uncleared, it is.
 
-    ``itertools.starmap(operator.call, ...)`` makes both C calls with no Python
-    bytecode in between, so nothing can land between setting and clearing.
+    ``map(methodcaller("__call__"), [partial(...), ...])`` makes both C calls with
+    no Python bytecode in between (map, methodcaller, partial and the ctypes
+    function are all C; ``operator.call`` would do too, but only from 3.11), so
+    nothing can land between setting and clearing.
     """
     me = threading.get_ident()
     setter = _watchdog._set_async
     clearer = _watchdog._clear_async
-    list(itertools.starmap(operator.call, [(setter, me, Boom), (clearer, me, None)]))
+    call = operator.methodcaller("__call__")
+    list(map(call, [functools.partial(setter, me, Boom), functools.partial(clearer, me, None)]))
     for _ in range(100):
         pass
     with pytest.raises(Boom):
-        list(itertools.starmap(operator.call, [(setter, me, Boom)]))
+        list(map(call, [functools.partial(setter, me, Boom)]))
         for _ in range(100):
             pass
 
