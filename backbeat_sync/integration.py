@@ -55,7 +55,7 @@ ClaimCallback = Callable[[StatusClaim], Any]
 _STOP: Final = object()
 #: User-callback items queued at most; past this the oldest are dropped (and counted).
 CALLBACK_QUEUE_LIMIT: Final = 100_000
-#: How long stop() waits for a user callback that is still running.
+#: How long stop() waits for one user callback that is still running (a blocked one).
 CALLBACK_JOIN_TIMEOUT: Final = 2.0
 STOPPED_REASON: Final = "integration stopped"
 
@@ -313,10 +313,21 @@ class Integration:
         for t in self._threads:
             if t is threading.current_thread() or not t.is_alive():
                 continue
-            t.join(CALLBACK_JOIN_TIMEOUT if t.name == "backbeat-callbacks" else None)
-            if t.is_alive():
-                self._log.warn(f"BACKBEAT stop: thread {t.name} still busy in a user callback")
+            if t.name == "backbeat-callbacks":
+                self._join_callbacks(t)
+            else:
+                t.join()
         self._threads = []
+
+    def _join_callbacks(self, thread: threading.Thread) -> None:
+        """Wait while the callback thread works through what is queued (every claim reaches
+        ``on_claim``); give up only on one callback running longer than CALLBACK_JOIN_TIMEOUT."""
+        while thread.is_alive():
+            thread.join(0.05)
+            running = self._cb_running
+            if running is not None and self._time.monotonic() - running[1] > CALLBACK_JOIN_TIMEOUT:
+                self._log.warn(f"BACKBEAT stop: thread {thread.name} still busy in a user callback")
+                return
 
     def __enter__(self) -> Integration:
         self.start()

@@ -505,3 +505,21 @@ def test_operation_started_before_the_first_beat_counts_from_lock_on() -> None:
         (7_000_001, "executing", "started", 2, pytest.approx(1 / 3)),
         (7_000_001, "failed", "failed", 0, 0.0),
     ]
+
+
+def test_stop_delivers_a_long_claim_backlog_to_on_claim() -> None:
+    """stop() waits while callbacks make progress: a slow-ish on_claim still sees every claim."""
+    import time as _time
+
+    seen: list[str] = []
+
+    def slow(claim: StatusClaim) -> None:
+        _time.sleep(0.002)  # a callback that takes its time; 1,600 of them take over 3 s
+        seen.append(claim.task_id)
+
+    with manual_integration() as (i, _pulse, _log):
+        i.on_claim(slow)
+        for n in range(800):
+            i.start_p2p_operation(f"op-{n}", "election", 3)
+            i.complete_p2p_operation(f"op-{n}", 1)
+    assert len(seen) == 1600  # more than CALLBACK_JOIN_TIMEOUT (2 s) of callbacks, none cut off
