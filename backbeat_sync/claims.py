@@ -9,29 +9,7 @@ from .protocol import HEALTH_TASK_ID, StatusClaim
 _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
 
-__all__ = ["ClaimFactory", "active_notes", "failed_notes", "health_notes", "progress_fields"]
-
-
-def progress_fields(start_beat: int, estimated_beats: int, current_beat: int) -> tuple[int, float]:
-    """``(beats_left, progress)`` of an active operation.
-
-    ``p = c - s``; ``beats_left = max(0, e - p)``; ``progress = min(1.0, p / e)``.
-
-    >>> progress_fields(10, 4, 11)
-    (3, 0.25)
-    """
-    passed = max(0, current_beat - start_beat)
-    return max(0, estimated_beats - passed), min(1.0, passed / estimated_beats)
-
-
-def active_notes(op_type: str, phase: str, peer_count: int, node_id: str) -> str:
-    """``P2P {type}: {phase} (peers: {peer_count}, node: {node_id})`` (also the completed line)."""
-    return f"P2P {op_type}: {phase} (peers: {peer_count}, node: {node_id})"
-
-
-def failed_notes(reason: str, op_type: str) -> str:
-    """``P2P operation failed: {reason} (type: {type})``."""
-    return f"P2P operation failed: {reason} (type: {op_type})"
+__all__ = ["ClaimFactory", "health_notes"]
 
 
 def health_notes(connected: bool, operations: int, tempo_bpm: float, node_id: str) -> str:
@@ -78,8 +56,8 @@ class ClaimFactory:
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
         """
-        # The per-beat hot path (one call per active operation per beat): the maths of
-        # progress_fields() and the lines of active_notes()/failed_notes(), inlined.
+        # The per-beat hot path (one call per active operation per beat), kept inline.
+        # PROTOCOL.md: p = c - s; beats_left = max(0, e - p); progress = min(1.0, p / e).
         phase = op.phase
         value = phase.value
         if phase is _COMPLETED:

@@ -129,7 +129,6 @@ class BeatClock:
         self._state: tuple[float, float, float, float] = (0.0, now, 60.0 / tempo_bpm, 0.0)
         self._tempo = float(tempo_bpm)
         self._bar = bar_length
-        self._last_index = 0
         # (last_index, epoch), swapped whole: the epoch counts lock-ons and resets, so an
         # operation can tell which index sequence its start beat belongs to.
         self._beat: tuple[int, int] = (0, 0)
@@ -180,7 +179,7 @@ class BeatClock:
     @property
     def current_beat(self) -> int:
         """Index of the last beat frame accepted (0 before any)."""
-        return self._last_index
+        return self._beat[0]
 
     @property
     def has_beat(self) -> bool:
@@ -210,14 +209,14 @@ class BeatClock:
             samples = len(self._arrivals)
             measured = self._measured()
             return ClockSnapshot(
-                current_beat=self._last_index,
+                current_beat=self._beat[0],
                 has_beat=self._has_beat,
                 tempo_bpm=self._tempo,
                 bar_length=self._bar,
                 measured_bpm=measured,
                 tempo_drift=drift_class(measured, self._tempo, samples),
                 seconds_since_frame=max(0.0, now - self._last_arrival),
-                missed_in_current_bar=self._gap_bar == self._last_index // self._bar,
+                missed_in_current_bar=self._gap_bar == self._beat[0] // self._bar,
                 missed_beats=self._missed,
                 stale_frames=self._stale,
                 duplicate_frames=self._duplicates,
@@ -254,11 +253,11 @@ class BeatClock:
         with self._lock:
             now = self._time.monotonic() if arrival is None else arrival
             index = frame.beat_index
-            if self._has_beat and index <= self._last_index:
+            if self._has_beat and index <= self._beat[0]:
                 return self._observe_old(frame, now)
             if not self._has_beat:
                 return self._accept(frame, now, Observation.FIRST, keep_budget=True)
-            missed = index - self._last_index - 1
+            missed = index - self._beat[0] - 1
             if missed > 0:
                 self._missed += missed
                 self._gap_bar = index // frame.bar_length
@@ -266,7 +265,7 @@ class BeatClock:
             return self._accept(frame, now, Observation.NEXT)
 
     def _observe_old(self, frame: BeatFrame, now: float) -> FrameResult:
-        if frame.beat_index == self._last_index:
+        if frame.beat_index == self._beat[0]:
             self._duplicates += 1
             return FrameResult(Observation.DUPLICATE)
         self._stale += 1
@@ -292,7 +291,7 @@ class BeatClock:
         keep_budget: bool = False,
     ) -> FrameResult:
         idx, t0, spb, off = self._state
-        shift = frame.beat_index - self._last_index if keep_budget else 0
+        shift = frame.beat_index - self._beat[0] if keep_budget else 0
         if keep_budget:  # lock-on or resync: keep budget_position continuous
             off = idx + off + (now - t0) / spb - frame.beat_index
         tempo_changed = frame.tempo_bpm != self._tempo
@@ -300,7 +299,6 @@ class BeatClock:
             self._arrivals.clear()
         self._tempo = frame.tempo_bpm
         self._bar = frame.bar_length
-        self._last_index = frame.beat_index
         epoch = self._beat[1] + (1 if keep_budget else 0)
         self._beat = (frame.beat_index, epoch)
         self._has_beat = True

@@ -519,7 +519,7 @@ class Integration:
         snap = self._clock.snapshot()
         started = self.running
         transport = self._transport
-        connected = bool(started and transport is not None and transport.connected)
+        connected = self._connected()
         with self._errors_lock:
             errors = list(self._errors)
         tstats = transport.stats() if transport is not None else {}
@@ -557,6 +557,10 @@ class Integration:
         with self._errors_lock:
             health.update(self._counts)
         return health
+
+    def _connected(self) -> bool:
+        transport = self._transport
+        return bool(self.running and transport is not None and transport.connected)
 
     def _degraded(self, since_frame: float, missed_in_bar: bool) -> bool:
         spb = self._clock.beat_duration
@@ -630,7 +634,6 @@ class Integration:
         return sent[0] if sent else None
 
     def _emit_health(self) -> None:
-        health = self.get_health()
         last_err = self._last_error_beat
         every = self._config.health_every_beats
         recent = last_err is not None and self._clock.current_beat - last_err < every
@@ -638,9 +641,9 @@ class Integration:
             self._publish(
                 self._claims.for_health(
                     current_beat=self._clock.current_beat,
-                    connected=health["connected"],
+                    connected=self._connected(),
                     operations=self._registry.active_count,
-                    tempo_bpm=health["current_tempo"],
+                    tempo_bpm=self._clock.tempo_bpm,
                     recent_errors=recent,
                 )
             )

@@ -277,24 +277,10 @@ class OperationRegistry:
             emit(op)
             return True
 
-    def discard_quiet(self, operation_id: str) -> bool:
-        """Forget an active operation that was never announced, without any claim.
-
-        Returns:
-            True if it was removed; False if it was announced meanwhile (or is gone).
-        """
-        with self._lock:
-            op = self._active.get(operation_id)
-            if op is None or op.announced:
-                return False
-            del self._active[operation_id]
-            return True
-
     def emit_active(
         self,
         chunk: int = 1024,
         *,
-        also: Emit | None = None,
         emit_chunk: Callable[[list[P2POperation]], None] | None = None,
     ) -> int:
         """Claim every active operation (the per-beat claims), ``chunk`` at a time.
@@ -304,7 +290,6 @@ class OperationRegistry:
 
         Args:
             chunk: operations per lock acquisition.
-            also: called for each claimed operation too (under the lock).
             emit_chunk: if given, called once per chunk with its operations, in
                 order and under the lock, instead of ``emit`` once per operation
                 (the integration queues a whole chunk of claims at once).
@@ -329,8 +314,6 @@ class OperationRegistry:
                         emit(op)
                     else:
                         ops.append(op)
-                    if also is not None:
-                        also(op)
                     emitted += 1
                 if ops and emit_chunk is not None:
                     emit_chunk(ops)

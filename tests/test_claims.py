@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backbeat_sync import ManualTime, OperationPhase, P2POperation, StatusClaim
-from backbeat_sync.claims import ClaimFactory, active_notes, failed_notes, health_notes, progress_fields
+from backbeat_sync.claims import ClaimFactory, health_notes
 
 
 @pytest.mark.parametrize(
@@ -21,15 +21,27 @@ from backbeat_sync.claims import ClaimFactory, active_notes, failed_notes, healt
 )
 def test_progress_fields(start: int, estimate: int, current: int, expected: tuple[int, float]) -> None:
     """beats_left = max(0, e - p); progress = min(1.0, p / e); p = c - s."""
-    assert progress_fields(start, estimate, current) == expected
+    op = P2POperation(
+        id="op", type="t", start_beat=start, estimated_beats=estimate, phase=OperationPhase.EXECUTING
+    )
+    claim = ClaimFactory("c", "a", "n", ManualTime()).for_operation(op, current)
+    assert (claim.beats_left, claim.progress) == expected
 
 
 def test_notes_formats() -> None:
     """The seed's own notes lines."""
-    assert active_notes("election", "started", 0, "12D3KooWAbc") == (
-        "P2P election: started (peers: 0, node: 12D3KooWAbc)"
+    f = ClaimFactory("c", "a", "12D3KooWAbc", ManualTime())
+    started = P2POperation(id="e", type="election", start_beat=0, estimated_beats=5)
+    assert f.for_operation(started, 0).notes == "P2P election: started (peers: 0, node: 12D3KooWAbc)"
+    failed = P2POperation(
+        id="e",
+        type="election",
+        start_beat=0,
+        estimated_beats=5,
+        phase=OperationPhase.FAILED,
+        reason="quorum not reached within timeout",
     )
-    assert failed_notes("quorum not reached within timeout", "election") == (
+    assert f.for_operation(failed, 0).notes == (
         "P2P operation failed: quorum not reached within timeout (type: election)"
     )
     assert (

@@ -223,8 +223,3 @@ class LocalTransport(Transport):
             "claims_coalesced": 0,
             "claims_queued": 0,
         }
-
-
-def frame_bytes(frame: BeatFrame) -> bytes:
-    """Encode a frame for :meth:`LocalBus.publish` (a convenience for tests and tools)."""
-    return frame.encode()
