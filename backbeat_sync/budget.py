@@ -91,12 +91,18 @@ _fallback_logged = False
 _BUDGETS_ON: list[bool] = [True]
 
 
+_gate_lock = threading.Lock()
+
+
 def _refresh_gate() -> None:
-    """Open the gate while any integration runs (or the fallback is yet to be logged); else close it."""
-    if _fallback_logged and not any(i.running for i in list(_integration_module._live)):
-        _BUDGETS_ON.clear()
-    elif not _BUDGETS_ON:
-        _BUDGETS_ON.append(True)
+    """Open the gate while any integration runs (or the fallback is yet to be logged); else close it.
+
+    Called from any thread (a first fallback call, start(), stop()): the state is set
+    whole under a lock, so two callers never leave it half-done or doubled.
+    """
+    with _gate_lock:
+        closed = _fallback_logged and not any(i.running for i in list(_integration_module._live))
+        _BUDGETS_ON[:] = [] if closed else [True]
 
 
 def _running_state() -> Any:
