@@ -6,6 +6,7 @@ The other side of every NATS test is raw nats-py written in ``tests/natsserver.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -18,7 +19,13 @@ from loguru import logger
 from backbeat_sync import BackbeatConfig, BackbeatConnectionError, ConfigError, Integration
 from backbeat_sync._time import format_rfc3339
 from backbeat_sync.protocol import HEALTH_TASK_ID, StatusClaim
-from backbeat_sync.transport.nats import NatsTransport, Outbox, connect_options, describe_error
+from backbeat_sync.transport.nats import (
+    NatsTransport,
+    Outbox,
+    cancel_and_wait,
+    connect_options,
+    describe_error,
+)
 
 from .natsserver import (
     PASSWORD,
@@ -245,6 +252,53 @@ def test_describe_error_names_common_causes() -> None:
 # -- against a real server -------------------------------------------------------------------
 
 
+def test_cancel_and_wait_cancels_again_a_task_that_swallows_cancellation() -> None:
+    """nats-py can swallow a cancel (wait_for on 3.11) and retry: the task is cancelled until it ends."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while swallowed < 3:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                swallowed += 1  # what `except Exception: continue` around a swallowing wait_for amounts to
+        await asyncio.sleep(3600)
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0)
+        ended = await asyncio.wait_for(cancel_and_wait(task, grace=60.0), timeout=60.0)
+        return ended, task.cancelled()
+
+    assert asyncio.run(main()) == (True, True)
+    assert swallowed == 3
+
+
+def test_cancel_and_wait_gives_up_after_the_grace_on_a_task_that_never_ends() -> None:
+    """A task that ignores every cancel cannot hold the caller past the grace."""
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+
+    async def main() -> tuple[bool, bool]:
+        task = asyncio.get_running_loop().create_task(deaf())
+        await asyncio.sleep(0)
+        ended = await cancel_and_wait(task, grace=0.2)
+        still_running = not task.done()
+        release.set()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return ended, still_running
+
+    assert asyncio.run(main()) == (False, True)
+
+
 @pytest.mark.nats
 def test_contract_claims_to_a_raw_subscriber_follow_protocol(
     nats_server: NatsServer, nats_runner: AsyncRunner
@@ -286,14 +340,16 @@ def test_contract_claims_to_a_raw_subscriber_follow_protocol(
 
 @pytest.mark.nats
 def test_a_server_that_is_not_there_raises_naming_it() -> None:
-    """start() fails within connect_timeout with BackbeatConnectionError naming the server; no thread left."""
+    """start() fails with BackbeatConnectionError naming the server and the cause; no thread left.
+
+    (It gives up after connect_timeout even when nats-py swallows the cancel: see the
+    cancel_and_wait tests; how soon is a matter for benchmarks, not for a timed test.)
+    """
     before = library_threads()
     url = f"nats://127.0.0.1:{free_port()}"
     integration = Integration(config(url, connect_timeout=0.5), node_id=NODE)
-    t0 = time.monotonic()
     with pytest.raises(BackbeatConnectionError) as info:
         integration.start()
-    assert time.monotonic() - t0 < 3.0
     assert url in str(info.value)
     assert "connection refused" in info.value.cause
     assert before == library_threads()

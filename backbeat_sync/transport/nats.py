@@ -45,7 +45,16 @@ from ..errors import BackbeatConnectionError, ConfigError
 from ..protocol import StatusClaim
 from .base import ClaimEncoder, Transport, TransportEvent, TransportSink
 
-__all__ = ["NatsLink", "NatsTransport", "Outbox", "PulseLink", "connect_options", "describe_error", "flush"]
+__all__ = [
+    "NatsLink",
+    "NatsTransport",
+    "Outbox",
+    "PulseLink",
+    "cancel_and_wait",
+    "connect_options",
+    "describe_error",
+    "flush",
+]
 
 #: Claims taken from the outbox per batch before the loop lets frames through.
 BATCH_SIZE: Final = 512
@@ -65,6 +74,28 @@ JOIN_TIMEOUT: Final = 10.0
 CONFIRM_SETTLE: Final = 0.1
 
 EventReporter = Callable[[TransportEvent, str], None]
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], grace: float) -> bool:
+    """Cancel ``task`` and wait up to ``grace`` seconds for it to end; True if it ended.
+
+    One ``cancel()`` is not always enough: nats-py's connect loop retries on
+    ``except Exception`` forever, and on Python 3.11 ``asyncio.wait_for`` (which
+    it uses for each socket attempt) swallows a cancellation that lands as the
+    attempt ends, so the loop goes on to the next attempt. The task is cancelled
+    again until it ends, and waiting on it is bounded.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        task.cancel()
+        await asyncio.wait([task], timeout=min(0.05, remaining))
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+    return True
 
 
 class _State(enum.Enum):
@@ -484,8 +515,7 @@ class NatsLink:
                     cause = self._fatal.result()
                 else:
                     cause = self._timeout_cause()
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+                await cancel_and_wait(task, CLOSE_GRACE)
                 await self._close_client(nc)
                 raise BackbeatConnectionError(self.masked_servers, self.scrub(cause))
         self._connected = True
@@ -517,8 +547,7 @@ class NatsLink:
             self._report(TransportEvent.ERROR, f"stop: {describe_error(exc)}")
         self._closing = True
         if self._connect_task is not None and not self._connect_task.done():
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
+            await cancel_and_wait(self._connect_task, CLOSE_GRACE)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
