@@ -43,7 +43,7 @@ from ._watchdog import (
     current_slot,
 )
 from .errors import BeatBudgetExceeded, IntegrationNotStarted, InvalidArgument, OperationNotFound
-from .operations import OperationPhase
+from .operations import OperationPhase, P2POperation
 
 if TYPE_CHECKING:
     from .clock import BeatClock
@@ -77,6 +77,8 @@ WAIT_POLL_SECONDS: Final = 0.001
 WAIT_RETIME_SECONDS: Final = 0.05
 
 _RUNNING: Any = None  # IntegrationState.RUNNING, bound lazily (import cycle)
+_EXECUTING: Final = OperationPhase.EXECUTING
+_COMPLETED: Final = OperationPhase.COMPLETED
 _seq = itertools.count(1)
 _monotonic = time.monotonic
 _sleep = time.sleep
@@ -174,6 +176,7 @@ class BudgetSettings:
     data: Any = None
     estimated: int = attrs.field(init=False)
     first_fraction: float = attrs.field(init=False)
+    first_beats: float = attrs.field(init=False)  #: beats from the start to the first event
 
     @estimated.default
     def _estimated(self) -> int:
@@ -182,6 +185,10 @@ class BudgetSettings:
     @first_fraction.default
     def _first(self) -> float:
         return self.warn_at[0] if self.warn_at else 1.0
+
+    @first_beats.default
+    def _first_beats(self) -> float:
+        return self.beats * self.first_fraction
 
     def __attrs_post_init__(self) -> None:
         if self.on_exhaust not in ON_EXHAUST:
@@ -284,13 +291,15 @@ class Tracker:
     # Hot fields are slots, set on every call. The rest live in a lazily made
     # ``__dict__`` and default to the class attributes below, so a call that
     # starts and ends between two events pays for seven stores, not twenty.
-    __slots__ = ("__dict__", "integration", "seq", "settings", "slot", "start_pos")
+    __slots__ = ("__dict__", "data", "integration", "op_id", "seq", "settings", "slot", "start_pos")
 
     settings: BudgetSettings
     integration: Integration | None
     slot: ThreadSlot
     seq: int
     start_pos: float
+    op_id: str  #: the operation id of an explicit operation (``track_operation``)
+    data: Any  #: attached to an explicit operation
 
     event_pos: float | None = None  #: position of the next event (set when the watchdog takes it)
     announced: bool = False  #: its operation is in the registry (claimed)
@@ -315,6 +324,8 @@ class Tracker:
         self.seq = next(_seq)
         self.peers = settings.peers
         self.start_pos = 0.0
+        self.op_id = settings.name or ""
+        self.data = settings.data
 
     @property
     def clock(self) -> BeatClock:
@@ -337,7 +348,7 @@ class Tracker:
         """The operation id (the claims' ``task_id``)."""
         s = self.settings
         if s.explicit:
-            return cast(str, s.name)
+            return self.op_id
         return f"{s.name}-{self.seq}"
 
     @property
@@ -448,23 +459,44 @@ class Tracker:
         integration = self.integration
         if integration is None:
             return self
-        slot = current_slot()
+        try:
+            slot = _local.slot
+        except AttributeError:
+            slot = current_slot()
         self.slot = slot
         slot.shield += 1
         try:
-            _absorb_pending(slot)
+            if slot.pending is not None:
+                _absorb_pending(slot)
             if slot.sync is None:
                 s = self.settings
-                op = integration._new_operation(s.name or "", s.operation_type, s.estimated, s.data)
-                op.peer_count = s.peers
-                integration.registry.add(op)
+                clock = integration._clock
+                start_beat, epoch = clock._beat
+                op = P2POperation(
+                    self.op_id,
+                    s.operation_type,
+                    start_beat,
+                    s.estimated,
+                    peer_count=self.peers,
+                    start_time=integration._time.time(),
+                    data=self.data,
+                    epoch=epoch,
+                )
+                integration._registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
                 self.start_beat = op.start_beat
-                if not s.manual_phases:
-                    integration.registry.set_phase(op.id, OperationPhase.EXECUTING)
-                self._arm(slot)
-                WATCHDOG.push(self)
-                if self._first_event_time() < WATCHDOG.next_wake:
+                # Armed as a @beat_budget call is: the watchdog takes it into its heap
+                # when it next wakes, and is woken now only if this budget is its earliest.
+                if clock._time is SYSTEM_TIME:
+                    idx, t0, spb, off = clock._state
+                    now = _monotonic()
+                    self.start_pos = idx + off + (now - t0) / spb
+                else:
+                    self.start_pos = clock.budget_position()
+                    now, spb = _monotonic(), clock.beat_duration
+                slot.live[self] = True
+                slot.fresh = True
+                if now + s.first_beats * spb < WATCHDOG.next_wake:
                     WATCHDOG.notify()
         except BaseException:
             _unshield(slot)
@@ -485,29 +517,36 @@ class Tracker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.integration is None:
+        integration = self.integration
+        if integration is None:
             return
         slot = self.slot
         slot.shield += 1
-        err = self._leave(slot, exc, None)
+        won = exc is None and slot.pending is None and slot.live.pop(self, None) is not None
+        if won and not slot.live and slot.barrier is None and not self.exhausted and self.announced:
+            # The common case, in short: we won (the watchdog can no longer fire it), it
+            # was not spent, nothing is nested in this thread and nothing is unwinding.
+            self.done = True
+            self.finished = True
+            try:
+                integration._registry.finish(self.op_id, _COMPLETED, peer_count=self.peers)
+            except OperationNotFound:  # stop() failed it meanwhile
+                pass
+            finally:
+                _unshield(slot)
+            return
+        err = self._leave(slot, exc, None, won=won)
         if err is not None:
             raise err
 
     def __repr__(self) -> str:
         return (
-            f"<Tracker {self.settings.name} budget={self.settings.beats:g} beats"
+            f"<Tracker {self.settings.name if not self.settings.explicit else self.op_id}"
+            f" budget={self.settings.beats:g} beats"
             f" on_exhaust={self.settings.on_exhaust}>"
         )
 
     # -- engine (owner thread) ---------------------------------------------------
-
-    def _arm(self, slot: ThreadSlot) -> None:
-        self.start_pos = self.clock.budget_position()
-        self.event_pos = self.first_event()
-        slot.live[self] = True
-
-    def _first_event_time(self) -> float:
-        return _monotonic() + max(0.0, self.clock.seconds_until(self.first_event()))
 
     def _wait(self, event: threading.Event | None, timeout: float | None) -> bool:
         integration = self.integration
@@ -692,7 +731,8 @@ class Tracker:
             self.finished = True
             return
         s = self.settings
-        op = integration._new_operation(self.operation_id, s.operation_type, s.estimated, s.data)
+        data = self.data if s.explicit else s.data
+        op = integration._new_operation(self.operation_id, s.operation_type, s.estimated, data)
         op.phase = OperationPhase.EXECUTING
         op.peer_count = self.peers
         clock = self.clock
@@ -983,7 +1023,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
 
     Returns ``run(wrapped, instance, args, kwargs)`` (wrapt's wrapper signature).
     The integration is resolved at each call. This path is kept short on purpose
-    (issue 7: a few hundred nanoseconds), so it inlines what ``Tracker._arm`` does.
+    (issue 7: a few hundred nanoseconds), so it inlines the arming that ``Tracker.__enter__`` does.
     """
     fixed = settings.integration
     strict = settings.strict
@@ -1124,30 +1164,75 @@ def track_operation(
         InvalidArgument: an argument is out of range.
         IntegrationNotStarted: ``strict`` and no started integration.
     """
-    if not isinstance(operation_id, str) or not operation_id:
-        raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
+    if type(operation_id) is not str or not operation_id:
+        if not isinstance(operation_id, str) or not operation_id:
+            raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
+        operation_id = str(operation_id)
+    if type(peers) is not int or peers < 0:
+        if isinstance(peers, bool) or not isinstance(peers, int) or peers < 0:
+            raise InvalidArgument("peers", peers, "must be an integer >= 0")
+        peers = int(peers)
+    settings = _block_settings(beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases)
+    resolved = integration if integration is not None else _defaults._default
+    if resolved is None or resolved._state is not _running_state():
+        resolved = None
+        if strict:
+            raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
+        _log_fallback(f"operation {operation_id}")
+    elif resolved is not _last_hooked:
+        _hook(resolved)
+    t = _new(Tracker)
+    t.settings = settings
+    t.integration = resolved
+    t.seq = next(_seq)
+    t.start_pos = 0.0
+    t.op_id = operation_id
+    t.data = data
+    t.peers = peers
+    return t
+
+
+#: ``track_operation`` settings by their arguments: a block's settings are checked once
+#: per distinct set of arguments, not on every block. Bounded (cleared when full).
+_block_cache: dict[tuple[Any, ...], BudgetSettings] = {}
+_BLOCK_CACHE_MAX: Final = 256
+
+
+def _block_settings(
+    beats: Any,
+    operation_type: Any,
+    on_exhaust: Any,
+    warn_at: Any,
+    on_warning: Any,
+    strict: bool,
+    manual_phases: bool,
+) -> BudgetSettings:
+    """The checked settings of a ``track_operation`` block (its id, peers and data aside)."""
+    key: tuple[Any, ...] | None = None
+    # Only exact ints and floats are cached: True == 1 must not find the settings of 1.
+    if on_warning is None and type(beats) in (int, float):
+        key = (beats, operation_type, on_exhaust, warn_at, bool(strict), bool(manual_phases))
+        try:
+            return _block_cache[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable warn_at (a list): checked every time
+            key = None
     settings = BudgetSettings(
         beats,
         operation_type=str(operation_type) if operation_type else operation_type,
         on_exhaust=on_exhaust,
         warn_at=warn_at,
         on_warning=on_warning,
-        name=operation_id,
         strict=strict,
-        integration=integration,
         explicit=True,
         manual_phases=manual_phases,
-        peers=peers,
-        data=data,
     )
-    resolved = _resolve(integration)
-    if resolved is None:
-        if strict:
-            raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
-        _log_fallback(f"operation {operation_id}")
-    else:
-        _hook(resolved)
-    return Tracker(settings, resolved)
+    if key is not None:
+        if len(_block_cache) >= _BLOCK_CACHE_MAX:
+            _block_cache.clear()
+        _block_cache[key] = settings
+    return settings
 
 
 def beat_budget(

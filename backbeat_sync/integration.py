@@ -593,18 +593,38 @@ class Integration:
         return self._encoder(claim)
 
     def _emit_operation(self, op: P2POperation) -> None:
-        """Queue the claim for ``op`` (called by the registry under its lock)."""
+        """Queue the claim for ``op`` (called by the registry under its lock).
+
+        A claim nobody would receive (no ``on_claim`` callback, and a transport that
+        knows no one subscribes: the in-process bus) is counted but never built.
+        """
+        transport = self._transport
+        if (
+            transport is not None
+            and not self._callbacks.claim
+            and not transport.delivers(self._status_subject)
+        ):
+            transport.count_unheard(1)
+            self._counts["claims_emitted"] += 1  # always under the registry lock
+            return
         self._publish(self._claims.for_operation(op, self._clock.current_beat))
 
     def _emit_operations(self, ops: list[P2POperation]) -> None:
         """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock)."""
+        transport = self._transport
+        self._counts["claims_emitted"] += len(ops)  # always under the registry lock
+        if (
+            transport is not None
+            and not self._callbacks.claim
+            and not transport.delivers(self._status_subject)
+        ):
+            transport.count_unheard(len(ops))
+            return
         beat = self._clock.current_beat
         make = self._claims.for_operation
         claims = [make(op, beat) for op in ops]
-        transport = self._transport
         if transport is not None:
             transport.publish_many(self._status_subject, claims)
-        self._counts["claims_emitted"] += len(claims)  # always under the registry lock
         if self._callbacks.claim:
             for claim in claims:
                 self._queue_callback("claim", claim)

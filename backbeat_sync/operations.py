@@ -182,6 +182,32 @@ class OperationRegistry:
             if op.announced:
                 self._emit(op)
 
+    def start(self, op: P2POperation, then: OperationPhase | None = None) -> None:
+        """Register ``op`` and claim it; then, if ``then`` is given, move it there and claim that too.
+
+        One lock for both (``track_operation`` enters STARTED, then EXECUTING), so the
+        two claims are adjacent and in order.
+
+        Raises:
+            DuplicateOperation: an active operation already has this id.
+            InvalidPhaseTransition: ``then`` is final, or behind ``op.phase``.
+        """
+        if then is not None and (then.is_final or then.rank < op.phase.rank):
+            raise InvalidPhaseTransition(op.id, op.phase.value, then.value)
+        with self._lock:
+            if op.id in self._active:
+                raise DuplicateOperation(op.id)
+            if op.epoch < len(self._shifts):
+                self._catch_up(op)
+            self._finished.pop(op.id, None)
+            self._active[op.id] = op
+            op.announced = True
+            emit = self._emit
+            emit(op)
+            if then is not None:
+                op.phase = then
+                emit(op)
+
     def set_phase(
         self, operation_id: str, phase: OperationPhase, peer_count: int | None = None
     ) -> P2POperation:

@@ -97,6 +97,43 @@ def test_bad_arguments_name_the_argument(kwargs: dict[str, Any], name: str) -> N
     assert name == info.value.name
 
 
+def test_track_operation_checks_its_arguments_every_time() -> None:
+    """Settings are cached per set of arguments, but a bad value is refused even after a good lookalike."""
+    bb.track_operation("ok-1", "dht_store", beats=1)  # caches the settings of beats=1
+    with pytest.raises(InvalidArgument) as info:
+        bb.track_operation("ok-2", "dht_store", beats=True)  # True == 1, yet not a number of beats
+    assert info.value.name == "beats"
+    for _ in range(2):
+        with pytest.raises(InvalidArgument) as info:
+            bb.track_operation("bad", "dht_store", beats=1, warn_at=[0.5, 2.0])  # unhashable: no cache
+        assert info.value.name == "warn_at"
+        with pytest.raises(InvalidArgument) as info:
+            bb.track_operation("bad", "dht_store", beats=1, peers=True)
+        assert info.value.name == "peers"
+        with pytest.raises(InvalidArgument) as info:
+            bb.track_operation("bad", "dht_store", beats=1, on_exhaust="explode")  # type: ignore[arg-type]
+        assert info.value.name == "on_exhaust"
+    assert bb.track_operation("list", "t", beats=2, warn_at=[0.25]).settings.warn_at == (0.25,)
+
+
+def test_blocks_with_the_same_settings_keep_their_own_id_peers_and_data(manual: Any) -> None:
+    """Two blocks that share cached settings still claim their own id, peers and data."""
+    integration, _pulse, log = manual
+    for n in (1, 2):
+        with bb.track_operation(f"same-{n}", "dht_store", beats=4, peers=n, data={"n": n}):
+            assert {"n": n} == integration.registry.get(f"same-{n}").data
+    log.wait_for(lambda cs: sum(c.state == "done" for c in cs) == 2)
+    claims = [(c.task_id, c.phase, c.peer_count) for c in log.snapshot()]
+    assert claims == [
+        ("same-1", "started", 1),
+        ("same-1", "executing", 1),
+        ("same-1", "completed", 1),
+        ("same-2", "started", 2),
+        ("same-2", "executing", 2),
+        ("same-2", "completed", 2),
+    ]
+
+
 def test_track_operation_rejects_empty_id() -> None:
     """An empty operation id is refused with InvalidArgument."""
     with pytest.raises(InvalidArgument) as info:

@@ -171,3 +171,31 @@ def test_rebase_moves_operations_of_earlier_epochs(registry: OperationRegistry) 
     registry.add(P2POperation(id="b", type="t", start_beat=5002, estimated_beats=3, epoch=1))
     registry.rebase(2, -4990)  # the pulse restarted from a lower index
     assert [registry.get(x).start_beat for x in ("a", "late", "b")] == [10, 10, 12]
+
+
+def test_start_claims_the_start_then_the_next_phase_under_one_lock(
+    registry: OperationRegistry, emitted: list[tuple[str, str]]
+) -> None:
+    """start(op, EXECUTING) registers the operation and emits STARTED, then EXECUTING, in order."""
+    registry.start(op("s"), P.EXECUTING)
+    registry.start(op("m"))
+    assert emitted == [("s", "started"), ("s", "executing"), ("m", "started")]
+    assert registry.get("s").phase is P.EXECUTING
+    assert registry.active_count == 2
+
+
+def test_start_refuses_a_duplicate_and_a_final_or_backward_phase(
+    registry: OperationRegistry, emitted: list[tuple[str, str]]
+) -> None:
+    """A duplicate id, a final phase or a phase behind the operation's are refused; nothing is claimed."""
+    registry.start(op("d"))
+    with pytest.raises(DuplicateOperation):
+        registry.start(op("d"), P.EXECUTING)
+    with pytest.raises(InvalidPhaseTransition):
+        registry.start(op("f"), P.COMPLETED)
+    later = op("b")
+    later.phase = P.NEGOTIATING
+    with pytest.raises(InvalidPhaseTransition):
+        registry.start(later, P.CONNECTING)
+    assert emitted == [("d", "started")]
+    assert registry.active_count == 1

@@ -65,6 +65,17 @@ class Transport(abc.ABC):
         for claim in claims:
             self.publish(subject, claim)
 
+    def delivers(self, subject: str) -> bool:
+        """Whether a claim published on ``subject`` now can reach anyone (True unless the transport knows).
+
+        The integration builds no claim that nobody would receive: while this is
+        False it calls :meth:`count_unheard` instead of :meth:`publish`.
+        """
+        return True
+
+    def count_unheard(self, count: int) -> None:  # noqa: B027 - optional hook, no-op by default
+        """Count ``count`` claims published on a subject nobody receives (so never built)."""
+
     @abc.abstractmethod
     def stop(self, flush_timeout: float) -> None:
         """Publish what is queued (for at most ``flush_timeout`` s), close, join threads. Idempotent."""
