@@ -77,6 +77,9 @@ WAIT_POLL_SECONDS: Final = 0.001
 WAIT_RETIME_SECONDS: Final = 0.05
 
 _RUNNING: Any = None  # IntegrationState.RUNNING, bound lazily (import cycle)
+_STARTED: Final = OperationPhase.STARTED
+#: A clock state whose position is 0.0 at time 0.0 (a tracker that never started).
+_ORIGIN: Final = (0.0, 0.0, 1.0, 0.0)
 _EXECUTING: Final = OperationPhase.EXECUTING
 _COMPLETED: Final = OperationPhase.COMPLETED
 _seq = itertools.count(1)
@@ -207,20 +210,24 @@ class BudgetSettings:
 
 _hooked: weakref.WeakSet[Integration] = weakref.WeakSet()
 _hook_lock = threading.Lock()
-_last_hooked: Any = None
 _new = object.__new__
 
 
 def _hook(integration: Integration) -> None:
     """Once per integration: announce budget calls at each beat; wake the watchdog on frames."""
-    global _last_hooked
     with _hook_lock:
         if integration not in _hooked:
             ref = weakref.ref(integration)
             integration._add_beat_hook(lambda frame: _announce_running(ref))
             integration._add_frame_listener(WATCHDOG.notify_only)
             _hooked.add(integration)
-        _last_hooked = integration
+
+
+def _hook_all() -> None:
+    """Start hook: every running integration gets the budget hooks (so calls need not check)."""
+    for integration in list(_integration_module._live):
+        if integration.running:
+            _hook(integration)
 
 
 def _any_running() -> bool:
@@ -232,6 +239,7 @@ WATCHDOG.keep_alive = _any_running
 _integration_module.STOP_HOOKS.append(WATCHDOG.join_idle)
 _integration_module.STOP_HOOKS.append(_refresh_gate)
 _integration_module.START_HOOKS.append(_refresh_gate)
+_integration_module.START_HOOKS.append(_hook_all)
 
 
 def _announce_running(ref: weakref.ref[Integration]) -> None:
@@ -291,13 +299,14 @@ class Tracker:
     # Hot fields are slots, set on every call. The rest live in a lazily made
     # ``__dict__`` and default to the class attributes below, so a call that
     # starts and ends between two events pays for seven stores, not twenty.
-    __slots__ = ("__dict__", "data", "integration", "op_id", "seq", "settings", "slot", "start_pos")
+    __slots__ = ("__dict__", "data", "integration", "op_id", "seq", "settings", "slot", "st_in", "t_in")
 
     settings: BudgetSettings
     integration: Integration | None
     slot: ThreadSlot
     seq: int
-    start_pos: float
+    st_in: tuple[float, float, float, float]  #: the clock's state when the budget started
+    t_in: float  #: the clock's monotonic time when the budget started
     op_id: str  #: the operation id of an explicit operation (``track_operation``)
     data: Any  #: attached to an explicit operation
 
@@ -316,16 +325,22 @@ class Tracker:
     fired_at: float = 0.0  #: monotonic time it fired
     followup_noted: bool = False
     peers: int = 0
-    start_beat: int = 0
 
     def __init__(self, settings: BudgetSettings, integration: Integration | None) -> None:
         self.settings = settings
         self.integration = integration
         self.seq = next(_seq)
         self.peers = settings.peers
-        self.start_pos = 0.0
+        self.st_in = _ORIGIN
+        self.t_in = 0.0
         self.op_id = settings.name or ""
         self.data = settings.data
+
+    @property
+    def start_pos(self) -> float:
+        """The budget position at which the budget started (BeatClock.budget_position then)."""
+        idx, t0, spb, off = self.st_in
+        return idx + off + (self.t_in - t0) / spb
 
     @property
     def clock(self) -> BeatClock:
@@ -472,28 +487,32 @@ class Tracker:
                 s = self.settings
                 clock = integration._clock
                 start_beat, epoch = clock._beat
+                # id, type, start_beat, estimated_beats, phase, peer_count, start_time, data,
+                # reason, announced, epoch (positional: keywords cost a third more here)
                 op = P2POperation(
                     self.op_id,
                     s.operation_type,
                     start_beat,
                     s.estimated,
-                    peer_count=self.peers,
-                    start_time=integration._time.time(),
-                    data=self.data,
-                    epoch=epoch,
+                    _STARTED,
+                    self.peers,
+                    integration._time.time(),
+                    self.data,
+                    None,
+                    True,
+                    epoch,
                 )
                 integration._registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
-                self.start_beat = op.start_beat
                 # Armed as a @beat_budget call is: the watchdog takes it into its heap
                 # when it next wakes, and is woken now only if this budget is its earliest.
+                state = self.st_in = clock._state
                 if clock._time is SYSTEM_TIME:
-                    idx, t0, spb, off = clock._state
-                    now = _monotonic()
-                    self.start_pos = idx + off + (now - t0) / spb
+                    now = self.t_in = _monotonic()
                 else:
-                    self.start_pos = clock.budget_position()
-                    now, spb = _monotonic(), clock.beat_duration
+                    self.t_in = clock._time.monotonic()
+                    now = _monotonic()
+                spb = state[2]
                 slot.live[self] = True
                 slot.fresh = True
                 if now + s.first_beats * spb < WATCHDOG.next_wake:
@@ -529,7 +548,7 @@ class Tracker:
             self.done = True
             self.finished = True
             try:
-                integration._registry.finish(self.op_id, _COMPLETED, peer_count=self.peers)
+                integration._registry.finish(self.op_id, _COMPLETED, self.peers)
             except OperationNotFound:  # stop() failed it meanwhile
                 pass
             finally:
@@ -867,6 +886,12 @@ class Tracker:
         return pos_now + 1.0
 
 
+class _Block(Tracker):
+    """A ``track_operation`` tracker: the fields every block sets are slots (no ``__dict__`` made)."""
+
+    __slots__ = ("announced", "done", "finished", "peers")
+
+
 def _beats(clock: BeatClock, seconds: float) -> float:
     return seconds / clock.beat_duration
 
@@ -1040,8 +1065,6 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             if not _fallback_logged:
                 _log_fallback(f"{name}()")
             return wrapped(*args, **kwargs)
-        if integration is not _last_hooked:
-            _hook(integration)
         try:
             slot = _local.slot
         except AttributeError:
@@ -1051,18 +1074,19 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         t.integration = integration
         t.seq = next(_seq)
         clock = integration._clock
-        if clock._time is SYSTEM_TIME:  # read the state tuple directly (BeatClock.budget_position)
-            idx, t0, spb, off = clock._state
-            now = _monotonic()
-            start = idx + off + (now - t0) / spb
+        # The start position is kept as the clock state and the time it was read at,
+        # and worked out only if something needs it (Tracker.start_pos).
+        state = t.st_in = clock._state
+        if clock._time is SYSTEM_TIME:
+            now = t.t_in = _monotonic()
         else:
-            start = clock.budget_position()
-            now, spb = _monotonic(), clock.beat_duration
-        t.start_pos = start
+            t.t_in = clock._time.monotonic()
+            now = _monotonic()
         t.slot = slot
-        slot.live[t] = True
+        live = slot.live
+        live[t] = True
         slot.fresh = True
-        if now + first * spb < WATCHDOG.next_wake:
+        if now + first * state[2] < WATCHDOG.next_wake:
             # Armed already: shield the wake-up, whose ``except OSError`` would swallow
             # a BeatBudgetExceeded (a TimeoutError) landing inside it.
             slot.shield += 1
@@ -1076,18 +1100,16 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             if err is not None:
                 raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
             raise
-        slot.shield += 1
-        if slot.pending is None and slot.live.pop(t, None) is not None:
-            if t.announced or t.exhausted or slot.live:
-                err = t._leave(slot, None, result, won=True)
-                if err is not None:
-                    raise err
+        # The common case needs no shield: with this call the only budget of the thread
+        # and nothing pending, no exception can be set into it once it is out of ``live``.
+        if len(live) == 1 and slot.pending is None and live.pop(t, None) is not None:
+            if not t.announced and not t.exhausted:
                 return result
-            slot.shield -= 1
-            if slot.sync is not None and slot.shield == 0:
-                _raise_sync(slot)
-            return result
-        err = t._leave(slot, None, result)
+            slot.shield += 1
+            err = t._leave(slot, None, result, won=True)
+        else:
+            slot.shield += 1
+            err = t._leave(slot, None, result)
         if err is not None:
             raise err
         return result
@@ -1172,23 +1194,30 @@ def track_operation(
         if isinstance(peers, bool) or not isinstance(peers, int) or peers < 0:
             raise InvalidArgument("peers", peers, "must be an integer >= 0")
         peers = int(peers)
-    settings = _block_settings(beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases)
+    settings = None
+    if on_warning is None and type(beats) in _CACHED_NUMBERS:
+        try:
+            settings = _block_cache.get((beats, operation_type, on_exhaust, warn_at, strict, manual_phases))
+        except TypeError:  # an unhashable warn_at (a list): checked every time
+            pass
+    if settings is None:
+        settings = _block_settings(
+            beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
+        )
     resolved = integration if integration is not None else _defaults._default
     if resolved is None or resolved._state is not _running_state():
         resolved = None
         if strict:
             raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
         _log_fallback(f"operation {operation_id}")
-    elif resolved is not _last_hooked:
-        _hook(resolved)
-    t = _new(Tracker)
+    t = _new(_Block)
     t.settings = settings
     t.integration = resolved
     t.seq = next(_seq)
-    t.start_pos = 0.0
     t.op_id = operation_id
     t.data = data
     t.peers = peers
+    t.announced = t.done = t.finished = False
     return t
 
 
@@ -1196,6 +1225,8 @@ def track_operation(
 #: per distinct set of arguments, not on every block. Bounded (cleared when full).
 _block_cache: dict[tuple[Any, ...], BudgetSettings] = {}
 _BLOCK_CACHE_MAX: Final = 256
+#: Only exact ints and floats are cached: True == 1 must not find the settings of 1.
+_CACHED_NUMBERS: Final = (int, float)
 
 
 def _block_settings(
@@ -1209,13 +1240,10 @@ def _block_settings(
 ) -> BudgetSettings:
     """The checked settings of a ``track_operation`` block (its id, peers and data aside)."""
     key: tuple[Any, ...] | None = None
-    # Only exact ints and floats are cached: True == 1 must not find the settings of 1.
-    if on_warning is None and type(beats) in (int, float):
-        key = (beats, operation_type, on_exhaust, warn_at, bool(strict), bool(manual_phases))
+    if on_warning is None and type(beats) in _CACHED_NUMBERS:
+        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
         try:
-            return _block_cache[key]
-        except KeyError:
-            pass
+            hash(key)
         except TypeError:  # an unhashable warn_at (a list): checked every time
             key = None
     settings = BudgetSettings(

@@ -257,6 +257,7 @@ class Integration:
             with self._state_lock:
                 self._state = IntegrationState.RUNNING
             transport.start(self)
+            self.audience_changed()
         except BaseException:
             with self._state_lock:
                 self._state = IntegrationState.STOPPING
@@ -492,7 +493,14 @@ class Integration:
         Returns:
             A function that unregisters it.
         """
-        return self._callbacks.add("claim", self._callable(callback))
+        remove = self._callbacks.add("claim", self._callable(callback))
+        self.audience_changed()
+
+        def unregister() -> None:
+            remove()
+            self.audience_changed()
+
+        return unregister
 
     @staticmethod
     def _callable(callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -556,6 +564,7 @@ class Integration:
         }
         with self._errors_lock:
             health.update(self._counts)
+        health["claims_emitted"] += self._registry.unheard
         return health
 
     def _connected(self) -> bool:
@@ -593,33 +602,13 @@ class Integration:
         return self._encoder(claim)
 
     def _emit_operation(self, op: P2POperation) -> None:
-        """Queue the claim for ``op`` (called by the registry under its lock).
-
-        A claim nobody would receive (no ``on_claim`` callback, and a transport that
-        knows no one subscribes: the in-process bus) is counted but never built.
-        """
-        transport = self._transport
-        if (
-            transport is not None
-            and not self._callbacks.claim
-            and not transport.delivers(self._status_subject)
-        ):
-            transport.count_unheard(1)
-            self._counts["claims_emitted"] += 1  # always under the registry lock
-            return
+        """Queue the claim for ``op`` (called by the registry under its lock)."""
         self._publish(self._claims.for_operation(op, self._clock.current_beat))
 
     def _emit_operations(self, ops: list[P2POperation]) -> None:
         """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock)."""
         transport = self._transport
         self._counts["claims_emitted"] += len(ops)  # always under the registry lock
-        if (
-            transport is not None
-            and not self._callbacks.claim
-            and not transport.delivers(self._status_subject)
-        ):
-            transport.count_unheard(len(ops))
-            return
         beat = self._clock.current_beat
         make = self._claims.for_operation
         claims = [make(op, beat) for op in ops]
@@ -628,6 +617,21 @@ class Integration:
         if self._callbacks.claim:
             for claim in claims:
                 self._queue_callback("claim", claim)
+
+    def audience_changed(self) -> None:
+        """Transport (and ``on_claim``) entry point: who receives claims may have changed.
+
+        While no one would receive an operation's claim (no ``on_claim`` callback,
+        and a transport that knows no one subscribes: the in-process bus with no
+        subscriber) the registry only counts claims instead of building them.
+        """
+        transport = self._transport
+        quiet = (
+            transport is not None
+            and not self._callbacks.claim
+            and not transport.delivers(self._status_subject)
+        )
+        self._registry.set_quiet(quiet)
 
     def _publish(self, claim: StatusClaim) -> None:
         transport = self._transport

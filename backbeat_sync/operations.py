@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import Any
 
 import attrs
 
@@ -34,15 +34,20 @@ class OperationPhase(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
 
+    # Set on each member below: read on every phase change, and an Enum member's hash
+    # (a dict lookup) costs a Python-level call.
+    _rank: int
+    _final: bool
+
     @property
     def rank(self) -> int:
         """Position in the lifecycle (STARTED is 0, COMPLETED 4, FAILED 5)."""
-        return _RANK[self]
+        return self._rank
 
     @property
     def is_final(self) -> bool:
         """True for COMPLETED and FAILED."""
-        return self in (OperationPhase.COMPLETED, OperationPhase.FAILED)
+        return self._final
 
     @classmethod
     def coerce(cls, value: OperationPhase | str) -> OperationPhase:
@@ -62,7 +67,10 @@ class OperationPhase(enum.Enum):
         raise ValueError(f"phase={value!r} is not an operation phase ({valid})")
 
 
-_RANK: Final = {p: i for i, p in enumerate(OperationPhase)}
+for _i, _p in enumerate(OperationPhase):
+    _p._rank = _i
+    _p._final = _p.value in ("completed", "failed")
+del _i, _p
 
 
 class OperationType(str, enum.Enum):
@@ -130,10 +138,29 @@ class OperationRegistry:
 
     def __init__(self, emit: Emit) -> None:
         self._lock = threading.Lock()
-        self._emit = emit
+        self._claiming = emit
+        self._emit: Emit | None = emit
+        #: Claims not made because nobody would receive them (see :meth:`set_quiet`).
+        self.unheard = 0
         self._active: dict[str, P2POperation] = {}
         self._finished: dict[str, P2POperation] = {}
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
+
+    def set_quiet(self, quiet: bool) -> None:
+        """While quiet, changes are only counted in :attr:`unheard`, not passed to ``emit``.
+
+        The integration turns this on while no one would receive a claim (no
+        ``on_claim`` callback, no subscriber on the in-process bus), so no claim
+        is built for nobody. Any thread; takes effect from the next change.
+        """
+        self._emit = None if quiet else self._claiming
+
+    def _claim(self, op: P2POperation) -> None:
+        emit = self._emit
+        if emit is None:
+            self.unheard += 1
+        else:
+            emit(op)
 
     @property
     def lock(self) -> threading.Lock:
@@ -180,7 +207,7 @@ class OperationRegistry:
             self._finished.pop(op.id, None)
             self._active[op.id] = op
             if op.announced:
-                self._emit(op)
+                self._claim(op)
 
     def start(self, op: P2POperation, then: OperationPhase | None = None) -> None:
         """Register ``op`` and claim it; then, if ``then`` is given, move it there and claim that too.
@@ -203,10 +230,15 @@ class OperationRegistry:
             self._active[op.id] = op
             op.announced = True
             emit = self._emit
-            emit(op)
-            if then is not None:
-                op.phase = then
+            if emit is None:
+                self.unheard += 1 if then is None else 2
+                if then is not None:
+                    op.phase = then
+            else:
                 emit(op)
+                if then is not None:
+                    op.phase = then
+                    emit(op)
 
     def set_phase(
         self, operation_id: str, phase: OperationPhase, peer_count: int | None = None
@@ -232,15 +264,15 @@ class OperationRegistry:
             if peer_count is not None:
                 op.peer_count = peer_count
             op.announced = True
-            self._emit(op)
+            self._claim(op)
             return op
 
     def finish(
         self,
         operation_id: str,
         phase: OperationPhase,
-        *,
         peer_count: int | None = None,
+        *,
         reason: str | None = None,
         quiet: bool = False,
     ) -> P2POperation:
@@ -268,7 +300,11 @@ class OperationRegistry:
             self._finished[operation_id] = op
             if not (quiet and not op.announced):
                 op.announced = True
-                self._emit(op)
+                emit = self._emit
+                if emit is None:
+                    self.unheard += 1
+                else:
+                    emit(op)
             return op
 
     def _catch_up(self, op: P2POperation) -> None:
@@ -319,24 +355,27 @@ class OperationRegistry:
             emit_chunk: if given, called once per chunk with its operations, in
                 order and under the lock, instead of ``emit`` once per operation
                 (the integration queues a whole chunk of claims at once).
+                While quiet (:meth:`set_quiet`) they are only counted.
 
         Returns:
-            How many claims were queued.
+            How many claims were due (queued, or counted as unheard).
         """
         with self._lock:
             ids = list(self._active)
         emitted = 0
         active = self._active
-        emit = self._emit
         for start in range(0, len(ids), chunk):
             with self._lock:
+                emit = self._emit
                 ops: list[P2POperation] = []
                 for op_id in ids[start : start + chunk]:
                     op = active.get(op_id)
                     if op is None:
                         continue
                     op.announced = True
-                    if emit_chunk is None:
+                    if emit is None:
+                        self.unheard += 1
+                    elif emit_chunk is None:
                         emit(op)
                     else:
                         ops.append(op)

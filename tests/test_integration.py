@@ -454,7 +454,7 @@ def test_local_bus_subscribers_get_encoded_claims() -> None:
 
 
 def test_claims_nobody_receives_are_counted_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No on_claim and no bus subscriber: claims are counted as emitted and published, never built."""
+    """No on_claim and no bus subscriber: claims are counted as emitted, never built nor published."""
     bus = unique_bus()
     cfg = BackbeatConfig(cluster_id="test", agent_id="agent-1", nats_url=f"local://{bus}?pulse=manual")
     with Integration(cfg, node_id="node-1") as i:
@@ -469,7 +469,7 @@ def test_claims_nobody_receives_are_counted_not_built(monkeypatch: pytest.Monkey
         i.start_p2p_operation("unheard", "dht_store", 3)
         i.complete_p2p_operation("unheard", 1)
         assert built == []
-        assert (i.get_health()["claims_emitted"], i.get_health()["claims_published"]) == (2, 2)
+        assert (i.get_health()["claims_emitted"], i.get_health()["claims_published"]) == (2, 0)
         got: list[bytes] = []
         unsub = LocalBus.named(bus).subscribe("backbeat.status.>", lambda s, d: got.append(d))
         i.start_p2p_operation("heard", "dht_store", 3)
@@ -478,11 +478,13 @@ def test_claims_nobody_receives_are_counted_not_built(monkeypatch: pytest.Monkey
         assert built == ["heard"]
         assert [parse_status_claim(d).task_id for d in got] == ["heard"]
         log = ClaimLog()
-        i.on_claim(log)
+        unregister = i.on_claim(log)
         i.start_p2p_operation("called-back", "dht_store", 3)
         log.wait_for(lambda cs: any(c.task_id == "called-back" for c in cs))
+        unregister()
+        i.complete_p2p_operation("called-back", 1)
         assert built == ["heard", "called-back"]
-        assert (i.get_health()["claims_emitted"], i.get_health()["claims_published"]) == (5, 5)
+        assert (i.get_health()["claims_emitted"], i.get_health()["claims_published"]) == (6, 1)
 
 
 def test_shared_local_pulse_runs_at_config_tempo() -> None:

@@ -199,3 +199,21 @@ def test_start_refuses_a_duplicate_and_a_final_or_backward_phase(
         registry.start(later, P.CONNECTING)
     assert emitted == [("d", "started")]
     assert registry.active_count == 1
+
+
+def test_a_quiet_registry_counts_claims_instead_of_emitting_them(
+    registry: OperationRegistry, emitted: list[tuple[str, str]]
+) -> None:
+    """set_quiet(True): every change, and each per-beat claim, is counted in unheard, not emitted."""
+    registry.set_quiet(True)
+    registry.start(op("q"), P.EXECUTING)
+    registry.add(op("r"))
+    registry.set_phase("r", P.CONNECTING)
+    assert registry.emit_active() == 2
+    registry.finish("q", P.COMPLETED)
+    assert emitted == []
+    assert registry.unheard == 7
+    registry.set_quiet(False)
+    registry.finish("r", P.FAILED, reason="x")
+    assert emitted == [("r", "failed")]
+    assert registry.unheard == 7

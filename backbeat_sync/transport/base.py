@@ -44,6 +44,10 @@ class TransportSink(Protocol):
         """The connection changed state (``detail`` is safe to log: no secrets)."""
         ...
 
+    def audience_changed(self) -> None:
+        """Who receives claims may have changed: :meth:`Transport.delivers` may answer otherwise now."""
+        ...
+
 
 class Transport(abc.ABC):
     """A way to receive beat frames and publish claims."""
@@ -69,12 +73,10 @@ class Transport(abc.ABC):
         """Whether a claim published on ``subject`` now can reach anyone (True unless the transport knows).
 
         The integration builds no claim that nobody would receive: while this is
-        False it calls :meth:`count_unheard` instead of :meth:`publish`.
+        False (and no ``on_claim`` callback is registered) it only counts claims.
+        A transport whose answer can change tells its sink ``audience_changed()``.
         """
         return True
-
-    def count_unheard(self, count: int) -> None:  # noqa: B027 - optional hook, no-op by default
-        """Count ``count`` claims published on a subject nobody receives (so never built)."""
 
     @abc.abstractmethod
     def stop(self, flush_timeout: float) -> None:

@@ -52,6 +52,7 @@ class LocalBus:
         self._matches: dict[str, bool] = {}  # has_subscribers() per subject, for the current _subs
         self._next_id = 0
         self._pulses: dict[str, _SharedPulse] = {}
+        self._watchers: tuple[Callable[[], None], ...] = ()
 
     @classmethod
     def named(cls, name: str = "") -> LocalBus:
@@ -73,13 +74,37 @@ class LocalBus:
             self._next_id += 1
             self._subs = (*self._subs, (sid, pattern, handler))
             self._matches = {}
+        self._changed()
 
         def unsubscribe() -> None:
             with self._lock:
                 self._subs = tuple(s for s in self._subs if s[0] != sid)
                 self._matches = {}
+            self._changed()
 
         return unsubscribe
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback()`` after every subscription change (outside the bus lock).
+
+        Returns:
+            A function that stops watching.
+        """
+        with self._lock:
+            self._watchers = (*self._watchers, callback)
+
+        def unwatch() -> None:
+            with self._lock:
+                self._watchers = tuple(w for w in self._watchers if w is not callback)
+
+        return unwatch
+
+    def _changed(self) -> None:
+        for callback in self._watchers:
+            try:
+                callback()
+            except Exception:
+                logger.opt(exception=True).warning("local bus watcher raised")
 
     def has_subscribers(self, subject: str) -> bool:
         """Whether any subscription matches ``subject`` (cached per subject until subscriptions change)."""
@@ -175,9 +200,10 @@ class LocalTransport(Transport):
         self.bus = LocalBus.named(url.netloc + url.path.strip("/"))
         self._manual = parse_qs(url.query).get("pulse", [""])[0] == "manual"
         self._unsubscribe: Callable[[], None] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._connected = False
-        #: Claims handed to the bus. Every caller holds the integration's registry lock
-        #: (claims are only ever queued under it), so the counter needs no lock of its own.
+        #: Claims delivered to bus subscribers. Every caller holds the integration's registry
+        #: lock (claims are only ever queued under it), so the counter needs no lock of its own.
         self._published = 0
 
     def start(self, sink: TransportSink) -> None:
@@ -188,6 +214,7 @@ class LocalTransport(Transport):
             sink.frame_received(data, clock.monotonic())
 
         self._unsubscribe = self.bus.subscribe(self._config.beat_subject_for(), on_frame)
+        self._unwatch = self.bus.watch(sink.audience_changed)
         if not self._manual:
             self.bus.acquire_pulse(self._config, self._time)
         self._connected = True
@@ -195,17 +222,13 @@ class LocalTransport(Transport):
 
     def publish(self, subject: str, claim: StatusClaim) -> None:
         """Deliver the claim to in-process subscribers of ``subject`` (if any)."""
-        self._published += 1
         if self.bus.has_subscribers(subject):
+            self._published += 1
             self.bus.publish(subject, self._encoder(claim))
 
     def delivers(self, subject: str) -> bool:
         """Whether anyone on the bus subscribes to ``subject`` now."""
         return self.bus.has_subscribers(subject)
-
-    def count_unheard(self, count: int) -> None:
-        """Count claims published to a subject without subscribers (the integration did not build them)."""
-        self._published += count
 
     def stop(self, flush_timeout: float) -> None:
         """Leave the pulse and the bus. Idempotent."""
@@ -215,6 +238,9 @@ class LocalTransport(Transport):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if not self._manual:
             self.bus.release_pulse(self._config)
 
@@ -224,7 +250,7 @@ class LocalTransport(Transport):
         return self._connected
 
     def stats(self) -> dict[str, int]:
-        """Claims handed to the bus; nothing is ever queued or dropped here."""
+        """Claims delivered to bus subscribers; nothing is ever queued or dropped here."""
         return {
             "claims_published": self._published,
             "claims_dropped": 0,
