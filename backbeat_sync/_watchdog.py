@@ -3,10 +3,10 @@
 How an exception reaches exactly the code that owns a budget (see ``docs/budgets.md``):
 
 - Each thread that runs budgets has a :class:`ThreadSlot`. Its ``live`` dict holds
-  the budgets armed in that thread, in the order they were entered. Whoever
-  removes a budget from ``live`` first owns its outcome: the owner leaving the
-  block (the budget was not spent), or the watchdog firing it (it was). ``dict.pop``
-  is one atomic step, so exactly one of them wins.
+  the budgets armed in that thread, by sequence number, in the order they were
+  entered. Whoever removes a budget from ``live`` first owns its outcome: the
+  owner leaving the block (the budget was not spent), or the watchdog firing it
+  (it was). ``dict.pop`` is one atomic step, so exactly one of them wins.
 - The owner's own exit code runs with ``slot.shield`` raised. The watchdog never
   sets an asynchronous exception into a shielded thread: it hands the exception
   over in ``slot.sync`` and the owner raises it synchronously when it lowers the
@@ -22,8 +22,11 @@ How an exception reaches exactly the code that owns a budget (see ``docs/budgets
   Entries of budgets that ended are dropped lazily when they reach the top, and
   a compaction outside the lock bounds the garbage.
 - Short budgets cost the watchdog nothing unless they are still running when it
-  wakes: the watchdog promotes budgets it has not seen yet (scanning only slots
-  flagged ``fresh``, newest first) into its heap when it wakes.
+  wakes: the watchdog promotes budgets it has not seen yet (newest first, in each
+  slot) into its heap when it wakes. A ``@beat_budget`` call enters ``live`` as a
+  plain entry (its settings, integration and start); its tracker object is made
+  only when something needs one (:attr:`Watchdog.materialize`), so a call that
+  ends before anything looks at it allocates no tracker.
 
 The delivery uses a *private* ctypes prototype of ``PyThreadState_SetAsyncExc``
 (never ``ctypes.pythonapi.PyThreadState_SetAsyncExc.argtypes``, which other
@@ -123,7 +126,9 @@ class ThreadSlot:
 
     Attributes:
         tid: ``threading.get_ident()`` of the thread.
-        live: armed budgets, in the order they were entered (values are True).
+        live: armed budgets by sequence number, in the order they were entered. Each
+            value is an entry ``[tracker, settings, integration, clock state, start time]``;
+            a ``@beat_budget`` call's tracker is None until it is made.
         pending: the budget whose asynchronous exception is set and not yet raised.
         shield: >0 while the owner runs its own bookkeeping (no asynchronous exception then).
         sync: a fired budget whose exception the owner must raise itself.
@@ -131,14 +136,12 @@ class ThreadSlot:
             and the newest budget armed then. Budgets in between may have been left
             without their exit code, so the watchdog does not interrupt them (their
             owner raises at exit instead).
-        fresh: set by the owner when it arms a budget the watchdog has not seen.
         kick: set when ``sync`` is handed over (wakes ``op.sleep``).
     """
 
     __slots__ = (
         "__weakref__",
         "barrier",
-        "fresh",
         "kick",
         "live",
         "pending",
@@ -151,12 +154,11 @@ class ThreadSlot:
     def __init__(self) -> None:
         self.tid = threading.get_ident()
         self.thread = weakref.ref(threading.current_thread())
-        self.live: dict[Any, bool] = {}
+        self.live: dict[int, list[Any]] = {}
         self.pending: Any = None
         self.shield = 0
         self.sync: Any = None
         self.barrier: tuple[int, int] | None = None
-        self.fresh = False
         self.kick = threading.Event()
 
 
@@ -195,10 +197,22 @@ COMPACT_SLACK: Final = 4096
 PRECISE_WINDOW: Final = 0.015
 
 
+def _has_new(slot: ThreadSlot) -> bool:
+    """Whether ``slot`` has a budget the watchdog has not taken into its heap (the newest is enough)."""
+    live = slot.live
+    if not live:
+        return False
+    try:
+        t = live[next(reversed(live))][0]
+    except (KeyError, RuntimeError, StopIteration):  # changed meanwhile: look again
+        return True
+    return t is None or (not t.promoted and t.fired == ARMED)
+
+
 def _alive(t: Any) -> bool:
     """Whether a heap entry's budget still needs the watchdog (armed, or awaiting its follow-up)."""
     if t.fired == ARMED:
-        return t in t.slot.live
+        return t.seq in t.slot.live
     return t.fired in (ASYNC, SYNC) and not getattr(t, "finished", False)
 
 
@@ -230,6 +244,9 @@ class Watchdog:
         self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         #: Whether an idle watchdog should linger (set by ``budget``: some integration runs).
         self.keep_alive: Callable[[], bool] = lambda: False
+        #: ``materialize(slot, seq, entry)``: the tracker of a ``live`` entry, made if need be
+        #: (set by ``budget``).
+        self.materialize: Callable[[ThreadSlot, int, list[Any]], Any] = lambda slot, seq, e: e[0]
         #: Precise mode: the switch interval used while an event is near (None: off).
         self.precise_interval: float | None = None
         self._saved_interval: float | None = None
@@ -376,7 +393,7 @@ class Watchdog:
                     idle_since = now
                 if now - idle_since >= IDLE_EXIT_SECONDS or not self.keep_alive():
                     with self._thread_lock:
-                        if not any(s.fresh for s in all_slots()):
+                        if not any(_has_new(s) for s in all_slots()):
                             self._thread = None
                             self.next_wake = float("inf")
                             return
@@ -385,7 +402,7 @@ class Watchdog:
                 idle_since = None
             self.next_wake = target
             self._precise(target)
-            if any(s.fresh for s in all_slots()):
+            if any(_has_new(s) for s in all_slots()):
                 continue
             timeout = max(0.0, target - time.monotonic())
             if self.precise_interval is not None and timeout > PRECISE_WINDOW:
@@ -414,19 +431,24 @@ class Watchdog:
             self._saved_interval = None
 
     def _promote_fresh(self) -> None:
+        materialize = self.materialize
         for slot in all_slots():
-            if not slot.fresh:
+            live = slot.live
+            if not live:
                 continue
-            slot.fresh = False
             try:
                 new = []
-                for t in reversed(slot.live):
-                    if t.promoted:
+                for seq, e in reversed(live.items()):
+                    t = e[0]
+                    if t is not None and t.promoted:
                         break
-                    new.append(t)
+                    new.append((seq, e))
             except RuntimeError:  # the owner changed live meanwhile: copy instead
-                new = [t for t in list(slot.live) if not t.promoted]
-            for t in new:
+                new = [(seq, e) for seq, e in list(live.items()) if e[0] is None or not e[0].promoted]
+            for seq, e in new:
+                if seq not in live:
+                    continue
+                t = materialize(slot, seq, e)
                 if not t.promoted and t.fired == ARMED:
                     if t.event_pos is None:
                         t.event_pos = t.first_event()
@@ -513,8 +535,8 @@ class Watchdog:
         barrier = slot.barrier
         if barrier is not None and barrier[0] < t.seq <= barrier[1]:
             return "suspect"
-        newest = max([x.seq for x in list(slot.live)], default=t.seq)
-        if slot.live.pop(t, None) is None:
+        newest = max(list(slot.live), default=t.seq)
+        if slot.live.pop(t.seq, None) is None:
             return "lost"
         # From the shield test to the C call there is no eval-breaker check (no
         # Python-level call, no backward jump), so the owner cannot raise its

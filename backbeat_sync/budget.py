@@ -249,9 +249,44 @@ def _announce_running(ref: weakref.ref[Integration]) -> None:
         return
     with _ops_lock:
         for slot in all_slots():
-            for t in list(slot.live):
+            for seq, e in list(slot.live.items()):
+                t = e[0]
+                if t is None:
+                    if e[2] is not integration:
+                        continue
+                    t = _materialize(slot, seq, e)
                 if t.integration is integration and not t.announced and t.fired == ARMED:
                     t._announce()
+
+
+_make_lock = threading.Lock()
+
+
+def _materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
+    """The tracker of the ``live`` entry ``entry`` (key ``seq``), made on first need (any thread).
+
+    A ``@beat_budget`` call arms a plain entry ``[None, settings, integration, clock
+    state, start time]``; the watchdog, the beat hook or the owner's slow path makes
+    its tracker when one of them needs it. Made once, under a lock.
+    """
+    t = entry[0]
+    if t is not None:
+        return cast(Tracker, t)
+    with _make_lock:
+        t = entry[0]
+        if t is None:
+            t = _new(Tracker)
+            t.settings = entry[1]
+            t.integration = entry[2]
+            t.st_in = entry[3]
+            t.t_in = entry[4]
+            t.seq = seq
+            t.slot = slot
+            entry[0] = t
+    return cast(Tracker, t)
+
+
+WATCHDOG.materialize = _materialize
 
 
 def _resolve(integration: Integration | None) -> Integration | None:
@@ -513,8 +548,7 @@ class Tracker:
                     self.t_in = clock._time.monotonic()
                     now = _monotonic()
                 spb = state[2]
-                slot.live[self] = True
-                slot.fresh = True
+                slot.live[self.seq] = [self]
                 if now + s.first_beats * spb < WATCHDOG.next_wake:
                     WATCHDOG.notify()
         except BaseException:
@@ -524,7 +558,7 @@ class Tracker:
         if slot.shield == 0 and slot.sync is not None:
             if self.announced:  # an outer budget ran out while we registered: undo, then raise it
                 self.done = True
-                slot.live.pop(self, None)
+                slot.live.pop(self.seq, None)
                 with _ops_lock:
                     self._finish(OperationPhase.FAILED, "interrupted by an outer beat budget")
             _raise_sync(slot)
@@ -541,7 +575,7 @@ class Tracker:
             return
         slot = self.slot
         slot.shield += 1
-        won = exc is None and slot.pending is None and slot.live.pop(self, None) is not None
+        won = exc is None and slot.pending is None and slot.live.pop(self.seq, None) is not None
         if won and not slot.live and slot.barrier is None and not self.exhausted and self.announced:
             # The common case, in short: we won (the watchdog can no longer fire it), it
             # was not spent, nothing is nested in this thread and nothing is unwinding.
@@ -628,7 +662,7 @@ class Tracker:
             if not check and self.settings.on_exhaust != "interrupt":
                 self.exhausted = True
                 return None
-            if slot.live.pop(self, None) is not None:
+            if slot.live.pop(self.seq, None) is not None:
                 self.fired = OWNER
                 self.fired_at = _monotonic()
                 return self._sync_exc(None)
@@ -652,7 +686,7 @@ class Tracker:
             _absorb_pending(slot)
             self.outcome = exc
             if not won:
-                won = slot.live.pop(self, None) is not None
+                won = slot.live.pop(self.seq, None) is not None
             if not won:
                 while self.fired == ARMED:  # the watchdog won and is deciding how to deliver
                     _sleep(0)
@@ -764,7 +798,7 @@ class Tracker:
             self.finished = True
             return
         self.announced = True
-        if self.fired == ARMED and self.outcome is None and (self.done or self not in self.slot.live):
+        if self.fired == ARMED and self.outcome is None and (self.done or self.seq not in self.slot.live):
             self._finish(OperationPhase.COMPLETED, None)  # the owner left meanwhile (fast path)
 
     def _finish(self, phase: OperationPhase, reason: str | None) -> None:
@@ -799,7 +833,7 @@ class Tracker:
         i = self.next_i
         if i > n:
             return self._followup(pos_now)
-        if self.done or self.fired != ARMED or self not in self.slot.live:
+        if self.done or self.fired != ARMED or self.seq not in self.slot.live:
             return None
         if i < n:
             self.next_i = i + 1
@@ -973,7 +1007,8 @@ def _raise_sync(slot: ThreadSlot) -> None:
 def _nearest_deadline(slot: ThreadSlot) -> float:
     """Seconds until the earliest interrupting budget of this thread runs out."""
     nearest = float("inf")
-    for t in list(slot.live):
+    for seq, e in list(slot.live.items()):
+        t = _materialize(slot, seq, e)
         if t.settings.on_exhaust == "interrupt":
             nearest = min(nearest, t.clock.seconds_until(t.deadline))
     return nearest
@@ -981,8 +1016,9 @@ def _nearest_deadline(slot: ThreadSlot) -> float:
 
 def _drop_stale(slot: ThreadSlot, seq: int) -> None:
     """Budgets entered after ``seq`` that are still armed were left without their exit code."""
-    for t in list(slot.live):
-        if t.seq > seq and slot.live.pop(t, None) is not None:
+    for key, e in list(slot.live.items()):
+        if key > seq and slot.live.pop(key, None) is not None:
+            t = _materialize(slot, key, e)
             t.done = True
             t.fired = OWNER
             t.delivered = True
@@ -1069,23 +1105,20 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             slot = _local.slot
         except AttributeError:
             slot = current_slot()
-        t = _new(Tracker)
-        t.settings = settings
-        t.integration = integration
-        t.seq = next(_seq)
         clock = integration._clock
-        # The start position is kept as the clock state and the time it was read at,
-        # and worked out only if something needs it (Tracker.start_pos).
-        state = t.st_in = clock._state
+        # The call is armed as a plain entry (see ThreadSlot.live): its tracker is made
+        # only if something needs it; its start position is kept as the clock state and
+        # the time it was read at (Tracker.start_pos works it out).
+        state = clock._state
         if clock._time is SYSTEM_TIME:
-            now = t.t_in = _monotonic()
+            now = t_in = _monotonic()
         else:
-            t.t_in = clock._time.monotonic()
+            t_in = clock._time.monotonic()
             now = _monotonic()
-        t.slot = slot
+        seq = next(_seq)
+        e: list[Any] = [None, settings, integration, state, t_in]
         live = slot.live
-        live[t] = True
-        slot.fresh = True
+        live[seq] = e
         if now + first * state[2] < WATCHDOG.next_wake:
             # Armed already: shield the wake-up, whose ``except OSError`` would swallow
             # a BeatBudgetExceeded (a TimeoutError) landing inside it.
@@ -1096,20 +1129,23 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
             slot.shield += 1
-            err = t._leave(slot, exc, None)
+            err = _materialize(slot, seq, e)._leave(slot, exc, None)
             if err is not None:
                 raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
             raise
-        # The common case needs no shield: with this call the only budget of the thread
-        # and nothing pending, no exception can be set into it once it is out of ``live``.
-        if len(live) == 1 and slot.pending is None and live.pop(t, None) is not None:
-            if not t.announced and not t.exhausted:
+        # The common case needs no shield: with this call the only budget of the thread,
+        # no exception can be set into it once it is out of ``live``. (Nor can one be
+        # pending here: CPython raises an asynchronous exception at the same eval-breaker
+        # check at which the thread gets the GIL back from the watchdog that set it.)
+        if len(live) == 1 and live.pop(seq, None) is not None:
+            t = e[0]
+            if t is None or (not t.announced and not t.exhausted):
                 return result
             slot.shield += 1
             err = t._leave(slot, None, result, won=True)
         else:
             slot.shield += 1
-            err = t._leave(slot, None, result)
+            err = _materialize(slot, seq, e)._leave(slot, None, result)
         if err is not None:
             raise err
         return result

@@ -41,8 +41,8 @@ def test_inner_budget_left_without_its_exit_is_cleaned_by_the_outer(live: Any) -
     with bb.track_operation("outer-clean", "t", beats=20):
         inner = bb.track_operation("inner-skipped", "t", beats=0.5, warn_at=None)
         inner.__enter__()
-        assert inner in slot.live
-    assert inner not in slot.live
+        assert inner.seq in slot.live
+    assert inner.seq not in slot.live
     end = time.monotonic() + 0.1  # past the inner deadline (50 ms): nothing may land here
     while time.monotonic() < end:
         pass
@@ -58,7 +58,7 @@ def test_followup_claims_a_delivered_exception_whose_exit_never_ran(live: Any) -
     op = bb.track_operation("never-exited", "t", beats=20, warn_at=None)
     op.__enter__()
     slot = op.slot
-    slot.live.pop(op)  # as the watchdog does when it fires
+    slot.live.pop(op.seq)  # as the watchdog does when it fires
     op.fired = _watchdog.ASYNC
     op.delivered = True
     op.exc = bb.BeatBudgetExceeded("never-exited", 20, 20.5, beats_over=0.5)

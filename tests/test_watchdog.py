@@ -121,7 +121,7 @@ def test_deliver_hands_over_to_a_shielded_owner() -> None:
     """A shielded owner gets the budget in ``slot.sync`` instead of an asynchronous exception."""
     slot = ThreadSlot()
     t = FakeTracker(slot, 1, None)
-    slot.live[t] = True
+    slot.live[t.seq] = [t]
     slot.shield = 1
     assert WATCHDOG.deliver(t) == "sync"
     assert (slot.sync, t.fired, slot.kick.is_set(), slot.live) == (t, _watchdog.SYNC, True, {})
@@ -131,20 +131,20 @@ def test_deliver_waits_while_another_exception_is_pending() -> None:
     """At most one of our exceptions is pending per thread: a second one is retried later."""
     slot = ThreadSlot()
     first, second = FakeTracker(slot, 1, None), FakeTracker(slot, 2, None)
-    slot.live[second] = True
+    slot.live[second.seq] = [second]
     slot.pending = first
     assert WATCHDOG.deliver(second) == "retry"
-    assert second in slot.live
+    assert second.seq in slot.live
 
 
 def test_deliver_does_not_interrupt_budgets_an_unwinding_exception_may_have_skipped() -> None:
     """Budgets entered after one whose exception is unwinding the thread are not interrupted."""
     slot = ThreadSlot()
     t = FakeTracker(slot, 5, None)
-    slot.live[t] = True
+    slot.live[t.seq] = [t]
     slot.barrier = (3, 7)
     assert WATCHDOG.deliver(t) == "suspect"
-    assert t in slot.live
+    assert t.seq in slot.live
 
 
 def test_compaction_drops_ended_entries_outside_the_lock(manual: Any) -> None:
@@ -153,7 +153,7 @@ def test_compaction_drops_ended_entries_outside_the_lock(manual: Any) -> None:
     slot = current_slot()
     ended = [FakeTracker(slot, i, integration.clock) for i in range(_watchdog.COMPACT_SLACK * 2)]
     kept = FakeTracker(slot, 10**9, integration.clock)
-    slot.live[kept] = True
+    slot.live[kept.seq] = [kept]
     try:
         for t in [*ended, kept]:
             WATCHDOG.push(t)
@@ -165,7 +165,7 @@ def test_compaction_drops_ended_entries_outside_the_lock(manual: Any) -> None:
         with WATCHDOG._lock:
             entries = [e[2] for h in WATCHDOG._heaps.values() for e in h.entries]
     finally:
-        del slot.live[kept]
+        del slot.live[kept.seq]
     assert before >= len(ended) + 1
     assert after <= before - len(ended)
     assert kept in entries
