@@ -2,14 +2,91 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 from ._time import TimeSource, format_rfc3339
 from .operations import OperationPhase, P2POperation
 from .protocol import HEALTH_TASK_ID, StatusClaim
 
 _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
+_new = object.__new__
 
-__all__ = ["ClaimFactory", "health_notes"]
+__all__ = ["Claim", "ClaimFactory", "LazyClaim", "health_notes", "resolve"]
+
+
+class LazyClaim:
+    """The claim of one operation change, built when something first needs it.
+
+    The registry emits under its lock, on the thread that made the change. There
+    a snapshot of the operation costs a fraction of building and validating the
+    claim, which the transport's loop thread (or the callback thread) does
+    instead, off the caller's thread. Everything the claim says is taken from the
+    snapshot except ``sent_at``, which is the time it is built (about when it is sent).
+
+    Attributes:
+        task_id: the operation id.
+        is_final: the snapshot is COMPLETED or FAILED (the outbox never drops those).
+    """
+
+    __slots__ = (
+        "_claim",
+        "_factory",
+        "beat",
+        "estimated",
+        "is_final",
+        "notes",
+        "peers",
+        "phase",
+        "reason",
+        "start_beat",
+        "task_id",
+        "type",
+    )
+
+    task_id: str
+    is_final: bool
+    _factory: ClaimFactory
+    _claim: StatusClaim | None
+    type: str
+    phase: OperationPhase
+    peers: int
+    start_beat: int
+    estimated: int
+    reason: str | None
+    beat: int
+    notes: str | None
+
+    def build(self) -> StatusClaim:
+        """The claim (built on the first call; a race between two threads builds it twice, harmlessly)."""
+        claim = self._claim
+        if claim is None:
+            claim = self._claim = self._factory.make(
+                self.task_id,
+                self.type,
+                self.phase,
+                self.peers,
+                self.start_beat,
+                self.estimated,
+                self.reason,
+                self.beat,
+                self.notes,
+            )
+        return claim
+
+    def __repr__(self) -> str:
+        return f"<LazyClaim {self.task_id} {self.phase.value} at beat {self.beat}>"
+
+
+#: What a transport is given to publish: a claim, or one to build when it is sent.
+Claim: TypeAlias = "StatusClaim | LazyClaim"
+
+
+def resolve(claim: Claim) -> StatusClaim:
+    """The :class:`StatusClaim` of ``claim`` (built now if it is a :class:`LazyClaim`)."""
+    if type(claim) is LazyClaim:
+        return claim.build()
+    return claim  # type: ignore[return-value]
 
 
 def health_notes(connected: bool, operations: int, tempo_bpm: float, node_id: str) -> str:
@@ -56,41 +133,97 @@ class ClaimFactory:
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
         """
+        return self.make(
+            op.id,
+            op.type,
+            op.phase,
+            op.peer_count,
+            op.start_beat,
+            op.estimated_beats,
+            op.reason,
+            current_beat,
+            notes,
+        )
+
+    def lazy(self, op: P2POperation, current_beat: int) -> LazyClaim:
+        """A snapshot of ``op`` at ``current_beat`` whose claim is built when first needed.
+
+        The claim built from it equals :meth:`for_operation` of the same operation
+        at the same beat (``sent_at`` aside): it is the same :meth:`make`.
+        """
+        lazy = _new(LazyClaim)
+        lazy._factory = self
+        lazy._claim = None
+        lazy.task_id = op.id
+        lazy.type = op.type
+        phase = lazy.phase = op.phase
+        lazy.is_final = phase._final
+        lazy.peers = op.peer_count
+        lazy.start_beat = op.start_beat
+        lazy.estimated = op.estimated_beats
+        lazy.reason = op.reason
+        lazy.beat = current_beat
+        lazy.notes = None
+        return lazy
+
+    def make(
+        self,
+        task_id: str,
+        operation_type: str,
+        phase: OperationPhase,
+        peer_count: int,
+        start_beat: int,
+        estimated: int,
+        reason: str | None,
+        current_beat: int,
+        notes: str | None,
+    ) -> StatusClaim:
+        """The claim of an operation with these figures (the maths of PROTOCOL.md, in one place).
+
+        Args:
+            task_id: the operation id.
+            operation_type: its type.
+            phase: its phase.
+            peer_count: its peers.
+            start_beat: the beat it started at.
+            estimated: its estimated beats.
+            reason: why it failed (FAILED only).
+            current_beat: index of the last beat frame received.
+            notes: override the notes line (budget warnings use this).
+        """
         # The per-beat hot path (one call per active operation per beat), kept inline.
         # PROTOCOL.md: p = c - s; beats_left = max(0, e - p); progress = min(1.0, p / e).
-        phase = op.phase
         value = phase.value
         if phase is _COMPLETED:
             state, beats_left, progress = "done", 0, 1.0
-            line = f"P2P {op.type}: {value} (peers: {op.peer_count}, node: {self.node_id})"
+            line = f"P2P {operation_type}: {value} (peers: {peer_count}, node: {self.node_id})"
         elif phase is _FAILED:
             state, beats_left, progress = "failed", 0, 0.0
-            line = f"P2P operation failed: {op.reason or 'unknown'} (type: {op.type})"
+            line = f"P2P operation failed: {reason or 'unknown'} (type: {operation_type})"
         else:
             state = "executing"
-            estimated = op.estimated_beats
-            passed = current_beat - op.start_beat
+            passed = current_beat - start_beat
             if passed < 0:
                 passed = 0
             if passed < estimated:
                 beats_left, progress = estimated - passed, passed / estimated
             else:
                 beats_left, progress = 0, 1.0
-            line = f"P2P {op.type}: {value} (peers: {op.peer_count}, node: {self.node_id})"
+            line = f"P2P {operation_type}: {value} (peers: {peer_count}, node: {self.node_id})"
         return StatusClaim(
             self.cluster_id,
             self.agent_id,
             self.node_id,
-            op.id,
+            task_id,
             current_beat,
             state,
             beats_left,
             progress,
             line if notes is None else notes,
             self.sent_at(),
-            op.type,
+            operation_type,
             value,
-            op.peer_count,
+            peer_count,
         )
 
     def for_health(

@@ -29,7 +29,7 @@ from typing import Any, Final, TypeVar
 from . import _defaults
 from ._logging import LoggerAdapter, RateLimitedLog
 from ._time import SYSTEM_TIME, TimeSource
-from .claims import ClaimFactory
+from .claims import Claim, ClaimFactory, LazyClaim, resolve
 from .clock import BeatClock, Observation
 from .config import BackbeatConfig
 from .errors import (
@@ -598,20 +598,24 @@ class Integration:
 
     # -- claims --------------------------------------------------------------
 
-    def _encode(self, claim: StatusClaim) -> bytes:
-        return self._encoder(claim)
+    def _encode(self, claim: Claim) -> bytes:
+        return self._encoder(resolve(claim))
 
     def _emit_operation(self, op: P2POperation) -> None:
-        """Queue the claim for ``op`` (called by the registry under its lock)."""
-        self._publish(self._claims.for_operation(op, self._clock.current_beat))
+        """Queue the claim for ``op`` (called by the registry under its lock).
+
+        What is queued is a snapshot (:class:`LazyClaim`): the claim is built by
+        whoever sends or delivers it (the transport's thread, the callback thread).
+        """
+        self._publish(self._claims.lazy(op, self._clock.current_beat))
 
     def _emit_operations(self, ops: list[P2POperation]) -> None:
         """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock)."""
         transport = self._transport
         self._counts["claims_emitted"] += len(ops)  # always under the registry lock
         beat = self._clock.current_beat
-        make = self._claims.for_operation
-        claims = [make(op, beat) for op in ops]
+        lazy = self._claims.lazy
+        claims: list[Claim] = [lazy(op, beat) for op in ops]
         if transport is not None:
             transport.publish_many(self._status_subject, claims)
         if self._callbacks.claim:
@@ -633,7 +637,7 @@ class Integration:
         )
         self._registry.set_quiet(quiet)
 
-    def _publish(self, claim: StatusClaim) -> None:
+    def _publish(self, claim: Claim) -> None:
         transport = self._transport
         if transport is not None:
             transport.publish(self._status_subject, claim)
@@ -829,6 +833,12 @@ class Integration:
             if kind == "stop":
                 return
             callbacks: tuple[Callable[[Any], Any], ...] = getattr(self._callbacks, kind)
+            if type(payload) is LazyClaim:
+                try:
+                    payload = payload.build()
+                except Exception as exc:  # a bug: never let it stop the callback thread
+                    self.record_error(f"claim {payload.task_id} not built: {type(exc).__name__}: {exc}")
+                    continue
             for cb in callbacks:
                 self._cb_running = (_callback_name(cb), self._time.monotonic())
                 try:

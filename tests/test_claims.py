@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backbeat_sync import ManualTime, OperationPhase, P2POperation, StatusClaim
-from backbeat_sync.claims import ClaimFactory, health_notes
+from backbeat_sync.claims import ClaimFactory, health_notes, resolve
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,23 @@ def test_health_claim_states() -> None:
         0,
         1.0,
     )
+
+
+def test_a_lazy_claim_is_the_claim_of_its_snapshot() -> None:
+    """lazy(op, beat) builds what for_operation(op, beat) built then, whatever the operation does after."""
+    clock = ManualTime()
+    f = ClaimFactory("c", "a", "n", clock)
+    op = P2POperation(id="l", type="dht_store", start_beat=3, estimated_beats=4, peer_count=2)
+    expected = f.for_operation(op, 5)
+    lazy = f.lazy(op, 5)
+    assert (lazy.task_id, lazy.is_final) == ("l", False)
+    op.phase, op.peer_count, op.reason = OperationPhase.FAILED, 9, "later"
+    final = f.lazy(op, 6)
+    clock.advance(2.0)
+    built = lazy.build()
+    assert lazy.build() is built  # built once
+    assert built.to_dict() | {"sent_at": None} == expected.to_dict() | {"sent_at": None}
+    assert final.is_final
+    assert final.build().notes == "P2P operation failed: later (type: dht_store)"
+    assert resolve(expected) is expected
+    assert resolve(lazy) is built

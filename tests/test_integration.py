@@ -459,13 +459,13 @@ def test_claims_nobody_receives_are_counted_not_built(monkeypatch: pytest.Monkey
     cfg = BackbeatConfig(cluster_id="test", agent_id="agent-1", nats_url=f"local://{bus}?pulse=manual")
     with Integration(cfg, node_id="node-1") as i:
         built: list[str] = []
-        make = i._claims.for_operation
+        make = i._claims.make
 
-        def counting(op: Any, beat: int, **kw: Any) -> StatusClaim:
-            built.append(op.id)
-            return make(op, beat, **kw)
+        def counting(task_id: str, *args: Any) -> StatusClaim:
+            built.append(task_id)
+            return make(task_id, *args)
 
-        monkeypatch.setattr(i._claims, "for_operation", counting)
+        monkeypatch.setattr(i._claims, "make", counting)
         i.start_p2p_operation("unheard", "dht_store", 3)
         i.complete_p2p_operation("unheard", 1)
         assert built == []

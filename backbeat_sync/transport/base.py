@@ -12,12 +12,12 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
-from ..protocol import StatusClaim
+from ..claims import Claim
 
 __all__ = ["ClaimEncoder", "Transport", "TransportEvent", "TransportSink", "subject_matches"]
 
-#: Turns a claim into the bytes that go on the wire (canonical JSON, maybe signed).
-ClaimEncoder = Callable[[StatusClaim], bytes]
+#: Turns a claim (built first, if it is a LazyClaim) into the bytes that go on the wire.
+ClaimEncoder = Callable[[Claim], bytes]
 
 
 class TransportEvent(enum.Enum):
@@ -61,10 +61,10 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
-    def publish(self, subject: str, claim: StatusClaim) -> None:
+    def publish(self, subject: str, claim: Claim) -> None:
         """Queue ``claim`` for ``subject``; thread-safe, returns at once."""
 
-    def publish_many(self, subject: str, claims: list[StatusClaim]) -> None:
+    def publish_many(self, subject: str, claims: list[Claim]) -> None:
         """Queue ``claims`` for ``subject``, in order (one beat's claims); thread-safe, returns at once."""
         for claim in claims:
             self.publish(subject, claim)

@@ -20,8 +20,9 @@ from urllib.parse import parse_qs, urlsplit
 from loguru import logger
 
 from .._time import SYSTEM_TIME, TimeSource
+from ..claims import Claim
 from ..config import BackbeatConfig
-from ..protocol import BeatFrame, StatusClaim
+from ..protocol import BeatFrame
 from ..pulse import BeatSchedule, PulseThread, wall_clock_start_index
 from .base import ClaimEncoder, Transport, TransportEvent, TransportSink, subject_matches
 
@@ -220,7 +221,7 @@ class LocalTransport(Transport):
         self._connected = True
         sink.transport_event(TransportEvent.CONNECTED, f"local bus {self.bus.name!r}")
 
-    def publish(self, subject: str, claim: StatusClaim) -> None:
+    def publish(self, subject: str, claim: Claim) -> None:
         """Deliver the claim to in-process subscribers of ``subject`` (if any)."""
         if self.bus.has_subscribers(subject):
             self._published += 1

@@ -40,9 +40,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from .._time import SYSTEM_TIME, TimeSource
+from ..claims import Claim
 from ..config import BackbeatConfig
 from ..errors import BackbeatConnectionError, ConfigError
-from ..protocol import StatusClaim
 from .base import ClaimEncoder, Transport, TransportEvent, TransportSink
 
 __all__ = [
@@ -691,7 +691,7 @@ class NatsLink:
 class _Entry:
     __slots__ = ("claim", "final", "sent", "seq", "subject")
 
-    def __init__(self, subject: str, claim: StatusClaim, final: bool) -> None:
+    def __init__(self, subject: str, claim: Claim, final: bool) -> None:
         self.subject = subject
         self.claim = claim
         self.final = final
@@ -735,7 +735,7 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._items)
 
-    def put(self, subject: str, claim: StatusClaim) -> bool:
+    def put(self, subject: str, claim: Claim) -> bool:
         """Queue ``claim`` for ``subject``.
 
         Returns:
@@ -762,7 +762,7 @@ class Outbox:
             self._wake_pending = True
             return wake
 
-    def put_many(self, subject: str, claims: list[StatusClaim]) -> bool:
+    def put_many(self, subject: str, claims: list[Claim]) -> bool:
         """Queue ``claims`` for ``subject`` in order, under one lock (one beat's claims).
 
         Returns:
@@ -1073,7 +1073,7 @@ class NatsTransport(Transport):
             self._link = None
             raise
 
-    def publish(self, subject: str, claim: StatusClaim) -> None:
+    def publish(self, subject: str, claim: Claim) -> None:
         """Queue ``claim`` for ``subject``; thread-safe, returns at once (never waits on the network)."""
         link = self._link
         if link is None:
@@ -1085,7 +1085,7 @@ class NatsTransport(Transport):
         if link.outbox.put(subject, claim):
             link.wake()
 
-    def publish_many(self, subject: str, claims: list[StatusClaim]) -> None:
+    def publish_many(self, subject: str, claims: list[Claim]) -> None:
         """Queue ``claims`` for ``subject`` in order, under one outbox lock; returns at once."""
         link = self._link
         if link is None:
