@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from freezegun import freeze_time
 
 import backbeat_sync as bb
 from backbeat_sync import budget as budget_mod
@@ -598,3 +599,23 @@ def test_delivered_exception_pickles_with_its_figures(live: Any) -> None:
         copy.late,
     )
     assert str(e) == str(copy)
+
+
+def test_budgets_read_the_frozen_time_under_freezegun() -> None:
+    """Under freezegun a budget reads the same (frozen) time as the beat clock: tick() spends it."""
+    with freeze_time("2026-11-28 01:00:00") as frozen:
+        cfg = bb.BackbeatConfig(
+            cluster_id="fz", agent_id="a", nats_url=f"local://{unique_bus()}?pulse=manual", tempo_bpm=60
+        )
+        with (
+            bb.Integration(cfg, node_id="n") as integration,
+            bb.track_operation(
+                "frozen", "t", beats=4, integration=integration, warn_at=None, on_exhaust="warn"
+            ) as op,
+        ):
+            assert op.beats_used == 0.0
+            frozen.tick(1.0)
+            assert op.beats_used == pytest.approx(1.0)
+            frozen.tick(3.0)
+            with pytest.raises(bb.BeatBudgetExceeded):
+                op.check()
