@@ -290,13 +290,6 @@ def _materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
 WATCHDOG.materialize = _materialize
 
 
-def _resolve(integration: Integration | None) -> Integration | None:
-    i = integration if integration is not None else _defaults._default
-    if i is None or i._state is not _running_state():
-        return None
-    return i
-
-
 def _log_fallback(what: str) -> None:
     global _fallback_logged
     if not _fallback_logged:
