@@ -1127,19 +1127,20 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             if err is not None:
                 raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
             raise
-        # The common case needs no shield: with this call the only budget of the thread,
-        # no exception can be set into it once it is out of ``live``. (Nor can one be
-        # pending here: CPython raises an asynchronous exception at the same eval-breaker
-        # check at which the thread gets the GIL back from the watchdog that set it.)
-        if len(live) == 1 and live.pop(seq, None) is not None:
-            t = e[0]
-            if t is None or (not t.announced and not t.exhausted):
-                return result
-            slot.shield += 1
-            err = t._leave(slot, None, result, won=True)
-        else:
+        # Leaving. ``del`` (unlike a ``pop`` call) is followed by no eval-breaker check,
+        # nor is anything up to the shield below, so no asynchronous exception can land
+        # between winning the entry and raising the shield: the common case (the thread's
+        # only budget, never looked at) returns with no shield at all.
+        try:
+            del live[seq]
+        except KeyError:  # the watchdog won it: it is deciding, or has decided, how to deliver
             slot.shield += 1
             err = _materialize(slot, seq, e)._leave(slot, None, result)
+        else:
+            if e[0] is None and not live:
+                return result
+            slot.shield += 1
+            err = _materialize(slot, seq, e)._leave(slot, None, result, won=True)
         if err is not None:
             raise err
         return result
