@@ -325,9 +325,11 @@ class Tracker:
         'K'
     """
 
-    # Hot fields are slots, set on every call. The rest live in a lazily made
-    # ``__dict__`` and default to the class attributes below, so a call that
-    # starts and ends between two events pays for seven stores, not twenty.
+    # Fields set for every tracker are slots. The rest live in a lazily made
+    # ``__dict__`` and default to the class attributes below, so a tracker made
+    # for a decorated call (only when something needs it: see ``_materialize``)
+    # pays for seven stores, not twenty. ``_Block`` (track_operation) makes slots
+    # of the few more it always sets.
     __slots__ = ("__dict__", "data", "integration", "op_id", "seq", "settings", "slot", "st_in", "t_in")
 
     settings: BudgetSettings
