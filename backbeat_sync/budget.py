@@ -355,6 +355,7 @@ class Tracker:
     exc_class: Any = None  #: the class set asynchronously (made when it fires)
     fired_at: float = 0.0  #: monotonic time it fired
     followup_noted: bool = False
+    spent_counted: bool = False  #: its exhaustion has been counted (health, metrics)
     peers: int = 0
 
     def __init__(self, settings: BudgetSettings, integration: Integration | None) -> None:
@@ -738,6 +739,11 @@ class Tracker:
         return reason
 
     def _count_spent(self, exc: BaseException | None) -> None:
+        """Count the exhaustion once: the owner leaving and the watchdog's follow-up may both get here."""
+        with _ops_lock:
+            if self.spent_counted:
+                return
+            self.spent_counted = True
         integration = cast("Integration", self.integration)
         mode = self.settings.on_exhaust
         if mode == "interrupt":
