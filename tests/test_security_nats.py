@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
+import nkeys  # type: ignore[import-untyped]
 import pytest
 from loguru import logger
 
-from backbeat_sync import BackbeatConfig, Integration
+from backbeat_sync import BackbeatConfig, BackbeatConnectionError, Integration
 from backbeat_sync.protocol import parse_status_claim
 from backbeat_sync.pulse import Pulse
 from backbeat_sync.signing import SigningKey, Verifier, generate_private_key
@@ -101,6 +103,43 @@ def test_publishing_outside_permissions_shows_in_errors(locked_server: Configure
             timeout=10,
             what="the server's refusal in errors",
         )
+
+
+def user_seed() -> bytes:
+    """A fresh NATS user nkey seed (``SU...``)."""
+    seed: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return seed
+
+
+def test_an_nkey_seed_authenticates_and_another_is_refused(nats_binary: str, tmp_path: Path) -> None:
+    """A user nkey seed (given as a string or as a seed file) connects to a server that knows its
+    public key, and claims go out; another seed is an authorization violation, never shown."""
+    seed = user_seed()
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    conf = f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
+    server = ConfiguredServer(nats_binary, tmp_path / "nkey", conf)
+    server.start()
+    seed_file = tmp_path / "agent.nk"
+    seed_file.write_bytes(seed)
+    try:
+        for secret in (seed.decode(), str(seed_file)):
+            cfg = BackbeatConfig(
+                cluster_id=CLUSTER, agent_id="agent-nk", nats_url=server.url, nkey_seed=secret
+            )
+            with Integration(cfg, node_id="n-nk") as agent:
+                assert agent.get_health()["connected"] is True
+                agent.start_p2p_operation("nk-op", "election", 3)
+                agent.complete_p2p_operation("nk-op", 1)
+                wait_until(lambda: agent.get_health()["claims_published"] >= 2, what="claims with an nkey")
+        other = user_seed().decode()
+        cfg = BackbeatConfig(cluster_id=CLUSTER, agent_id="agent-nk", nats_url=server.url, nkey_seed=other)
+        with pytest.raises(BackbeatConnectionError) as info:
+            Integration(cfg, node_id="n-nk").start()
+        assert info.value.cause == "authorization violation"
+        assert other not in str(info.value)
+        assert other not in repr(cfg)
+    finally:
+        server.kill()
 
 
 def test_signed_pulse_on_nats(nats_server: NatsServer, nats_runner: AsyncRunner) -> None:
