@@ -596,6 +596,54 @@ def test_beats_used_left_and_progress_follow_the_clock() -> None:
         assert (info.value.beats_over, info.value.late) == (0.0, False)  # raised by its owner, on time
 
 
+def test_a_tempo_change_mid_budget_stretches_it_exactly() -> None:
+    """Budgets count beats: halve the tempo as a 4-beat budget opens and it takes twice the time.
+
+    On a manual clock and a hand-driven pulse at 300 BPM (0.2 s beats): steady, 4 beats
+    take 0.8 s; with the tempo halved from the next beat on (as Pulse.set_tempo does), the
+    frames come 0.4 s apart and the same budget takes 1.6 s. Until the first slow frame
+    arrives the clock extrapolates at the tempo it knew (PROTOCOL.md, the beat clock).
+    """
+    from tests.support import HandledBeats, ManualPulse
+
+    t = ManualTime()
+    bus = unique_bus()
+    url = f"local://{bus}?pulse=manual"
+    cfg = bb.BackbeatConfig(cluster_id="m", agent_id="a", nats_url=url, tempo_bpm=300)
+    integration = bb.Integration(cfg, node_id="n", time_source=t)
+    pulse = ManualPulse(bus, "m", tempo_bpm=300, handled=HandledBeats(integration))
+
+    def budget_seconds(beat: int, slow_down: bool) -> float:
+        """Open a 4-beat budget just after ``beat``; beat on until check() raises; manual seconds taken."""
+        with bb.track_operation(
+            f"stretch-{slow_down}", "t", beats=4, integration=integration, warn_at=None, on_exhaust="warn"
+        ) as op:
+            opened = t.monotonic()
+            if slow_down:
+                pulse.tempo_bpm = 150
+                t.advance(0.4)  # the next frame is due one new beat later; until it comes:
+                assert op.beats_used == pytest.approx(2.0)  # extrapolated at the tempo known
+                pulse.beat(beat + 1)  # snaps to its index at the new tempo
+                assert op.beats_used == pytest.approx(1.0)
+                beat += 1
+            while not op.spent:
+                op.check()
+                t.advance(60.0 / pulse.tempo_bpm)
+                beat += 1
+                pulse.beat(beat)
+            with pytest.raises(bb.BeatBudgetExceeded) as info:
+                op.check()
+            assert info.value.beats_used == pytest.approx(4.0)
+            return t.monotonic() - opened
+
+    with integration:
+        pulse.beat(1)
+        steady = budget_seconds(1, slow_down=False)
+        stretched = budget_seconds(integration.clock.current_beat, slow_down=True)
+    assert steady == pytest.approx(0.8)
+    assert stretched == pytest.approx(1.6)
+
+
 def test_execute_with_beat_budget_runs_and_interrupts(live: Any) -> None:
     """Integration.execute_with_beat_budget returns the result, or raises when spent."""
     integration, _ = live

@@ -222,7 +222,7 @@ def test_seed_flows_across_a_server_restart_reach_jetstream(
                 wait_until(lambda: not integration.get_health()["connected"], what="outage noticed")
             elif k == 3:  # steps 1 and 2 happened during the outage
                 server.start()
-                wait_until(lambda: integration.get_health()["reconnect_count"] == 1, timeout=10, what="back")
+                wait_until(lambda: integration.get_health()["reconnect_count"] == 1, what="back")
                 beat = handled.latest
                 handled.wait(beat + 1)
 
