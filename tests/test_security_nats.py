@@ -146,7 +146,7 @@ def test_no_secret_in_any_output(nats_server_userpass: NatsServer, nats_runner: 
             seen.append(str(agent.get_health()))
         bad = cfg.evolve(
             nats_url=f"nats://{USER}:wrong-{PASSWORD}@127.0.0.1:{nats_server_userpass.port}",
-            connect_timeout=2.0,
+            connect_timeout=30.0,  # refused at once; a busy machine must not turn it into a timeout
         )
         with pytest.raises(Exception) as info:
             Integration(bad, node_id="n").start()
