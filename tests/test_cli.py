@@ -565,12 +565,29 @@ def test_pulse_signs_frames_with_the_signing_key(
     assert health["rejected_frames"] == 0
 
 
+def stop_or_dump(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """``proc.communicate(timeout)``; if it does not end, fail with its threads' stacks and output.
+
+    The process must run with ``-X faulthandler``: SIGABRT makes it print every thread's stack.
+    """
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail(f"still running {timeout:g} s after the signal\n--- stderr:\n{err}\n--- stdout:\n{out}")
+
+
 @pytest.mark.nats
 def test_pulse_and_monitor_once_json_list_the_agents_tasks(nats_server: NatsServer) -> None:
     """`backbeat-sync pulse` and `monitor --once --json` as subprocesses see an agent's tasks."""
     env = cli_env(CHORUS_BACKBEAT_NATS_URL=nats_server.url, CHORUS_BACKBEAT_CLUSTER_ID="mc")
-    pulse = subprocess.Popen(
-        cli("pulse", "--tempo", "600"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    pulse = subprocess.Popen(  # -X faulthandler: SIGABRT dumps its threads if it does not stop
+        [sys.executable, "-X", "faulthandler", *cli("pulse", "--tempo", "600")[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         cfg = BackbeatConfig(cluster_id="mc", agent_id="worker-1", nats_url=nats_server.url)
@@ -588,7 +605,7 @@ def test_pulse_and_monitor_once_json_list_the_agents_tasks(nats_server: NatsServ
             )
             agent.complete_p2p_operation("dht-store-k", 3)
         pulse.send_signal(signal.SIGINT)
-        pulse_out, pulse_err = pulse.communicate(timeout=60)
+        pulse_out, pulse_err = stop_or_dump(pulse, 60)
     finally:
         if pulse.poll() is None:
             pulse.kill()
