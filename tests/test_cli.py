@@ -565,6 +565,16 @@ def test_pulse_signs_frames_with_the_signing_key(
     assert health["rejected_frames"] == 0
 
 
+def default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default, so Python makes it KeyboardInterrupt.
+
+    A suite started in the background by a script (``cmd &`` without job control) runs
+    with SIGINT ignored, every child inherits that, and Python leaves an ignored SIGINT
+    ignored: Ctrl-C (the signal this test sends) would then never reach the CLI.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def stop_or_dump(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
     """``proc.communicate(timeout)``; if it does not end, fail with its threads' stacks and output.
 
@@ -588,6 +598,7 @@ def test_pulse_and_monitor_once_json_list_the_agents_tasks(nats_server: NatsServ
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sigint,
     )
     try:
         cfg = BackbeatConfig(cluster_id="mc", agent_id="worker-1", nats_url=nats_server.url)
