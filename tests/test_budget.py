@@ -405,7 +405,7 @@ def test_track_operation_claims_start_phases_and_end(manual: Any) -> None:
     with bb.track_operation("dht-store-k", "dht_store", beats=BIG, peers=3, manual_phases=True) as op:
         op.set_phase(bb.OperationPhase.CONNECTING)
         op.set_phase("negotiating", peers=5)
-    log.wait_for(lambda cs: any(c.state == "done" for c in cs))
+    log.wait_for(lambda cs: any(c.task_id == "dht-store-k" and c.state == "done" for c in cs))
     got = [(c.state, c.phase, c.peer_count) for c in log.for_task("dht-store-k")]
     assert got == [
         ("executing", "started", 3),
@@ -420,7 +420,7 @@ def test_track_operation_moves_to_executing_and_fails_with_reason(manual: Any) -
     _integration, _pulse, log = manual
     with pytest.raises(KeyError), bb.track_operation("op-fail", "election", beats=BIG):
         raise KeyError("missing")
-    log.wait_for(lambda cs: any(c.state == "failed" for c in cs))
+    log.wait_for(lambda cs: any(c.task_id == "op-fail" and c.state == "failed" for c in cs))
     got = [(c.state, c.phase) for c in log.for_task("op-fail")]
     assert got == [("executing", "started"), ("executing", "executing"), ("failed", "failed")]
     assert log.for_task("op-fail")[-1].notes == "P2P operation failed: KeyError: 'missing' (type: election)"
