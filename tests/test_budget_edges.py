@@ -167,7 +167,12 @@ def test_exception_in_one_thread_leaves_other_budgeted_threads_alone(live: Any) 
 
 
 def test_precise_mode_lowers_the_switch_interval_near_a_deadline_and_restores_it(live: Any) -> None:
-    """In precise mode busy code sees the short switch interval before its deadline; restored after."""
+    """In precise mode busy code sees the short switch interval before its deadline; restored after.
+
+    The watchdog lowers it when it wakes in the 15 ms before a deadline; a busy machine
+    can wake it later than that, and then it fires at once. So up to ten budgets run, and
+    one of them must have seen the short interval (on an idle machine, the first).
+    """
     from backbeat_sync.budget import precise_mode
 
     old = sys.getswitchinterval()
@@ -180,12 +185,16 @@ def test_precise_mode_lowers_the_switch_interval_near_a_deadline_and_restores_it
 
     precise_mode(switch_interval=0.0005)
     try:
-        with pytest.raises(bb.BeatBudgetExceeded) as info:
-            spin()
+        for _attempt in range(10):
+            seen.clear()
+            with pytest.raises(bb.BeatBudgetExceeded) as info:
+                spin()
+            assert info.value.beats_used >= 0.5  # how late it landed is a benchmark figure
+            if 0.0005 in seen:
+                break
     finally:
         precise_mode(False)
     assert min(seen) == 0.0005
-    assert info.value.beats_used >= 0.5  # how late it landed is a benchmark figure, not asserted here
     end = time.monotonic() + NEVER
     while sys.getswitchinterval() != old and time.monotonic() < end:
         time.sleep(0.01)
