@@ -322,7 +322,8 @@ def test_blocked_callback_reported_and_beats_go_on() -> None:
         pulse.beat(3)
         wait_until(lambda: i.clock.current_beat == 3)
         assert "block" in i.get_health()["blocked_callback"]
-        assert any("callback blocked" in e for e in i.get_health()["errors"]) or pulse.beat(4)
+        # beats 2 and 3 were handled while it was blocked: each checks, the first records it
+        assert any("callback blocked" in e for e in i.get_health()["errors"])
         release.set()
         wait_until(lambda: i.get_health()["blocked_callback"] is None)
 
