@@ -259,6 +259,7 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_reject(data: bytes) -> None:
@@ -270,6 +271,7 @@ def test_any_bytes_parse_or_reject(data: bytes) -> None:
             pass
 
 
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(FRAME) + sorted(CLAIM)), json_values, max_size=14))
 def test_any_object_parses_or_rejects(obj: dict[str, Any]) -> None:
@@ -283,6 +285,7 @@ def test_any_object_parses_or_rejects(obj: dict[str, Any]) -> None:
         assert parse_message(msg.encode()) == msg
 
 
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(sorted(FRAME)),
