@@ -398,6 +398,8 @@ def test_pulse_restarting_lower_is_followed_after_a_bar(
         )
         integration.complete_p2p_operation("across-reset", 2)
         assert second.frames_sent > 4
+    # stop() has the final claim confirmed by the server; the witness may get it a moment later
+    witness.wait_for(lambda ds: any(d["task_id"] == "across-reset" and d["state"] == "done" for d in ds))
     witness.close()
     assert health["stale_frames"] >= 4  # a full bar (4 beats) of stale frames came first
     assert 100 + 3 <= health["current_beat"] < 5000

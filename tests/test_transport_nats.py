@@ -321,8 +321,13 @@ def test_contract_claims_to_a_raw_subscriber_follow_protocol(
                 what=f"claim at beat {index}",
             )
         integration.complete_p2p_operation("election-1", 3)
-        pulse.beat()
-        witness.wait_for(lambda ds: any(d["task_id"] == HEALTH_TASK_ID for d in ds), what="health claim")
+        index = pulse.beat()  # beat 100: a health claim (every 4 beats; beat 96 had one too)
+
+        def final_and_health(ds: list[dict[str, Any]], i: int = index) -> bool:
+            final = any(d["task_id"] == "election-1" and d["state"] == "done" for d in ds)
+            return final and any(d["task_id"] == HEALTH_TASK_ID and d["beat_index"] == i for d in ds)
+
+        witness.wait_for(final_and_health, what="the final claim and the health claim at beat 100")
     pulse.stop()
     claims = witness.dicts()
     witness.close()
