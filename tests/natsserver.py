@@ -169,7 +169,7 @@ class NatsServer:
                 args += ["--routes", ",".join(self.routes)]
         return args
 
-    def start(self, timeout: float = 10.0) -> NatsServer:
+    def start(self, timeout: float = 30.0) -> NatsServer:
         """Start the process and wait until it answers with INFO on its port.
 
         Raises:
@@ -345,7 +345,7 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 10.0) -> list[NatsServer]:
+def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 30.0) -> list[NatsServer]:
     """Start ``size`` routed servers on loopback and wait until every route is up."""
     cports = [free_port() for _ in range(size)]
     routes = [f"nats://127.0.0.1:{p}" for p in cports]
@@ -391,7 +391,7 @@ class AsyncRunner:
         self.loop.run_until_complete(self.loop.shutdown_default_executor())
         self.loop.close()
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Run ``coro`` on the loop thread and wait for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
@@ -439,7 +439,7 @@ class Witness:
         with self._cond:
             return [json.loads(m) for m in self.messages]
 
-    def wait_for(self, predicate: Any, timeout: float = 10.0, what: str = "messages") -> None:
+    def wait_for(self, predicate: Any, timeout: float = 30.0, what: str = "messages") -> None:
         """Wait until ``predicate(list_of_dicts)`` holds; fail the test after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:

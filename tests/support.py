@@ -13,13 +13,18 @@ from backbeat_sync.transport.local import LocalBus
 
 _names = itertools.count()
 
+#: Default bound of every wait on a condition. Waits cost only the time the condition takes
+#: to hold; the bound is reached only when a test is failing, so it is generous enough for
+#: a slow, busy machine (CI: 2 shared cores) where a thread may be descheduled for seconds.
+PATIENCE = 30.0
+
 
 def unique_bus() -> str:
     """A bus name no other test uses."""
     return f"test-{next(_names)}"
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float = PATIENCE, what: str = "condition") -> None:
     """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -41,7 +46,7 @@ class HandledBeats:
             self.latest = max(self.latest, frame.beat_index)
             self._cond.notify_all()
 
-    def wait(self, index: int, timeout: float = 5.0) -> None:
+    def wait(self, index: int, timeout: float = PATIENCE) -> None:
         """Wait until beat ``index`` (or a later one) has been handled."""
         with self._cond:
             if not self._cond.wait_for(lambda: self.latest >= index, timeout):
@@ -107,12 +112,30 @@ class ClaimLog:
             self.claims.append(claim)
             self._cond.notify_all()
 
-    def wait_for(self, predicate: Callable[[list[StatusClaim]], bool], timeout: float = 5.0) -> None:
-        """Wait until ``predicate(claims)`` holds."""
+    def wait_for(self, predicate: Callable[[list[StatusClaim]], bool], timeout: float = PATIENCE) -> None:
+        """Wait until ``predicate(claims)`` holds.
+
+        The predicate reads the whole list, so it is not run on every claim that arrives
+        (tens of thousands of claims would make that quadratic, and on a busy machine the
+        waiter would hold the lock the claims need): between two runs the waiter lets
+        claims in for at least 2 ms, or ten times as long as the last run took.
+        """
+        deadline = time.monotonic() + timeout
         with self._cond:
-            if not self._cond.wait_for(lambda: predicate(self.claims), timeout):
-                tail = [(c.task_id, c.state, c.phase) for c in self.claims[-5:]]
-                raise AssertionError(f"claims did not arrive in {timeout}s; last: {tail}")
+            while True:
+                started = time.monotonic()
+                if predicate(self.claims):
+                    return
+                now = time.monotonic()
+                if now > deadline:
+                    tail = [(c.task_id, c.state, c.phase) for c in self.claims[-5:]]
+                    raise AssertionError(
+                        f"claims did not arrive in {timeout}s ({len(self.claims)} claims); last: {tail}"
+                    )
+                pause_until = min(deadline, now + max(0.002, 10 * (now - started)))
+                self._cond.wait(max(0.0, deadline - now))  # woken by the next claim
+                while (left := pause_until - time.monotonic()) > 0:
+                    self._cond.wait(left)  # let more claims in before reading them all again
 
     def for_task(self, task_id: str) -> list[StatusClaim]:
         with self._cond:

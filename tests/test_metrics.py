@@ -141,7 +141,7 @@ def test_budget_warnings_and_exhaustions_by_mode_and_outcome(registry: Collector
 
 
 def test_a_real_budget_exhaustion_is_counted(registry: CollectorRegistry) -> None:
-    """An interrupted @beat_budget call moves backbeat_budget_exhaustions_total{interrupt, interrupted}."""
+    """An interrupted @beat_budget call moves backbeat_budget_exhaustions_total{interrupt, its outcome}."""
     import time
 
     from backbeat_sync import BeatBudgetExceeded, beat_budget
@@ -158,8 +158,10 @@ def test_a_real_budget_exhaustion_is_counted(registry: CollectorRegistry) -> Non
 
     with Integration(cfg, node_id="n") as integration:
         instrument(integration, registry=registry)
-        with pytest.raises(BeatBudgetExceeded):
+        with pytest.raises(BeatBudgetExceeded) as info:
             spin()
+        # landed within 50 ms or not ("late") is up to how busy the machine is
+        labels["outcome"] = "late" if info.value.late else "interrupted"
         wait_until(
             lambda: registry.get_sample_value("backbeat_budget_exhaustions_total", labels) == 1.0,
             what="the exhaustion counted",

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backbeat_sync import BeatFrame, ProtocolError, StatusClaim
@@ -259,7 +259,8 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=3000, deadline=None)
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=300))
 def test_any_bytes_parse_or_reject(data: bytes) -> None:
     """Any bytes give a message or a ProtocolError, never another exception."""
@@ -270,7 +271,8 @@ def test_any_bytes_parse_or_reject(data: bytes) -> None:
             pass
 
 
-@settings(max_examples=3000, deadline=None)
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
+@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(sorted(FRAME) + sorted(CLAIM)), json_values, max_size=14))
 def test_any_object_parses_or_rejects(obj: dict[str, Any]) -> None:
     """Any JSON object, with the protocol's keys and arbitrary values, parses or is rejected cleanly."""
@@ -283,7 +285,8 @@ def test_any_object_parses_or_rejects(obj: dict[str, Any]) -> None:
         assert parse_message(msg.encode()) == msg
 
 
-@settings(max_examples=2000, deadline=None)
+@pytest.mark.timeout(600)  # CPU-bound: a loaded 2-core machine took 100 s for the slowest of these
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(sorted(FRAME)),
     json_values,

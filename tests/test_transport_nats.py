@@ -41,6 +41,8 @@ from .natsserver import (
 from .support import HandledBeats, wait_until
 
 CLUSTER = "nt"
+#: A wait only a bug would sit through; "at once" is asserted as under half of it.
+NEVER = 60.0
 NODE = "12D3KooWTest"
 
 
@@ -319,8 +321,13 @@ def test_contract_claims_to_a_raw_subscriber_follow_protocol(
                 what=f"claim at beat {index}",
             )
         integration.complete_p2p_operation("election-1", 3)
-        pulse.beat()
-        witness.wait_for(lambda ds: any(d["task_id"] == HEALTH_TASK_ID for d in ds), what="health claim")
+        index = pulse.beat()  # beat 100: a health claim (every 4 beats; beat 96 had one too)
+
+        def final_and_health(ds: list[dict[str, Any]], i: int = index) -> bool:
+            final = any(d["task_id"] == "election-1" and d["state"] == "done" for d in ds)
+            return final and any(d["task_id"] == HEALTH_TASK_ID and d["beat_index"] == i for d in ds)
+
+        witness.wait_for(final_and_health, what="the final claim and the health claim at beat 100")
     pulse.stop()
     claims = witness.dicts()
     witness.close()
@@ -361,11 +368,11 @@ def test_wrong_token_is_an_authorization_violation_without_the_secret(
 ) -> None:
     """A wrong token fails at once with "authorization violation"; no secret in the error or the logs."""
     url = nats_server_token.url.replace("nats://", "nats://wrong-secret-token@")
-    integration = Integration(config(url, connect_timeout=5.0), node_id=NODE)
+    integration = Integration(config(url, connect_timeout=NEVER), node_id=NODE)
     t0 = time.monotonic()
     with pytest.raises(BackbeatConnectionError) as info:
         integration.start()
-    assert time.monotonic() - t0 < 2.0  # not a hang until the connect timeout
+    assert time.monotonic() - t0 < NEVER / 2  # not a hang until the connect timeout
     assert info.value.cause == "authorization violation"
     assert f"127.0.0.1:{nats_server_token.port}" in str(info.value)
     assert "wrong-secret-token" not in str(info.value)
@@ -412,16 +419,18 @@ def test_right_credentials_connect_and_stay_secret(
 def test_connect_in_background_returns_at_once_and_connects_later(nats_binary: str, tmp_path: Any) -> None:
     """With connect_in_background, start() returns while the server is down; health says so until it is up."""
     server = NatsServer(nats_binary, tmp_path / "late")
-    integration = Integration(config(server.url, connect_in_background=True), node_id=NODE)
+    integration = Integration(
+        config(server.url, connect_in_background=True, connect_timeout=NEVER), node_id=NODE
+    )
     t0 = time.monotonic()
     integration.start()
     try:
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < NEVER / 2  # did not wait for a connection
         assert integration.get_health()["connected"] is False
         integration.start_p2p_operation("early", "dht_store", 3)
         integration.complete_p2p_operation("early", 3)  # queued until the connection is made
         server.start()
-        wait_until(lambda: integration.get_health()["connected"], timeout=10, what="background connect")
+        wait_until(lambda: integration.get_health()["connected"], what="background connect")
         wait_until(lambda: integration.get_health()["claims_queued"] == 0, what="queued claims published")
         assert "agent-1" in server.connection_names()
     finally:
@@ -457,15 +466,12 @@ def test_malformed_frames_do_not_hide_valid_beats(nats_server: NatsServer, nats_
         await nc.flush()
 
     with integration:
-        t0 = time.monotonic()
         nats_runner.run(flood(), timeout=60)
-        wait_until(lambda: integration.get_health()["beats_received"] == good, timeout=20, what="valid beats")
-        elapsed = time.monotonic() - t0
-        health = integration.get_health()
+        wait_until(lambda: integration.get_health()["beats_received"] == good, timeout=60, what="valid beats")
+        health = integration.get_health()  # (how fast frames are rejected is a benchmark figure)
     pulse.stop()
     assert (good, 0, 10_000) == (health["beats_received"], health["missed_beats"], health["rejected_frames"])
     assert 10 + good - 1 == health["current_beat"]
-    assert elapsed < 20
 
 
 @pytest.mark.nats
@@ -492,7 +498,8 @@ def test_stop_with_the_server_gone_is_bounded_and_leaves_no_thread(nats_server: 
     integration.complete_p2p_operation("orphan", 1)
     t0 = time.monotonic()
     integration.stop()
-    assert time.monotonic() - t0 < 0.5 + 3.0
+    # bounded: flush_timeout plus the close grace (about 2.5 s); not the 10 s join bound or a hang
+    assert time.monotonic() - t0 < 10.0
     assert before == library_threads()
     health = integration.get_health()
     assert health["claims_dropped"] >= 2  # given up at stop, and counted
@@ -539,7 +546,7 @@ def test_outage_finals_reach_a_jetstream_stream_after_restart(
                 integration.update_p2p_operation_phase(f"long-{k}", phase, 3)
         assert integration.get_health()["claims_coalesced"] >= 20
         server.start()
-        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, timeout=10, what="reconnect")
+        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, what="reconnect")
         wait_until(lambda: integration.get_health()["current_beat"] > beat_at_outage + 2, what="beats resume")
         run_ops("after", 50)
         for k in range(10):
@@ -572,7 +579,7 @@ def test_cluster_failover_when_the_agents_node_dies(
         witness = Witness(nats_runner, other.url, "backbeat.status.>")
         integration.start_p2p_operation("peer-discovery-1", "peer_discovery", 5)
         agent_node.kill()
-        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, timeout=10, what="failover")
+        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, what="failover")
         beat = integration.get_health()["current_beat"]
         wait_until(lambda: integration.get_health()["current_beat"] > beat + 2, what="beats after failover")
         integration.complete_p2p_operation("peer-discovery-1", 7)
@@ -661,7 +668,6 @@ def test_giving_up_reconnecting_is_reported_in_health(nats_server: NatsServer) -
         nats_server.kill()
         wait_until(
             lambda: any("closed for good" in e for e in integration.get_health()["errors"]),
-            timeout=10,
             what="closed for good",
         )
         assert integration.get_health()["connected"] is False
@@ -706,13 +712,11 @@ def test_finals_in_flight_when_the_server_dies_are_sent_again(
             )
             server.kill()
             server.start()
-            wait_until(
-                lambda r=restart: integration.get_health()["reconnect_count"] == r, timeout=10, what="back"
-            )
+            wait_until(lambda r=restart: integration.get_health()["reconnect_count"] == r, what="back")
         stop.set()
         for t in workers:
             t.join()
-        wait_until(lambda: integration.get_health()["claims_queued"] == 0, timeout=10, what="all confirmed")
+        wait_until(lambda: integration.get_health()["claims_queued"] == 0, what="all confirmed")
         resent = integration.transport.stats()["claims_resent"]  # type: ignore[union-attr]
     pulse.stop()
     stored = [json.loads(m) for m in server.stored()]
