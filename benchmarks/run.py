@@ -92,13 +92,16 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def per_call_ns(fn: Callable[[], Any], n: int) -> float:
-    """Nanoseconds per call of ``fn`` over ``n`` calls (loop included; it cancels in differences)."""
+def per_call_ns(fn: Callable[[], Any], n: int, clock: Callable[[], int] = time.perf_counter_ns) -> float:
+    """Nanoseconds per call of ``fn`` over ``n`` calls (loop included; it cancels in differences).
+
+    ``clock=time.thread_time_ns`` gives the CPU time of the calling thread alone.
+    """
     rng = range(n)
-    t0 = time.perf_counter_ns()
+    t0 = clock()
     for _ in rng:
         fn()
-    return (time.perf_counter_ns() - t0) / n
+    return (clock() - t0) / n
 
 
 def interleaved(cases: dict[str, Callable[[], Any]], n: int, rounds: int) -> dict[str, float]:
@@ -266,15 +269,6 @@ def bench_decorator(quick: bool) -> list[Row]:
     return rows
 
 
-def caller_cpu_ns(fn: Callable[[], Any], n: int) -> float:
-    """CPU nanoseconds the calling thread spends per call of ``fn`` (other threads' work excluded)."""
-    rng = range(n)
-    t0 = time.thread_time_ns()
-    for _ in rng:
-        fn()
-    return (time.thread_time_ns() - t0) / n
-
-
 def bench_track(quick: bool) -> list[Row]:
     """``with track_operation(...)`` enter + exit vs the decorator's overhead.
 
@@ -319,7 +313,7 @@ def bench_track(quick: bool) -> list[Row]:
                 pass
 
         nats_wall = interleaved({"plain": plain, "track_operation_nats": nats_block}, n, rounds)
-        nats_cpu = statistics.median(caller_cpu_ns(nats_block, n) for _ in range(rounds))
+        nats_cpu = statistics.median(per_call_ns(nats_block, n, time.thread_time_ns) for _ in range(rounds))
         on_nats.stop()
     integration.stop()
     dec = res["beat_budget"] - res["plain"]
