@@ -36,8 +36,8 @@ def spinning_thread(result: list[str], started: threading.Event, stop: threading
     """A thread that spins in Python until ``stop`` is set, recording how it ended."""
 
     def run() -> None:
-        started.set()
         try:
+            started.set()  # inside the try: the exception may land as soon as this returns
             while not stop.is_set():
                 pass
             result.append("finished")
