@@ -152,6 +152,7 @@ class Integration:
         self._transport: Transport | None = None
         self._state = IntegrationState.NEW
         self._state_lock = threading.Lock()
+        self._audience_lock = threading.Lock()
         self._callbacks = _Callbacks()
         self._beat_hooks: tuple[BeatCallback, ...] = ()
         self._frame_listeners: tuple[Callable[[], None], ...] = ()
@@ -634,13 +635,16 @@ class Integration:
         and a transport that knows no one subscribes: the in-process bus with no
         subscriber) the registry only counts claims instead of building them.
         """
-        transport = self._transport
-        quiet = (
-            transport is not None
-            and not self._callbacks.claim
-            and not transport.delivers(self._status_subject)
-        )
-        self._registry.set_quiet(quiet)
+        # Under a lock, so that of two changes on two threads the later one decides,
+        # from the state both left (a stale answer could leave the registry quiet).
+        with self._audience_lock:
+            transport = self._transport
+            quiet = (
+                transport is not None
+                and not self._callbacks.claim
+                and not transport.delivers(self._status_subject)
+            )
+            self._registry.set_quiet(quiet)
 
     def _publish(self, claim: Claim) -> None:
         transport = self._transport

@@ -584,3 +584,34 @@ def test_stop_delivers_a_long_claim_backlog_to_on_claim() -> None:
             i.start_p2p_operation(f"op-{n}", "election", 3)
             i.complete_p2p_operation(f"op-{n}", 1)
     assert len(seen) == 1600  # more than CALLBACK_JOIN_TIMEOUT (2 s) of callbacks, none cut off
+
+
+def test_concurrent_subscription_changes_leave_the_registry_quiet_only_without_listeners() -> None:
+    """Threads subscribing and unsubscribing at once: afterwards the registry is quiet exactly when
+    nobody listens (a stale decision from a slower thread must not win)."""
+    bus = unique_bus()
+    cfg = BackbeatConfig(cluster_id="test", agent_id="agent-1", nats_url=f"local://{bus}?pulse=manual")
+    threads_n, rounds = 8, 200
+    barrier = threading.Barrier(threads_n)
+    with Integration(cfg, node_id="node-1") as i:
+        local = LocalBus.named(bus)
+
+        def churn() -> None:
+            barrier.wait()
+            for _ in range(rounds):
+                local.subscribe("backbeat.status.>", lambda s, d: None)()
+
+        got: list[bytes] = []
+        keep = local.subscribe("backbeat.status.>", lambda s, d: got.append(d))
+        threads = [threading.Thread(target=churn) for _ in range(threads_n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        i.start_p2p_operation("heard-after-churn", "dht_store", 3)
+        assert [parse_status_claim(d).task_id for d in got] == ["heard-after-churn"]
+        keep()
+        before = i.get_health()["claims_published"]
+        i.complete_p2p_operation("heard-after-churn", 1)
+        assert i.registry.unheard == 1
+        assert i.get_health()["claims_published"] == before
