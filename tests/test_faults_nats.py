@@ -242,7 +242,7 @@ def test_failover_mid_run_loses_nothing_final(
         tickets.allow(300)
         wait_until(lambda: tickets.count() >= 200, what="operations finishing")
         agent_node.kill()  # mid-run: operations are finishing right now
-        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, what="failover")
+        wait_until(lambda: integration.get_health()["reconnect_count"] >= 1, what="failover")
         tickets.allow(300)
         for t in workers:
             t.join(30)

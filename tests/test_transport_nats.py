@@ -579,7 +579,7 @@ def test_cluster_failover_when_the_agents_node_dies(
         witness = Witness(nats_runner, other.url, "backbeat.status.>")
         integration.start_p2p_operation("peer-discovery-1", "peer_discovery", 5)
         agent_node.kill()
-        wait_until(lambda: integration.get_health()["reconnect_count"] == 1, what="failover")
+        wait_until(lambda: integration.get_health()["reconnect_count"] >= 1, what="failover")
         beat = integration.get_health()["current_beat"]
         wait_until(lambda: integration.get_health()["current_beat"] > beat + 2, what="beats after failover")
         integration.complete_p2p_operation("peer-discovery-1", 7)
