@@ -361,7 +361,7 @@ class Tracker:
     def __init__(self, settings: BudgetSettings, integration: Integration | None) -> None:
         self.settings = settings
         self.integration = integration
-        self.seq = next(_seq)
+        self.seq = _next_seq()
         self.peers = settings.peers
         self.st_in = _ORIGIN
         self.t_in = 0.0
@@ -381,7 +381,7 @@ class Tracker:
 
     def first_event(self) -> float:
         """Position of the first event: the first warning, or the deadline."""
-        return self.start_pos + self.settings.beats * self.settings.first_fraction
+        return self.start_pos + self.settings.first_beats
 
     @property
     def deadline(self) -> float:
@@ -1091,8 +1091,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     fixed = settings.integration
     strict = settings.strict
     name = settings.name
-    beats = settings.beats
-    first = beats * settings.first_fraction
+    first = settings.first_beats
     running = _running_state()
 
     def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
@@ -1234,14 +1233,16 @@ def track_operation(
             raise InvalidArgument("peers", peers, "must be an integer >= 0")
         peers = int(peers)
     settings = None
+    key: tuple[Any, ...] | None = None
     if on_warning is None and type(beats) in _CACHED_NUMBERS:
+        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
         try:
-            settings = _block_cache.get((beats, operation_type, on_exhaust, warn_at, strict, manual_phases))
+            settings = _block_cache.get(key)
         except TypeError:  # an unhashable warn_at (a list): checked every time
-            pass
+            key = None
     if settings is None:
         settings = _block_settings(
-            beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
+            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
         )
     resolved = integration if integration is not None else _defaults._default
     if resolved is None or resolved._state is not _running_state():
@@ -1269,6 +1270,7 @@ _CACHED_NUMBERS: Final = (int, float)
 
 
 def _block_settings(
+    key: tuple[Any, ...] | None,
     beats: Any,
     operation_type: Any,
     on_exhaust: Any,
@@ -1277,14 +1279,10 @@ def _block_settings(
     strict: bool,
     manual_phases: bool,
 ) -> BudgetSettings:
-    """The checked settings of a ``track_operation`` block (its id, peers and data aside)."""
-    key: tuple[Any, ...] | None = None
-    if on_warning is None and type(beats) in _CACHED_NUMBERS:
-        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
-        try:
-            hash(key)
-        except TypeError:  # an unhashable warn_at (a list): checked every time
-            key = None
+    """The checked settings of a ``track_operation`` block (its id, peers and data aside).
+
+    ``key``: where to cache them (see ``track_operation``), or None not to.
+    """
     settings = BudgetSettings(
         beats,
         operation_type=str(operation_type) if operation_type else operation_type,

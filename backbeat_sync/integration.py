@@ -29,7 +29,7 @@ from typing import Any, Final, TypeVar
 from . import _defaults
 from ._logging import LoggerAdapter, RateLimitedLog
 from ._time import SYSTEM_TIME, TimeSource
-from .claims import Claim, ClaimFactory, LazyClaim, resolve
+from .claims import Claim, ClaimFactory, resolve
 from .clock import BeatClock, Observation
 from .config import BackbeatConfig
 from .errors import (
@@ -842,9 +842,9 @@ class Integration:
             if kind == "stop":
                 return
             callbacks: tuple[Callable[[Any], Any], ...] = getattr(self._callbacks, kind)
-            if type(payload) is LazyClaim:
+            if kind == "claim":
                 try:
-                    payload = payload.build()
+                    payload = resolve(payload)
                 except Exception as exc:  # a bug: never let it stop the callback thread
                     self.record_error(f"claim {payload.task_id} not built: {type(exc).__name__}: {exc}")
                     continue
