@@ -1,0 +1,241 @@
+"""The claim link: the transport's connection (beat subscription, claim batches, confirmation of finals).
+
+Delivery of final claims: core NATS is fire-and-forget, so bytes written just
+before a server dies are lost. A final claim (``done``/``failed``) therefore
+stays *in flight* after it is published until a flush round-trip (PING/PONG)
+on the same connection confirms that the server has read it. When the
+connection drops, every unconfirmed final claim goes back to the front of the
+outbox and is sent again after the reconnect. A repeated final claim is
+harmless (consumers key claims by task); a missing one is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any, Final
+
+import nats.errors as nats_errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from ..._time import TimeSource
+from ...config import BackbeatConfig
+from ..base import ClaimEncoder, TransportEvent, TransportSink
+from .link import NatsLink
+from .options import describe_error, flush
+from .outbox import Entry, Outbox
+
+__all__ = ["BATCH_SIZE", "CONFIRM_SETTLE", "ClaimLink"]
+
+#: Claims taken from the outbox per batch before the loop lets frames through.
+BATCH_SIZE: Final = 512
+#: Beat-subject messages nats-py may hold for our callback before it reports a slow consumer.
+PENDING_MSGS_LIMIT: Final = 65_536
+#: Bytes nats-py may hold for our callback (a flood of 64 KiB frames cannot eat the heap).
+PENDING_BYTES_LIMIT: Final = 64 * 1024 * 1024
+#: A final claim counts as confirmed by a PONG only if the connection was still up this long
+#: after it went out. A PONG proves the server read the message, not that what the server
+#: feeds from it (a JetStream stream, a route) has it: a server shutting down answers PINGs
+#: for a moment after it stopped storing. A claim whose connection dies within this window
+#: is sent again after the reconnect.
+CONFIRM_SETTLE: Final = 0.1
+
+
+class ClaimLink(NatsLink):
+    """The transport's link: beat subscription, claim batches, confirmation of finals."""
+
+    def __init__(
+        self,
+        config: BackbeatConfig,
+        encoder: ClaimEncoder,
+        time_source: TimeSource,
+        sink: TransportSink,
+    ) -> None:
+        super().__init__(config, sink.transport_event, client_name=config.agent_id, time_source=time_source)
+        self._encoder = encoder
+        self._sink = sink
+        self.outbox = Outbox(config.outbox_limit)
+        self.inflight: deque[Entry] = deque()
+        self._wake: asyncio.Event | None = None
+        self._confirm: asyncio.Event | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self.published = 0
+        self.lost = 0
+        self.resent = 0
+        self.confirmed = 0
+        self.frames = 0
+        self._seq = 0
+        self.slow_consumer_drops = 0
+        self.publish_errors = 0
+
+    def wake(self) -> None:
+        """Wake the drainer (from any thread)."""
+        wake = self._wake
+        if wake is not None:
+            self.call_soon(wake.set)
+
+    def _background(self) -> list[Coroutine[Any, Any, None]]:
+        self._wake = asyncio.Event()
+        self._confirm = asyncio.Event()
+        if len(self.outbox):
+            self._wake.set()
+        return [self._drainer(), self._confirmer()]
+
+    async def _on_connect(self, nc: Client) -> None:
+        await nc.subscribe(
+            self._config.beat_subject_for(),
+            cb=self._on_frame,
+            pending_msgs_limit=PENDING_MSGS_LIMIT,
+            pending_bytes_limit=PENDING_BYTES_LIMIT,
+        )
+        try:
+            await flush(nc, self._config.flush_timeout)  # the server has our SUB
+        except Exception:
+            pass
+        self.outbox.bounded = False
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _on_frame(self, msg: Msg) -> None:
+        self.frames += 1
+        self._sink.frame_received(msg.data, self._time.monotonic())
+
+    def _on_slow_consumer(self) -> None:
+        self.slow_consumer_drops += 1
+        if self.slow_consumer_drops == 1 or self.slow_consumer_drops % 10_000 == 0:
+            self._report(
+                TransportEvent.ERROR,
+                f"beat subscription fell behind: {self.slow_consumer_drops} message(s) dropped",
+            )
+
+    def _on_disconnect(self) -> None:
+        self.outbox.bounded = True
+        if self._flush_task is not None and not self._flush_task.done():
+            self._flush_task.cancel()
+        if self.inflight:
+            self.resent += len(self.inflight)
+            self.outbox.put_back(list(self.inflight))
+            self.inflight.clear()
+
+    def _on_reconnect(self) -> None:
+        self.outbox.bounded = False
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _drainer(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            self.outbox.rearm()
+            await self._send_queued()
+
+    async def _send_queued(self) -> None:
+        """Publish queued claims in batches while connected."""
+        nc = self._nc
+        assert self._confirm is not None
+        while nc is not None and self._connected and nc.is_connected:
+            batch = self.outbox.take(BATCH_SIZE)
+            if not batch:
+                return
+            finals = False
+            for i, entry in enumerate(batch):
+                try:
+                    data = self._encoder(entry.claim)
+                except Exception as exc:
+                    self.lost += 1
+                    self._report(TransportEvent.ERROR, f"cannot encode claim {entry.claim.task_id}: {exc}")
+                    continue
+                try:
+                    await nc.publish(entry.subject, data)
+                except (nats_errors.MaxPayloadError, nats_errors.BadSubjectError) as exc:
+                    self.lost += 1
+                    self._report(
+                        TransportEvent.ERROR,
+                        f"claim {entry.claim.task_id} refused: {describe_error(exc)}",
+                    )
+                    continue
+                except Exception:
+                    # Not connected after all: keep the rest for the reconnect.
+                    self.publish_errors += 1
+                    self.outbox.put_back(batch[i:])
+                    if finals:
+                        self._confirm.set()
+                    return
+                if entry.final:
+                    self._seq += 1
+                    entry.seq = self._seq
+                    entry.sent = asyncio.get_running_loop().time()
+                    self.inflight.append(entry)
+                    finals = True
+                else:
+                    self.published += 1
+            if finals:
+                self._confirm.set()
+            await asyncio.sleep(0)  # let beat frames through between batches
+
+    async def _confirmer(self) -> None:
+        """Confirm in-flight final claims with one flush round-trip at a time."""
+        assert self._confirm is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._confirm.wait()
+            self._confirm.clear()
+            while self.inflight and self._connected:
+                wait = self.inflight[0].sent + CONFIRM_SETTLE - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue  # the connection may have dropped meanwhile
+                if not await self._confirm_once(self._config.flush_timeout, settle=CONFIRM_SETTLE):
+                    await asyncio.sleep(CONFIRM_SETTLE)  # a failed flush: try again shortly
+
+    async def _confirm_once(self, timeout: float, *, settle: float = 0.0) -> bool:
+        """One PING/PONG; on the PONG, confirm the final claims sent ``settle`` s or more before the PING.
+
+        Returns:
+            True if the round-trip succeeded on the same connection.
+        """
+        nc = self._nc
+        if not self.inflight or nc is None or not self._connected:
+            return not self.inflight
+        loop = asyncio.get_running_loop()
+        generation, upto, cutoff = self._generation, self._seq, loop.time() - settle
+        task = asyncio.ensure_future(flush(nc, max(timeout, 0.01)))
+        self._flush_task = task
+        await asyncio.wait({task})
+        if self._flush_task is task:
+            self._flush_task = None
+        if task.cancelled() or task.exception() is not None or generation != self._generation:
+            return False
+        inflight = self.inflight
+        while inflight and inflight[0].seq <= upto and inflight[0].sent <= cutoff:
+            inflight.popleft()
+            self.published += 1
+            self.confirmed += 1
+        return True
+
+    async def _on_stop(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self.outbox) or self.inflight:
+            if not await self._wait_connected(deadline):
+                break
+            await self._send_queued()
+            if self._flush_task is not None:
+                await asyncio.wait({self._flush_task}, timeout=max(0.0, deadline - loop.time()))
+            await self._confirm_once(max(0.01, deadline - loop.time()))
+            if loop.time() >= deadline:
+                break
+            if len(self.outbox) and not self._connected:
+                continue
+            if len(self.outbox) or self.inflight:
+                await asyncio.sleep(0.01)
+        left = len(self.outbox) + len(self.inflight)
+        if left:
+            finals = self.outbox.finals() + len(self.inflight)
+            self.lost += left
+            self._report(
+                TransportEvent.ERROR,
+                f"stop: {left} claim(s) ({finals} final) not confirmed by NATS within the flush timeout",
+            )

@@ -1,0 +1,149 @@
+"""The NATS transport: beat frames from NATS, status claims to NATS, through a :class:`ClaimLink`.
+
+Application threads call :meth:`NatsTransport.publish`, which appends the
+claim to the link's thread-safe :class:`Outbox` and wakes the loop at most
+once per batch; they never wait on the network.
+"""
+
+from __future__ import annotations
+
+from ..._time import SYSTEM_TIME, TimeSource
+from ...claims import Claim
+from ...config import BackbeatConfig
+from ..base import ClaimEncoder, Transport, TransportSink
+from .claim_link import ClaimLink
+from .outbox import Outbox
+
+__all__ = ["NatsTransport"]
+
+
+class NatsTransport(Transport):
+    """Beat frames from NATS, status claims to NATS, on one background loop thread.
+
+    Args:
+        config: servers, subjects, reconnect, outbox, auth and TLS settings.
+        encoder: turns a claim into wire bytes (canonical JSON, maybe signed).
+        time_source: arrival times of frames are read from it.
+
+    Example:
+        >>> from backbeat_sync import BackbeatConfig
+        >>> from backbeat_sync.protocol import StatusClaim
+        >>> t = NatsTransport(BackbeatConfig(agent_id="a", nats_url="nats://127.0.0.1:1"),
+        ...                   StatusClaim.encode)
+        >>> t.connected
+        False
+    """
+
+    def __init__(
+        self,
+        config: BackbeatConfig,
+        encoder: ClaimEncoder,
+        time_source: TimeSource = SYSTEM_TIME,
+    ) -> None:
+        self._config = config
+        self._encoder = encoder
+        self._time = time_source
+        self._link: ClaimLink | None = None
+        self._pre_outbox = Outbox(config.outbox_limit)
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "disconnected"
+        return f"<NatsTransport servers={self._config.masked_url} {state}>"
+
+    def start(self, sink: TransportSink) -> None:
+        """Connect (or, with ``connect_in_background``, start trying) and subscribe to the beat subject.
+
+        Raises:
+            BackbeatConnectionError: no connection within ``config.connect_timeout``
+                ("authorization violation" at once for refused credentials).
+            ConfigError: a TLS or credentials setting cannot be used.
+        """
+        if self._link is not None:
+            raise RuntimeError("NatsTransport.start() may be called once")
+        link = ClaimLink(self._config, self._encoder, self._time, sink)
+        # Claims published before start() (none in practice) are not lost.
+        link.outbox.put_back(self._pre_outbox.take(len(self._pre_outbox) + 1))
+        self._link = link
+        try:
+            link.start()
+        except BaseException:
+            self._link = None
+            raise
+
+    def publish(self, subject: str, claim: Claim) -> None:
+        """Queue ``claim`` for ``subject``; thread-safe, returns at once (never waits on the network)."""
+        link = self._link
+        if link is None:
+            self._pre_outbox.put(subject, claim)
+            return
+        if link.stopped:
+            link.lost += 1  # nobody will send it: count it rather than queue it forever
+            return
+        if link.outbox.put(subject, claim):
+            link.wake()
+
+    def publish_many(self, subject: str, claims: list[Claim]) -> None:
+        """Queue ``claims`` for ``subject`` in order, under one outbox lock; returns at once."""
+        link = self._link
+        if link is None:
+            self._pre_outbox.put_many(subject, claims)
+            return
+        if link.stopped:
+            link.lost += len(claims)
+            return
+        if link.outbox.put_many(subject, claims):
+            link.wake()
+
+    def stop(self, flush_timeout: float) -> None:
+        """Publish what is queued and confirm final claims (at most ``flush_timeout`` s), close, join.
+
+        Idempotent; returns within about ``flush_timeout`` + 2 s even when the server is gone.
+        """
+        link = self._link
+        if link is not None:
+            link.stop(flush_timeout)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the NATS connection is up now."""
+        return self._link is not None and self._link.connected
+
+    @property
+    def reconnect_count(self) -> int:
+        """How many times the connection was re-established after a loss."""
+        return self._link.reconnect_count if self._link is not None else 0
+
+    def stats(self) -> dict[str, int]:
+        """Counters for health.
+
+        Keys: ``claims_published`` (sent; final ones once confirmed), ``claims_dropped``
+        (intermediate claims dropped past the outbox bound, plus claims given up at
+        stop), ``claims_coalesced``, ``claims_queued`` (waiting or unconfirmed),
+        ``claims_unconfirmed``, ``claims_resent`` (final claims sent again after a
+        reconnect), ``frames_received``, ``frames_dropped`` (slow consumer).
+        """
+        link = self._link
+        if link is None:
+            return {
+                "claims_published": 0,
+                "claims_dropped": self._pre_outbox.dropped,
+                "claims_coalesced": self._pre_outbox.coalesced,
+                "claims_queued": len(self._pre_outbox),
+                "claims_unconfirmed": 0,
+                "claims_resent": 0,
+                "frames_received": 0,
+                "frames_dropped": 0,
+            }
+        box = link.outbox
+        inflight = len(link.inflight)
+        return {
+            "claims_published": link.published,
+            "claims_dropped": box.dropped + link.lost,
+            "claims_coalesced": box.coalesced,
+            "claims_queued": len(box) + inflight,
+            "claims_unconfirmed": inflight,
+            "claims_resent": link.resent,
+            "frames_received": link.frames,
+            "frames_dropped": link.slow_consumer_drops,
+        }
