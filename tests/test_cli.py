@@ -123,6 +123,27 @@ def test_each_command_has_help_with_examples(command: str, capsys: pytest.Captur
         assert flag in out
 
 
+def test_the_parser_has_exactly_the_registered_commands() -> None:
+    """build_parser() takes its commands from the one registry, in its order, each with its flags."""
+    from backbeat_sync.cli import build_parser
+    from backbeat_sync.cli._registry import COMMANDS as REGISTERED
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert list(sub.choices) == [c.name for c in REGISTERED]  # type: ignore[union-attr]
+    assert set(COMMANDS) <= set(sub.choices)  # type: ignore[arg-type]
+
+
+def test_cli_modules_are_each_readable_in_one_sitting() -> None:
+    """The cli package is split by concern: no module of it is 800 lines or more."""
+    import backbeat_sync.cli
+
+    package = Path(backbeat_sync.cli.__file__).parent
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in package.glob("*.py")}
+    assert len(sizes) >= 5
+    assert {name: n for name, n in sizes.items() if n >= 800} == {}
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """--version prints the package version."""
     import backbeat_sync
