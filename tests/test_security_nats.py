@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nkeys  # type: ignore[import-untyped]
@@ -15,7 +19,7 @@ from backbeat_sync.protocol import parse_status_claim
 from backbeat_sync.pulse import Pulse
 from backbeat_sync.signing import SigningKey, Verifier, generate_private_key
 
-from .natsserver import AsyncRunner, NatsServer, Witness
+from .natsserver import TOKEN, AsyncRunner, NatsServer, Witness, make_tls_files
 from .support import wait_until
 
 pytestmark = pytest.mark.nats
@@ -202,3 +206,147 @@ def test_no_secret_in_any_output(nats_server_userpass: NatsServer, nats_runner: 
     wire = [parse_status_claim(d) for d in list(witness.messages)]
     witness.close()
     assert [Verifier.from_keys([signer.public_text()]).verify(c) for c in wire[:2]] == ["ok", "ok"]
+
+
+class RecordingProxy:
+    """A TCP relay on a free loopback port in front of ``target_port``; keeps every byte clients sent.
+
+    What a client wrote is what crossed the wire in clear (or TLS records, which
+    never hold the token as plain text).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sent = bytearray()
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
+        self._thread.start()
+
+    def client_bytes(self) -> bytes:
+        with self._lock:
+            return bytes(self.sent)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if record:
+                    with self._lock:
+                        self.sent += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close()
+
+
+@pytest.fixture
+def proxy_to_token_server(nats_server_token: NatsServer) -> Iterator[RecordingProxy]:
+    proxy = RecordingProxy(nats_server_token.port)
+    yield proxy
+    proxy.close()
+
+
+def test_tls_url_refuses_a_plain_server_and_never_sends_the_token(
+    proxy_to_token_server: RecordingProxy,
+) -> None:
+    """tls:// against a server without TLS fails at start() saying so; the token never crosses the wire."""
+    proxy = proxy_to_token_server
+    cfg = BackbeatConfig(
+        cluster_id=CLUSTER,
+        agent_id="agent-a",
+        nats_url=f"tls://127.0.0.1:{proxy.port}",
+        token=TOKEN,
+        connect_timeout=60.0,  # refused at once: only a bug waits for this
+    )
+    began = time.monotonic()
+    with pytest.raises(BackbeatConnectionError) as info:
+        Integration(cfg, node_id="n").start()
+    assert time.monotonic() - began < 30.0
+    assert "does not offer TLS" in info.value.cause
+    assert "tls://" in str(info.value)
+    assert proxy.client_bytes() == b""  # not even CONNECT: nothing at all was written
+    # The recorder sees a token when one is sent: the same server over nats:// gets it in clear.
+    with Integration(cfg.evolve(nats_url=f"nats://127.0.0.1:{proxy.port}"), node_id="n") as agent:
+        assert agent.get_health()["connected"] is True
+    assert TOKEN.encode() in proxy.client_bytes()
+
+
+def test_tls_url_refuses_a_reconnect_to_a_plain_server(nats_binary: str, tmp_path: Path) -> None:
+    """A tls:// agent whose server comes back without TLS stays disconnected, says why, sends no token."""
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    server = NatsServer(nats_binary, tmp_path / "srv", token=TOKEN, tls=(cert, key))
+    server.start()
+    proxy = RecordingProxy(server.port)
+    cfg = BackbeatConfig(
+        cluster_id=CLUSTER,
+        agent_id="agent-a",
+        nats_url=f"tls://127.0.0.1:{proxy.port}",
+        token=TOKEN,
+        tls_ca=str(ca),
+        reconnect_wait=0.05,
+    )
+    try:
+        with Integration(cfg, node_id="n") as agent:
+            assert agent.get_health()["connected"] is True
+            assert TOKEN.encode() not in proxy.client_bytes()  # sent, but inside TLS
+            server.stop()
+            server.tls = None  # the same port, now in clear
+            server.start()
+            wait_until(
+                lambda: any("does not offer TLS" in e for e in agent.get_health()["errors"]),
+                what="the refusal in errors",
+            )
+            assert agent.get_health()["connected"] is False
+            names = [c.get("name") for c in server.monitor("connz")["connections"]]
+            assert "agent-a" not in names  # the relay's socket may be open: no CONNECT came through it
+        assert TOKEN.encode() not in proxy.client_bytes()
+    finally:
+        proxy.close()
+        server.kill()
+
+
+def test_tls_url_upgrades_a_server_that_offers_tls_without_requiring_it(
+    nats_binary: str, tmp_path: Path
+) -> None:
+    """tls:// against a server with allow_non_tls still talks TLS (nats-py alone would stay in clear)."""
+    ca, cert, key = make_tls_files(tmp_path / "tls")
+    conf = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}\nallow_non_tls: true\n'
+    server = ConfiguredServer(nats_binary, tmp_path / "optional-tls", conf)
+    server.start()
+    try:
+        cfg = BackbeatConfig(
+            cluster_id=CLUSTER, agent_id="agent-a", nats_url=f"tls://127.0.0.1:{server.port}", tls_ca=str(ca)
+        )
+        with Integration(cfg, node_id="n") as agent:
+            assert agent.get_health()["connected"] is True
+            conns = {c.get("name"): c for c in server.monitor("connz")["connections"]}
+            assert conns["agent-a"].get("tls_version")
+    finally:
+        server.kill()

@@ -24,6 +24,7 @@ Modules, each depending only on those above it:
 
 | module | holds |
 | --- | --- |
+| :mod:`.client` | nats-py's ``Client``, refusing a ``tls://`` server that offers no TLS |
 | :mod:`.options` | ``connect_options``, ``describe_error``, ``flush``, ``cancel_and_wait`` |
 | :mod:`.link` | :class:`NatsLink`: the loop thread, connect, reconnect, close |
 | :mod:`.outbox` | :class:`Outbox`: the thread-safe bounded claim queue |

@@ -23,6 +23,7 @@ from ..._time import SYSTEM_TIME, TimeSource
 from ...config import BackbeatConfig
 from ...errors import BackbeatConnectionError, ConfigError
 from ..base import TransportEvent
+from .client import GuardedClient, TlsNotOffered
 from .options import cancel_and_wait, connect_options, describe_error, is_auth_error, server_label
 
 __all__ = ["CLOSE_GRACE", "JOIN_TIMEOUT", "EventReporter", "NatsLink"]
@@ -96,7 +97,8 @@ class NatsLink:
         self._generation = 0
         self._outage_started: float | None = None
         self._failed_attempts = 0
-        self._auth_failures = 0
+        self._refusals = 0
+        self._tls_refusal_reported = False
         self._last_error = ""
         self._bg_error_reported = False
         self._errors_total = 0
@@ -295,7 +297,7 @@ class NatsLink:
     # -- on the loop thread ---------------------------------------------------------
 
     async def _connect(self, options: dict[str, Any], background: bool) -> None:
-        nc = Client()
+        nc = GuardedClient()
         self._nc = nc
         loop = asyncio.get_running_loop()
         for coro in self._background():
@@ -395,17 +397,25 @@ class NatsLink:
         if not self._connected:
             self._failed_attempts += 1
             self._jitter()
-            if is_auth_error(exc):
-                self._auth_failures += 1
+            # A server that refuses us (credentials) or that we refuse (tls:// without TLS)
+            # will do so again: a start() that every server refused fails at once.
+            refusal = "authorization violation" if is_auth_error(exc) else None
+            if isinstance(exc, TlsNotOffered):
+                refusal = cause
+                if self._ever_connected and not self._tls_refusal_reported:
+                    self._tls_refusal_reported = True  # once per outage: a downgrade is worth a line
+                    self._report(TransportEvent.ERROR, cause)
+            if refusal is not None:
+                self._refusals += 1
                 fatal = self._fatal
                 if (
                     fatal is not None
                     and not fatal.done()
                     and not self._ever_connected
                     and not self._config.connect_in_background
-                    and self._auth_failures >= len(self._config.servers)
+                    and self._refusals >= len(self._config.servers)
                 ):
-                    fatal.set_result("authorization violation")
+                    fatal.set_result(refusal)
             if not self._ever_connected and not self._bg_error_reported:
                 self._bg_error_reported = True
                 self._report(
@@ -454,6 +464,7 @@ class NatsLink:
         attempts = f" ({self._failed_attempts} failed attempts)" if self._failed_attempts else ""
         self._outage_started = None
         self._last_error = ""
+        self._tls_refusal_reported = False
         label = server_label(nc) if nc is not None else self.masked_servers
         self._on_reconnect()
         self._report(TransportEvent.RECONNECTED, f"reconnected to {label}{took}{attempts}")

@@ -17,6 +17,7 @@ from nats.aio.client import Client
 
 from ...config import BackbeatConfig
 from ...errors import ConfigError
+from .client import TlsNotOffered
 
 __all__ = [
     "cancel_and_wait",
@@ -58,6 +59,8 @@ def describe_error(exc: BaseException) -> str:
     'connection refused'
     """
     text = str(exc)
+    if isinstance(exc, TlsNotOffered):
+        return text
     if isinstance(exc, nats_errors.AuthorizationError) or "authorization violation" in text.lower():
         return "authorization violation"
     if isinstance(exc, ConnectionRefusedError):
