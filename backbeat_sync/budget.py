@@ -44,6 +44,7 @@ from ._watchdog import (
 )
 from .errors import BeatBudgetExceeded, IntegrationNotStarted, InvalidArgument, OperationNotFound
 from .operations import OperationPhase, P2POperation
+from .protocol import check_wire_id
 
 if TYPE_CHECKING:
     from .clock import BeatClock
@@ -197,8 +198,7 @@ class BudgetSettings:
     def __attrs_post_init__(self) -> None:
         if self.on_exhaust not in ON_EXHAUST:
             raise InvalidArgument("on_exhaust", self.on_exhaust, f"must be one of {', '.join(ON_EXHAUST)}")
-        if not isinstance(self.operation_type, str) or not self.operation_type:
-            raise InvalidArgument("operation_type", self.operation_type, "must be a non-empty string")
+        check_wire_id("operation_type", self.operation_type)
         if self.name is not None and (not isinstance(self.name, str) or not self.name):
             raise InvalidArgument("name", self.name, "must be a non-empty string")
         if self.on_warning is not None and not callable(self.on_warning):
@@ -1224,9 +1224,8 @@ def track_operation(
         InvalidArgument: an argument is out of range.
         IntegrationNotStarted: ``strict`` and no started integration.
     """
-    if type(operation_id) is not str or not operation_id:
-        if not isinstance(operation_id, str) or not operation_id:
-            raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
+    if type(operation_id) is not str or not operation_id or len(operation_id) > 64:  # 64 chars fit 256 bytes
+        check_wire_id("operation_id", operation_id)
         operation_id = str(operation_id)
     if type(peers) is not int or peers < 0:
         if isinstance(peers, bool) or not isinstance(peers, int) or peers < 0:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TypeAlias
 
 from ._time import TimeSource, format_rfc3339
+from .errors import ConfigError
 from .operations import OperationPhase, P2POperation
-from .protocol import HEALTH_TASK_ID, StatusClaim
+from .protocol import HEALTH_TASK_ID, MAX_ID_BYTES, MAX_REASON_BYTES, StatusClaim, fit_text
 
 _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
@@ -106,9 +107,16 @@ class ClaimFactory:
         agent_id: this agent.
         node_id: this agent's P2P node id.
         time_source: where ``sent_at`` comes from.
+
+    Raises:
+        ConfigError: ``node_id`` is longer than 256 bytes of UTF-8 (it goes into every claim).
     """
 
     def __init__(self, cluster_id: str, agent_id: str, node_id: str, time_source: TimeSource) -> None:
+        size = len(node_id.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            shown = f"{node_id[:32]}... ({size} bytes)"
+            raise ConfigError("node_id", shown, f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
         self.cluster_id = cluster_id
         self.agent_id = agent_id
         self.node_id = node_id
@@ -199,7 +207,9 @@ class ClaimFactory:
             line = f"P2P {operation_type}: {value} (peers: {peer_count}, node: {self.node_id})"
         elif phase is _FAILED:
             state, beats_left, progress = "failed", 0, 0.0
-            line = f"P2P operation failed: {reason or 'unknown'} (type: {operation_type})"
+            # A reason of any length fits a message: it is cut to MAX_REASON_BYTES, marked.
+            why = fit_text(reason, MAX_REASON_BYTES) if reason else "unknown"
+            line = f"P2P operation failed: {why} (type: {operation_type})"
         else:
             state = "executing"
             passed = current_beat - start_beat

@@ -42,7 +42,7 @@ from .errors import (
     ProtocolError,
 )
 from .operations import OperationPhase, OperationRegistry, P2POperation
-from .protocol import BeatFrame, StatusClaim, parse_beat_frame
+from .protocol import BeatFrame, StatusClaim, check_wire_id, parse_beat_frame
 from .signing import SigningKey, Verifier
 from .transport import Transport, TransportEvent, make_transport
 
@@ -370,7 +370,7 @@ class Integration:
         Raises:
             IntegrationNotStarted: not running.
             DuplicateOperation: an active operation has this id.
-            InvalidArgument: an argument is empty or out of range.
+            InvalidArgument: an argument is empty or out of range, or the id or type is over 256 bytes.
         """
         self._require_running()
         self._registry.add(self._new_operation(operation_id, operation_type, estimated_beats, data))
@@ -384,10 +384,8 @@ class Integration:
         *,
         announced: bool = True,
     ) -> P2POperation:
-        if not isinstance(operation_id, str) or not operation_id:
-            raise InvalidArgument("operation_id", operation_id, "must be a non-empty string")
-        if not isinstance(operation_type, str) or not operation_type:
-            raise InvalidArgument("operation_type", operation_type, "must be a non-empty string")
+        check_wire_id("operation_id", operation_id)  # non-empty, at most 256 bytes: a claim must fit
+        check_wire_id("operation_type", operation_type)
         if not isinstance(estimated_beats, int) or isinstance(estimated_beats, bool) or estimated_beats < 1:
             raise InvalidArgument("estimated_beats", estimated_beats, "must be an integer >= 1")
         start_beat, epoch = self._clock.beat_and_epoch

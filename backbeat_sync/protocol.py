@@ -17,22 +17,28 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import attrs
 
-from .errors import ProtocolError
+from .errors import InvalidArgument, ProtocolError
 
 __all__ = [
     "BEAT_FRAME_TYPE",
     "CLAIM_STATES",
     "HEALTH_TASK_ID",
+    "MAX_ID_BYTES",
     "MAX_MESSAGE_BYTES",
+    "MAX_REASON_BYTES",
     "MAX_TEMPO_BPM",
     "PHASE_NAMES",
     "STATUS_CLAIM_TYPE",
+    "TRUNCATED",
     "BeatFrame",
     "StatusClaim",
     "canonical_json",
+    "check_wire_id",
+    "fit_text",
     "parse_beat_frame",
     "parse_message",
     "parse_status_claim",
+    "shorten_notes",
     "wire_json",
 ]
 
@@ -40,6 +46,13 @@ BEAT_FRAME_TYPE: Final = "backbeat.beatframe.v1"
 STATUS_CLAIM_TYPE: Final = "backbeat.statusclaim.v1"
 HEALTH_TASK_ID: Final = "chorus-p2p-health"
 MAX_MESSAGE_BYTES: Final = 64 * 1024
+#: The longest operation id or type (UTF-8 bytes) the API accepts: a claim must fit in a message.
+MAX_ID_BYTES: Final = 256
+#: The longest failure reason (UTF-8 bytes) a claim's notes carry; a longer one is truncated.
+#: Even if every byte were a character JSON escapes six-fold, the claim stays under 64 KiB.
+MAX_REASON_BYTES: Final = 8 * 1024
+#: What ends a text the library shortened to make a claim fit (reason, notes).
+TRUNCATED: Final = " [truncated]"
 MAX_TEMPO_BPM: Final = 6000.0
 DEFAULT_BAR_LENGTH: Final = 4
 CLAIM_STATES: Final = frozenset({"waiting", "executing", "done", "failed"})
@@ -76,6 +89,78 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
         "utf-8"
     )
+
+
+def check_wire_id(name: str, value: Any) -> None:
+    """Refuse ``value`` as an operation id or type: not a non-empty string of at most 256 UTF-8 bytes.
+
+    Args:
+        name: the argument, for the error.
+        value: what the caller passed.
+
+    Raises:
+        InvalidArgument: ``value`` is not a string, is empty, or is longer than
+            :data:`MAX_ID_BYTES` (the message shows its start and its size, not all of it).
+    """
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(name, value, "must be a non-empty string")
+    if len(value) > MAX_ID_BYTES // 4:  # at most 4 bytes a character: shorter ones always fit
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_ID_BYTES:
+            shown = f"{value[:32]}... ({size} bytes)"
+            raise InvalidArgument(name, shown, f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
+
+
+def fit_text(text: str, max_bytes: int) -> str:
+    """``text`` if its UTF-8 fits in ``max_bytes``, else its start ending in :data:`TRUNCATED` that fits.
+
+    Cuts on a character boundary; the result's UTF-8 is at most ``max_bytes``
+    long (``max_bytes`` >= the marker's 12 bytes).
+
+    >>> fit_text("abcdef", 100)
+    'abcdef'
+    >>> fit_text("r" * 100, 20)
+    'rrrrrrrr [truncated]'
+    """
+    if len(text) * 4 <= max_bytes:
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= max_bytes:
+        return text
+    keep = max(0, max_bytes - len(TRUNCATED))
+    return data[:keep].decode("utf-8", "ignore") + TRUNCATED
+
+
+def _json_size(char: str) -> int:
+    """Bytes ``char`` takes inside a JSON string (as :func:`canonical_json` and orjson write it)."""
+    code = ord(char)
+    if code < 0x20:
+        return 2 if char in "\b\f\n\r\t" else 6
+    if char in '"\\':
+        return 2
+    return 1 if code < 0x80 else len(char.encode("utf-8", "surrogatepass"))
+
+
+def shorten_notes(claim: StatusClaim, over: int) -> StatusClaim | None:
+    """A copy of ``claim`` whose encoding is at least ``over`` bytes shorter, by truncating ``notes``.
+
+    Characters are cut from the end of ``notes`` until they free ``over``
+    bytes of the JSON encoding plus the marker's; the marker
+    (:data:`TRUNCATED`) then ends the notes.
+
+    Returns:
+        The shorter claim (unsigned: the encoder signs it), or None if all of
+        ``notes`` cannot free ``over`` bytes.
+    """
+    notes = claim.notes
+    need = over + len(TRUNCATED)
+    cut, freed = len(notes), 0
+    while freed < need:
+        if cut == 0:
+            return None
+        cut -= 1
+        freed += _json_size(notes[cut])
+    return attrs.evolve(claim, notes=notes[:cut] + TRUNCATED, sig=None, key_id=None, raw=None)
 
 
 def _reject_constant(name: str) -> Any:

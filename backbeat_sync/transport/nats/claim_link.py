@@ -21,7 +21,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ..._time import TimeSource
+from ...claims import Claim, resolve
 from ...config import BackbeatConfig
+from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, shorten_notes
 from ..base import ClaimEncoder, TransportEvent, TransportSink
 from .link import NatsLink
 from .options import describe_error, flush
@@ -65,6 +67,7 @@ class ClaimLink(NatsLink):
         self.lost = 0
         self.resent = 0
         self.confirmed = 0
+        self.truncated = 0
         self.frames = 0
         self._seq = 0
         self.slow_consumer_drops = 0
@@ -141,9 +144,14 @@ class ClaimLink(NatsLink):
             if not batch:
                 return
             finals = False
+            # The server's INFO sets max_payload (nats-py reads it on every connect);
+            # receivers reject a message over 64 KiB unread (PROTOCOL.md).
+            limit = min(nc.max_payload, MAX_MESSAGE_BYTES)
             for i, entry in enumerate(batch):
                 try:
                     data = self._encoder(entry.claim)
+                    if len(data) > limit:
+                        data = self._fit(entry.claim, data, limit)
                 except Exception as exc:
                     self.lost += 1
                     self._report(TransportEvent.ERROR, f"cannot encode claim {entry.claim.task_id}: {exc}")
@@ -175,6 +183,26 @@ class ClaimLink(NatsLink):
             if finals:
                 self._confirm.set()
             await asyncio.sleep(0)  # let beat frames through between batches
+
+    def _fit(self, claim: Claim, data: bytes, limit: int) -> bytes:
+        """The encoding of ``claim`` with its notes truncated (marked) so it is at most ``limit`` bytes.
+
+        Raises:
+            ValueError: even empty notes would not make it fit (ids and type are at
+                most 256 bytes each, so only a server with a tiny max_payload gets here).
+        """
+        shorter = shorten_notes(resolve(claim), len(data) - limit)
+        fitted = self._encoder(shorter) if shorter is not None else data
+        if len(fitted) > limit:
+            raise ValueError(f"{len(data)} bytes do not fit the server's limit of {limit} even without notes")
+        self.truncated += 1
+        if self.truncated == 1 or self.truncated % 1000 == 0:
+            self._report(
+                TransportEvent.ERROR,
+                f"claim {claim.task_id} of {len(data)} bytes truncated to fit the server's limit of"
+                f" {limit} bytes ({self.truncated} so far; notes end in {TRUNCATED.strip()!r})",
+            )
+        return fitted
 
     async def _confirmer(self) -> None:
         """Confirm in-flight final claims with one flush round-trip at a time."""
