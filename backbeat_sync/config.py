@@ -226,6 +226,9 @@ class BackbeatConfig:
     outbox_limit: int = attrs.field(default=10_000, validator=_int_at_least(1))
     #: How long ``stop()`` (and the exit hook) may spend publishing what is queued.
     flush_timeout: float = attrs.field(default=5.0, validator=_positive_number())
+    #: A directory for final claims NATS did not confirm by ``stop()``: the next integration
+    #: of the same cluster and agent sends them (None: they are counted as dropped).
+    spool_path: str | None = attrs.field(default=None, validator=_optional_str)
 
     # --- auth and TLS (secrets never appear in repr) ------------------------
     token: str | None = attrs.field(default=None, validator=_optional_str, repr=_secret_repr)
@@ -307,7 +310,7 @@ class BackbeatConfig:
         ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
         ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
         ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
-        ``TRUSTED_PULSE_KEYS`` (comma-separated), each prefixed ``CHORUS_BACKBEAT_``.
+        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
@@ -380,4 +383,5 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("signing_key", "SIGNING_KEY", _identity),
     ("signing_key_id", "SIGNING_KEY_ID", _identity),
     ("trusted_pulse_keys", "TRUSTED_PULSE_KEYS", _identity),
+    ("spool_path", "SPOOL_PATH", _identity),
 )

@@ -606,6 +606,7 @@ BAD_CONFIG = [
     ("max_outstanding_pings", 0),
     ("outbox_limit", 0),
     ("flush_timeout", 0),
+    ("spool_path", ""),
     ("token", ""),
     ("user", 7),
     ("password", ""),

@@ -28,6 +28,7 @@ Modules, each depending only on those above it:
 | :mod:`.options` | ``connect_options``, ``describe_error``, ``flush``, ``cancel_and_wait`` |
 | :mod:`.link` | :class:`NatsLink`: the loop thread, connect, reconnect, close |
 | :mod:`.outbox` | :class:`Outbox`: the thread-safe bounded claim queue |
+| :mod:`.spool` | final claims unconfirmed at stop, on disk for the next run (``spool_path``) |
 | :mod:`.claim_link` | the transport's link: beat subscription, claim batches, confirmation |
 | :mod:`.transport` | :class:`NatsTransport`: the :class:`~backbeat_sync.transport.Transport` face |
 | :mod:`.pulse_link` | :class:`PulseLink`: the NATS side of a pulse |

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 import nats.errors as nats_errors
@@ -23,11 +24,12 @@ from nats.aio.msg import Msg
 from ..._time import TimeSource
 from ...claims import Claim, resolve
 from ...config import BackbeatConfig
-from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, shorten_notes
+from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, StatusClaim, shorten_notes
 from ..base import ClaimEncoder, TransportEvent, TransportSink
 from .link import NatsLink
 from .options import describe_error, flush
 from .outbox import Entry, Outbox
+from .spool import Spool
 
 __all__ = ["BATCH_SIZE", "CONFIRM_SETTLE", "ClaimLink"]
 
@@ -54,8 +56,15 @@ class ClaimLink(NatsLink):
         encoder: ClaimEncoder,
         time_source: TimeSource,
         sink: TransportSink,
+        spool: Spool | None = None,
     ) -> None:
         super().__init__(config, sink.transport_event, client_name=config.agent_id, time_source=time_source)
+        self._spool = spool
+        #: Entries read from spool files, until each is confirmed; then the files go.
+        self._from_spool: set[Entry] = set()
+        self._spool_files: list[Path] = []
+        self.spooled = 0
+        self.unspooled = 0
         self._encoder = encoder
         self._sink = sink
         self.outbox = Outbox(config.outbox_limit)
@@ -72,6 +81,30 @@ class ClaimLink(NatsLink):
         self._seq = 0
         self.slow_consumer_drops = 0
         self.publish_errors = 0
+
+    def adopt_spooled(self, claims: list[tuple[str, StatusClaim]], files: list[Path]) -> None:
+        """Queue final claims read from ``files`` first; remove the files once all are confirmed.
+
+        Call before :meth:`start`.
+        """
+        entries = [Entry(subject, claim, True) for subject, claim in claims if claim.is_final]
+        self.outbox.put_back(entries)
+        self.unspooled += len(entries)
+        self._from_spool.update(entries)
+        self._spool_files = list(files)
+        if not entries:
+            self._drop_spool_files()
+
+    def _spool_settled(self, entry: Entry) -> None:
+        """``entry`` is confirmed (or can never be sent): with none from the spool left, remove the files."""
+        self._from_spool.discard(entry)
+        if not self._from_spool:
+            self._drop_spool_files()
+
+    def _drop_spool_files(self) -> None:
+        files, self._spool_files = self._spool_files, []
+        for problem in Spool.remove(files):
+            self._report(TransportEvent.ERROR, problem)
 
     def wake(self) -> None:
         """Wake the drainer (from any thread)."""
@@ -155,6 +188,8 @@ class ClaimLink(NatsLink):
                 except Exception as exc:
                     self.lost += 1
                     self._report(TransportEvent.ERROR, f"cannot encode claim {entry.claim.task_id}: {exc}")
+                    if self._from_spool:
+                        self._spool_settled(entry)
                     continue
                 try:
                     await nc.publish(entry.subject, data)
@@ -239,9 +274,11 @@ class ClaimLink(NatsLink):
             return False
         inflight = self.inflight
         while inflight and inflight[0].seq <= upto and inflight[0].sent <= cutoff:
-            inflight.popleft()
+            entry = inflight.popleft()
             self.published += 1
             self.confirmed += 1
+            if self._from_spool:
+                self._spool_settled(entry)
         return True
 
     async def _on_stop(self, deadline: float) -> None:
@@ -262,8 +299,34 @@ class ClaimLink(NatsLink):
         left = len(self.outbox) + len(self.inflight)
         if left:
             finals = self.outbox.finals() + len(self.inflight)
-            self.lost += left
+            kept, where = self._spool_at_stop()
+            self.lost += left - kept
             self._report(
                 TransportEvent.ERROR,
-                f"stop: {left} claim(s) ({finals} final) not confirmed by NATS within the flush timeout",
+                f"stop: {left} claim(s) ({finals} final) not confirmed by NATS within the flush timeout"
+                + where,
             )
+
+    def _spool_at_stop(self) -> tuple[int, str]:
+        """Write the unconfirmed final claims to a new spool file (with a spool configured).
+
+        Returns:
+            How many were written, and the end of the stop line that says where (or why not).
+        """
+        if self._spool is None:
+            return 0, ""
+        entries = list(self.inflight) + self.outbox.final_entries()
+        if not entries:
+            return 0, ""
+        try:
+            path = self._spool.write([(e.subject, resolve(e.claim)) for e in entries])
+        except Exception as exc:  # a full disk must not break stop()
+            return 0, f"; not spooled: {exc}"
+        self.spooled += len(entries)
+        # What the old files held and is not confirmed is in the new file.
+        self._from_spool.clear()
+        self._drop_spool_files()
+        return len(entries), (
+            f"; {len(entries)} final claim(s) spooled to {path} for the next integration"
+            f" of agent {self._config.agent_id}"
+        )

@@ -138,6 +138,11 @@ class Outbox:
         with self._lock:
             self._items.extendleft(reversed(entries))
 
+    def final_entries(self) -> list[Entry]:
+        """The final claims queued, oldest first (they stay queued)."""
+        with self._lock:
+            return [e for e in self._items if e.final]
+
     def finals(self) -> int:
         """How many final claims are queued."""
         with self._lock:

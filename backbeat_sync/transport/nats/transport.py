@@ -10,9 +10,10 @@ from __future__ import annotations
 from ..._time import SYSTEM_TIME, TimeSource
 from ...claims import Claim
 from ...config import BackbeatConfig
-from ..base import ClaimEncoder, Transport, TransportSink
+from ..base import ClaimEncoder, Transport, TransportEvent, TransportSink
 from .claim_link import ClaimLink
 from .outbox import Outbox
+from .spool import Spool, SpoolError
 
 __all__ = ["NatsTransport"]
 
@@ -61,15 +62,31 @@ class NatsTransport(Transport):
         """
         if self._link is not None:
             raise RuntimeError("NatsTransport.start() may be called once")
-        link = ClaimLink(self._config, self._encoder, self._time, sink)
+        spool = self._spool()
+        link = ClaimLink(self._config, self._encoder, self._time, sink, spool)
         # Claims published before start() (none in practice) are not lost.
         link.outbox.put_back(self._pre_outbox.take(len(self._pre_outbox) + 1))
+        if spool is not None:
+            # Final claims an earlier run of this agent could not deliver go first.
+            try:
+                claims, files, problems = spool.load()
+            except SpoolError as exc:
+                claims, files, problems = [], [], [str(exc)]
+            for problem in problems:
+                sink.transport_event(TransportEvent.ERROR, problem)
+            link.adopt_spooled(claims, files)
         self._link = link
         try:
             link.start()
         except BaseException:
             self._link = None
             raise
+
+    def _spool(self) -> Spool | None:
+        path = self._config.spool_path
+        if path is None:
+            return None
+        return Spool(path, self._config.cluster_id, self._config.agent_id)
 
     def publish(self, subject: str, claim: Claim) -> None:
         """Queue ``claim`` for ``subject``; thread-safe, returns at once (never waits on the network)."""
@@ -121,7 +138,9 @@ class NatsTransport(Transport):
         (intermediate claims dropped past the outbox bound, plus claims given up at
         stop), ``claims_coalesced``, ``claims_queued`` (waiting or unconfirmed),
         ``claims_unconfirmed``, ``claims_resent`` (final claims sent again after a
-        reconnect), ``frames_received``, ``frames_dropped`` (slow consumer).
+        reconnect), ``frames_received``, ``frames_dropped`` (slow consumer),
+        ``claims_spooled`` (final claims written to the spool at stop, not counted
+        as dropped), ``claims_unspooled`` (final claims read from the spool at start).
         """
         link = self._link
         if link is None:
@@ -134,6 +153,8 @@ class NatsTransport(Transport):
                 "claims_resent": 0,
                 "frames_received": 0,
                 "frames_dropped": 0,
+                "claims_spooled": 0,
+                "claims_unspooled": 0,
             }
         box = link.outbox
         inflight = len(link.inflight)
@@ -146,4 +167,6 @@ class NatsTransport(Transport):
             "claims_resent": link.resent,
             "frames_received": link.frames,
             "frames_dropped": link.slow_consumer_drops,
+            "claims_spooled": link.spooled,
+            "claims_unspooled": link.unspooled,
         }
