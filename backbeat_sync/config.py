@@ -27,7 +27,11 @@ ENV_PREFIX = "CHORUS_BACKBEAT_"
 NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 LOCAL_SCHEME = "local"
 
-_BAD_TOKEN = re.compile(r"[\s.*>]")
+_BAD_TOKEN = re.compile(r"[\s.*>\x00-\x1f\x7f]")
+#: Characters an id may not hold beyond the subject rules: ids name files (the spool) too.
+_BAD_ID_CHAR = re.compile(r"[/\\]")
+#: Longest cluster or agent id, in UTF-8 bytes (ids go into every subject and claim).
+MAX_ID_BYTES = 256
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 
@@ -35,8 +39,28 @@ T = TypeVar("T")
 
 
 def valid_token(value: str) -> bool:
-    """Whether ``value`` is a valid single NATS subject token (non-empty, no space, ``.``, ``*``, ``>``)."""
+    """Whether ``value`` is a valid single NATS subject token.
+
+    Non-empty, with no whitespace, control character (NUL included), ``.``, ``*`` or ``>``.
+    """
     return bool(value) and _BAD_TOKEN.search(value) is None
+
+
+def _id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a cluster or agent id, or None."""
+    if not valid_token(value):
+        return (
+            "must be a single NATS subject token: non-empty, no whitespace, control characters,"
+            " '.', '*' or '>'"
+        )
+    if _BAD_ID_CHAR.search(value):
+        return "must not contain '/' or '\\' (ids also name files)"
+    if value.startswith("$"):
+        return "must not start with '$' (NATS reserves $SYS, $JS, $KV ... for the system)"
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_BYTES:
+        return f"is {size} bytes long; at most {MAX_ID_BYTES} bytes of UTF-8"
+    return None
 
 
 def mask_url(url: str) -> str:
@@ -68,12 +92,12 @@ def _secret_repr(value: object) -> str:
 
 
 def _token_field(inst: BackbeatConfig, attribute: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not valid_token(value):
-        raise ConfigError(
-            attribute.name,
-            value,
-            "must be a single NATS subject token: non-empty, no whitespace, '.', '*' or '>'",
-        )
+    if not isinstance(value, str):
+        raise ConfigError(attribute.name, value, "must be a string")
+    problem = _id_problem(value)
+    if problem is not None:
+        shown = value if len(value) <= 64 else f"{value[:32]}... ({len(value)} characters)"
+        raise ConfigError(attribute.name, shown, problem)
 
 
 def _positive_number(
@@ -160,8 +184,13 @@ def _subject_template(inst: Any, attribute: attrs.Attribute[str], value: str) ->
 
 
 def _to_tuple(value: Any) -> tuple[str, ...]:
+    """A comma-separated string (or a sequence) as a tuple; an empty item stays, for the validator.
+
+    ``",,"`` must not become ``()``: for ``trusted_pulse_keys`` that would turn
+    signature checking off without a word.
+    """
     if isinstance(value, str):
-        return tuple(v.strip() for v in value.split(",") if v.strip())
+        return tuple(v.strip() for v in value.split(","))
     if value is None:
         return ()
     return tuple(value)
@@ -177,7 +206,12 @@ def _signing_key(inst: Any, attribute: attrs.Attribute[str | None], value: str |
 
 def _trusted_keys(inst: Any, attribute: attrs.Attribute[tuple[str, ...]], value: tuple[str, ...]) -> None:
     if not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(attribute.name, value, "must be non-empty strings")
+        raise ConfigError(
+            attribute.name,
+            value,
+            "must be non-empty strings (an empty item, as in ',,' or an empty variable, is refused:"
+            " it would turn signature checking off)",
+        )
     if value:
         from .signing import Verifier
 

@@ -746,6 +746,8 @@ class Integration:
             self._log.info(f"BACKBEAT reconnected to NATS: {detail}")
         elif event is TransportEvent.CONNECTED:
             self._log.debug(f"BACKBEAT connected: {detail}")
+        elif event is TransportEvent.WARNING:
+            self._log.warn(f"BACKBEAT {detail}")
 
     # -- the beat thread -----------------------------------------------------
 

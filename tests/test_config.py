@@ -192,3 +192,99 @@ def test_mask_url_never_raises_on_a_bad_port() -> None:
     with pytest.raises(ConfigError) as info:
         BackbeatConfig(nats_url="nats://u:secret@h:99999")
     assert "secret" not in str(info.value)
+
+
+# -- ids that would be accepted by the subject rules alone (issue 10, item 12) ----------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "says"),
+    [
+        ("cluster_id", "dev\x00prod", "control characters"),
+        ("cluster_id", "x" * 10_000, "at most 256 bytes"),
+        ("cluster_id", "$SYS", "must not start with '$'"),
+        ("cluster_id", "$JS", "must not start with '$'"),
+        ("agent_id", "team/alice", "must not contain '/'"),
+        ("agent_id", "team\\alice", "must not contain '/'"),
+        ("agent_id", "bell\x07", "control characters"),
+    ],
+)
+def test_ids_that_break_subjects_files_or_claims_are_refused(field: str, value: str, says: str) -> None:
+    """NUL and control characters, 10,000 characters, $-reserved names, path separators: ConfigError."""
+    with pytest.raises(ConfigError) as info:
+        BackbeatConfig(**{field: value})
+    assert field == info.value.field
+    assert says in info.value.reason
+    assert len(str(info.value)) < 300  # a 10,000-character id is shown by its start and size
+
+
+def test_ids_of_256_bytes_are_accepted() -> None:
+    """The limit is 256 bytes of UTF-8, whatever the characters."""
+    assert len(BackbeatConfig(cluster_id="c" * 256).cluster_id) == 256
+    assert len(BackbeatConfig(agent_id="é" * 128).agent_id) == 128
+    with pytest.raises(ConfigError, match="257 bytes"):
+        BackbeatConfig(agent_id="é" * 128 + "x")
+
+
+@pytest.mark.parametrize("raw", [",,", ",", "", " , "])
+def test_trusted_pulse_keys_with_only_empty_items_is_a_config_error(raw: str) -> None:
+    """CHORUS_BACKBEAT_TRUSTED_PULSE_KEYS=",," (or empty) must not turn signature checking off silently."""
+    with pytest.raises(ConfigError) as info:
+        BackbeatConfig.from_env({"CHORUS_BACKBEAT_TRUSTED_PULSE_KEYS": raw})
+    assert info.value.field == "CHORUS_BACKBEAT_TRUSTED_PULSE_KEYS"
+    assert "signature checking off" in info.value.reason
+    with pytest.raises(ConfigError):
+        BackbeatConfig(trusted_pulse_keys=raw)
+
+
+def test_an_empty_item_among_trusted_pulse_keys_is_refused_too() -> None:
+    """'KEY,,' (a variable that expanded to nothing) is refused rather than trusting fewer keys."""
+    pytest.importorskip("cryptography")
+    from backbeat_sync.signing import SigningKey, generate_private_key
+
+    public = SigningKey.load(generate_private_key()).public_text()
+    assert (public,) == BackbeatConfig(trusted_pulse_keys=public).trusted_pulse_keys
+    with pytest.raises(ConfigError, match="empty item"):
+        BackbeatConfig(trusted_pulse_keys=f"{public},,")
+
+
+# -- two integrations on one local:// bus ---------------------------------------------------
+
+
+class Recorder:
+    """A user logger (the seed's interface) that keeps every line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str]] = []
+
+    def info(self, msg: str, *args: object) -> None:
+        self.lines.append(("info", msg))
+
+    def warn(self, msg: str, *args: object) -> None:
+        self.lines.append(("warn", msg))
+
+    def error(self, msg: str, *args: object) -> None:
+        self.lines.append(("error", msg))
+
+
+def test_a_second_integration_with_another_tempo_on_a_local_bus_is_warned() -> None:
+    """The second of two integrations on local://NAME with another tempo follows the running pulse, warned."""
+    from backbeat_sync import Integration
+
+    first_cfg = BackbeatConfig(
+        cluster_id="clash", agent_id="a", nats_url="local://tempo-clash", tempo_bpm=600
+    )
+    second_cfg = first_cfg.evolve(agent_id="b", tempo_bpm=120)
+    same_cfg = first_cfg.evolve(agent_id="c")
+    first, second, same = Recorder(), Recorder(), Recorder()
+    with (
+        Integration(first_cfg, node_id="n1", logger=first),
+        Integration(second_cfg, node_id="n2", logger=second) as b,
+        Integration(same_cfg, node_id="n3", logger=same),
+    ):
+        assert b.transport.bus.pulse_schedule("backbeat.beat.clash").tempo_bpm == 600  # type: ignore[union-attr]
+    warnings = [msg for level, msg in second.lines if level == "warn"]
+    assert len(warnings) == 1
+    assert "already runs at 600 BPM, not the configured tempo_bpm=120" in warnings[0]
+    assert "on bus 'tempo-clash'" in warnings[0]
+    assert [m for level, m in first.lines + same.lines if level == "warn"] == []

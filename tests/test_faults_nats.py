@@ -580,8 +580,12 @@ BAD_CONFIG = [
     ("enabled", "yes"),
     ("cluster_id", "a.b"),
     ("cluster_id", ""),
+    ("cluster_id", "a\x00b"),
+    ("cluster_id", "x" * 10_000),
+    ("cluster_id", "$SYS"),
     ("agent_id", "has space"),
     ("agent_id", "x>"),
+    ("agent_id", "a/b"),
     ("nats_url", "http://host:4333"),
     ("nats_url", ""),
     ("nats_url", "nats://host:notaport"),
@@ -618,6 +622,7 @@ BAD_CONFIG = [
     ("signing_key", "base64:not-a-key"),
     ("signing_key_id", ""),
     ("trusted_pulse_keys", ("",)),
+    ("trusted_pulse_keys", ",,"),
     ("trusted_pulse_keys", ("base64:AAAA",)),
 ]
 

@@ -28,6 +28,8 @@ class TransportEvent(enum.Enum):
     RECONNECTED = "reconnected"
     ERROR = "error"
     CLOSED = "closed"
+    #: Works, but not as configured (logged as a warning, not an error of the connection).
+    WARNING = "warning"
 
 
 class TransportSink(Protocol):

@@ -3,7 +3,8 @@
 ``local://`` (or ``local://NAME``) selects a process-wide :class:`LocalBus`
 named ``NAME`` (empty by default). The first integration on a bus and cluster
 starts that cluster's pulse at its configured tempo; later ones follow it,
-as agents follow a real pulse. ``local://NAME?pulse=manual`` starts no pulse:
+as agents follow a real pulse (one configured with another tempo is told so,
+as a warning through its logger). ``local://NAME?pulse=manual`` starts no pulse:
 the caller publishes frames with :meth:`LocalBus.publish` (tests do this).
 
 Claims are delivered synchronously to in-process subscribers (the monitor,
@@ -134,8 +135,14 @@ class LocalBus:
                 delivered += 1
         return delivered
 
-    def acquire_pulse(self, config: BackbeatConfig, time_source: TimeSource) -> None:
-        """Start the pulse for ``config``'s cluster if none runs; count one more user."""
+    def acquire_pulse(self, config: BackbeatConfig, time_source: TimeSource) -> str | None:
+        """Start the pulse for ``config``'s cluster if none runs; count one more user.
+
+        Returns:
+            A warning if the pulse already runs at another tempo than ``config.tempo_bpm``
+            (the caller follows the running pulse, as an agent follows a NATS pulse), else None.
+        """
+        warning = None
         subject = config.beat_subject_for()
         with self._lock:
             shared = self._pulses.get(subject)
@@ -156,12 +163,13 @@ class LocalBus:
                 shared = self._pulses[subject] = _SharedPulse(thread)
                 thread.start()
             elif shared.thread.schedule.tempo_bpm != config.tempo_bpm:
-                logger.info(
-                    "local pulse for {subject} already runs at {bpm:g} BPM; following it",
-                    subject=subject,
-                    bpm=shared.thread.schedule.tempo_bpm,
+                warning = (
+                    f"local pulse for {subject} on bus {self.name!r} already runs at"
+                    f" {shared.thread.schedule.tempo_bpm:g} BPM, not the configured"
+                    f" tempo_bpm={config.tempo_bpm:g}; following the running pulse"
                 )
             shared.users += 1
+        return warning
 
     def release_pulse(self, config: BackbeatConfig) -> None:
         """One user fewer; the last one stops the pulse."""
@@ -216,10 +224,11 @@ class LocalTransport(Transport):
 
         self._unsubscribe = self.bus.subscribe(self._config.beat_subject_for(), on_frame)
         self._unwatch = self.bus.watch(sink.audience_changed)
-        if not self._manual:
-            self.bus.acquire_pulse(self._config, self._time)
+        warning = None if self._manual else self.bus.acquire_pulse(self._config, self._time)
         self._connected = True
         sink.transport_event(TransportEvent.CONNECTED, f"local bus {self.bus.name!r}")
+        if warning is not None:
+            sink.transport_event(TransportEvent.WARNING, warning)
 
     def publish(self, subject: str, claim: Claim) -> None:
         """Deliver the claim to in-process subscribers of ``subject`` (if any)."""
