@@ -20,20 +20,15 @@ from ._view import ClusterView
 def _monitor_link(cfg: BackbeatConfig, subject: str, on_message: Callable[[bytes], None]) -> Any:
     """A NATS connection (the transport's link: reconnects, auth, TLS) subscribed to ``subject``."""
     from ..transport.base import TransportEvent
-    from ..transport.nats import NatsLink
+    from ..transport.nats import SubscriberLink
 
     def report(event: TransportEvent, detail: str) -> None:
         if event in (TransportEvent.DISCONNECTED, TransportEvent.ERROR, TransportEvent.RECONNECTED):
             logger.warning(f"monitor: {detail}")
 
-    class MonitorLink(NatsLink):
-        async def _on_connect(self, nc: Any) -> None:
-            async def handler(msg: Any) -> None:
-                on_message(msg.data)
-
-            await nc.subscribe(subject, cb=handler)
-
-    return MonitorLink(cfg, report, client_name=f"{PROG}-monitor", thread_name="backbeat-monitor")
+    return SubscriberLink(
+        cfg, report, subject, on_message, client_name=f"{PROG}-monitor", thread_name="backbeat-monitor"
+    )
 
 
 def _cmd_monitor(args: argparse.Namespace, out: Out) -> int:

@@ -26,7 +26,7 @@ Modules, each depending only on those above it:
 | --- | --- |
 | :mod:`.client` | nats-py's ``Client``, refusing a ``tls://`` server that offers no TLS |
 | :mod:`.options` | ``connect_options``, ``describe_error``, ``flush``, ``cancel_and_wait`` |
-| :mod:`.link` | :class:`NatsLink`: the loop thread, connect, reconnect, close |
+| :mod:`.link` | :class:`NatsLink`: the loop thread, connect, reconnect, close; :class:`SubscriberLink` |
 | :mod:`.outbox` | :class:`Outbox`: the thread-safe bounded claim queue |
 | :mod:`.spool` | final claims unconfirmed at stop, on disk for the next run (``spool_path``) |
 | :mod:`.claim_link` | the transport's link: beat subscription, claim batches, confirmation |
@@ -36,7 +36,7 @@ Modules, each depending only on those above it:
 
 from __future__ import annotations
 
-from .link import NatsLink
+from .link import NatsLink, SubscriberLink
 from .options import cancel_and_wait, connect_options, describe_error, flush
 from .outbox import Outbox
 from .pulse_link import PulseLink
@@ -47,6 +47,7 @@ __all__ = [
     "NatsTransport",
     "Outbox",
     "PulseLink",
+    "SubscriberLink",
     "cancel_and_wait",
     "connect_options",
     "describe_error",

@@ -26,7 +26,7 @@ from ..base import TransportEvent
 from .client import GuardedClient, TlsNotOffered
 from .options import cancel_and_wait, connect_options, describe_error, is_auth_error, server_label
 
-__all__ = ["CLOSE_GRACE", "JOIN_TIMEOUT", "EventReporter", "NatsLink"]
+__all__ = ["CLOSE_GRACE", "JOIN_TIMEOUT", "EventReporter", "NatsLink", "SubscriberLink"]
 
 #: Extra time stop() allows past flush_timeout for closing the socket and the loop.
 CLOSE_GRACE: Final = 2.0
@@ -518,3 +518,38 @@ class NatsLink:
 
     async def _on_stop(self, deadline: float) -> None:
         """Called at stop, before closing; finish by the loop time ``deadline``."""
+
+
+class SubscriberLink(NatsLink):
+    """A link that subscribes to one subject and hands every payload to a callback (the CLI's monitor).
+
+    Args:
+        config: servers, reconnect, auth and TLS settings.
+        report: receives connection events.
+        subject: the subject (wildcards allowed).
+        on_message: called with each payload, on the loop thread (must be quick and not raise).
+        client_name: connection name shown in NATS monitoring.
+        thread_name: name of the loop thread.
+    """
+
+    def __init__(
+        self,
+        config: BackbeatConfig,
+        report: EventReporter,
+        subject: str,
+        on_message: Callable[[bytes], None],
+        *,
+        client_name: str | None = None,
+        thread_name: str = "backbeat-nats",
+    ) -> None:
+        super().__init__(config, report, client_name=client_name, thread_name=thread_name)
+        self.subject = subject
+        self._on_message = on_message
+
+    async def _on_connect(self, nc: Client) -> None:
+        on_message = self._on_message
+
+        async def handler(msg: Any) -> None:
+            on_message(msg.data)
+
+        await nc.subscribe(self.subject, cb=handler)
