@@ -350,3 +350,16 @@ def test_tls_url_upgrades_a_server_that_offers_tls_without_requiring_it(
             assert conns["agent-a"].get("tls_version")
     finally:
         server.kill()
+
+
+def test_tls_url_refuses_a_plain_server_for_the_pulse_too(proxy_to_token_server: RecordingProxy) -> None:
+    """A Pulse (backbeat-sync pulse) on tls:// gets the same refusal: every NATS link checks the INFO."""
+    proxy = proxy_to_token_server
+    cfg = BackbeatConfig(
+        cluster_id=CLUSTER, agent_id="pulse", nats_url=f"tls://127.0.0.1:{proxy.port}", token=TOKEN
+    )
+    pulse = Pulse(cfg, tempo_bpm=120)
+    with pytest.raises(BackbeatConnectionError, match="does not offer TLS"):
+        pulse.start()
+    pulse.stop()
+    assert proxy.client_bytes() == b""
