@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from loguru import logger as _logger
 
 from ._defaults import get_default_integration, set_default_integration
+from ._logging import StdlibLogging, log_to_stdlib
 from ._time import ManualTime, SystemTime, TimeSource
 from .budget import PreciseMode, Tracker, beat_budget, precise_mode, track_operation
 from .clock import BeatClock
@@ -67,12 +68,14 @@ __all__ = [
     "ProtocolError",
     "Pulse",
     "StatusClaim",
+    "StdlibLogging",
     "SystemTime",
     "TimeSource",
     "Tracker",
     "__version__",
     "beat_budget",
     "get_default_integration",
+    "log_to_stdlib",
     "parse_beat_frame",
     "parse_message",
     "parse_status_claim",

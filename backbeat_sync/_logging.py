@@ -3,16 +3,186 @@
 As a library, backbeat_sync never configures loguru sinks; it logs under the
 name ``backbeat_sync``, which ``logger.disable("backbeat_sync")`` silences and
 ``logger.enable("backbeat_sync")`` turns back on.
+
+Every library line goes through :data:`library_logger` (or a
+:class:`LoggerAdapter`), which writes to loguru, or, after
+:func:`log_to_stdlib`, to the stdlib ``logging`` logger named after the
+module that wrote the line (children of ``logging.getLogger("backbeat_sync")``).
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+import threading
 import time
 from typing import Any, Protocol
 
 from loguru import logger as _loguru
 
-__all__ = ["Logger", "LoggerAdapter", "RateLimitedLog"]
+__all__ = [
+    "LibraryLogger",
+    "Logger",
+    "LoggerAdapter",
+    "RateLimitedLog",
+    "StdlibLogging",
+    "library_logger",
+    "log_to_stdlib",
+]
+
+#: loguru level names -> stdlib level numbers (loguru's TRACE and SUCCESS fold into DEBUG and INFO).
+_STDLIB_LEVELS = {
+    "TRACE": logging.DEBUG,
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "SUCCESS": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+}
+
+STDLIB_ROOT = "backbeat_sync"
+
+# How many routes to stdlib are open (log_to_stdlib nests); read without the lock on every line.
+_stdlib_routes = 0
+_routes_lock = threading.Lock()
+
+
+class StdlibLogging:
+    """The handle :func:`log_to_stdlib` returns: ``close()`` (or leaving ``with``) undoes it.
+
+    Attributes:
+        logger: ``logging.getLogger("backbeat_sync")``, the parent of every logger the library uses.
+    """
+
+    def __init__(self, previous_level: int | None) -> None:
+        self.logger = logging.getLogger(STDLIB_ROOT)
+        self._previous_level = previous_level
+        self._closed = False
+
+    def close(self) -> None:
+        """Send lines back to loguru once no other route is open; restore the level. Idempotent."""
+        global _stdlib_routes
+        with _routes_lock:
+            if self._closed:
+                return
+            self._closed = True
+            _stdlib_routes -= 1
+            if self._previous_level is not None:
+                self.logger.setLevel(self._previous_level)
+
+    def __enter__(self) -> StdlibLogging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def log_to_stdlib(level: int | str | None = None) -> StdlibLogging:
+    """Send every library line to the stdlib ``logging`` module instead of loguru.
+
+    Lines go to ``logging.getLogger("backbeat_sync.<module>")`` (for example
+    ``backbeat_sync.integration`` for the seed's 🎵/🥁/🎼/🧹 lines), so the
+    handlers, filters and level of ``logging.getLogger("backbeat_sync")`` and of
+    the root logger apply as for any other library. Levels: debug, info,
+    warning, error; a traceback rides as ``exc_info``. The structured fields
+    (cluster, agent, pulse) are the record's ``backbeat`` attribute, a dict.
+    A ``logging.NullHandler`` is added to ``backbeat_sync`` once, the stdlib
+    convention for libraries, so an application without logging configured
+    prints nothing. An ``Integration`` given its own ``logger=`` keeps writing
+    there.
+
+    Args:
+        level: when given, ``logging.getLogger("backbeat_sync").setLevel(level)``
+            (restored by ``close()``); when ``None`` the level is left as the
+            application set it.
+
+    Returns:
+        A handle; ``close()`` or leaving ``with log_to_stdlib(): ...`` sends lines back to
+        loguru (once every open handle is closed).
+
+    Raises:
+        ValueError: ``level`` is a name the ``logging`` module does not know.
+        TypeError: ``level`` is neither an ``int``, a ``str`` nor ``None``.
+    """
+    global _stdlib_routes
+    if level is not None and not isinstance(level, (int, str)):
+        raise TypeError(f"level must be an int, a str or None, not {type(level).__name__}")
+    root = logging.getLogger(STDLIB_ROOT)
+    with _routes_lock:
+        previous = None
+        if level is not None:
+            previous = root.level
+            root.setLevel(level.upper() if isinstance(level, str) else level)
+        if not any(isinstance(h, logging.NullHandler) for h in root.handlers):
+            root.addHandler(logging.NullHandler())
+        _stdlib_routes += 1
+    return StdlibLogging(previous)
+
+
+def _stdlib_emit(
+    name: str, level: str, msg: str, fields: dict[str, Any], exc: bool, depth: int, args: Any, kwargs: Any
+) -> None:
+    target = logging.getLogger(name if name.startswith(STDLIB_ROOT) else STDLIB_ROOT)
+    levelno = _STDLIB_LEVELS.get(level, logging.INFO)
+    if not target.isEnabledFor(levelno):
+        return
+    if args or kwargs:
+        msg = msg.format(*args, **kwargs)
+    target.log(levelno, msg, exc_info=exc or None, stacklevel=depth + 2, extra={"backbeat": dict(fields)})
+
+
+class LibraryLogger:
+    """What the library's modules log through: loguru's calls, routed to stdlib when asked.
+
+    Offers the part of loguru's interface the library uses: ``debug``,
+    ``info``, ``warning``, ``error`` (with ``str.format`` arguments, as loguru),
+    ``opt(exception=True)`` and ``bind(**fields)``.
+    """
+
+    __slots__ = ("_exception", "_fields", "_loguru")
+
+    def __init__(self, fields: dict[str, Any] | None = None, exception: bool = False) -> None:
+        self._fields = fields or {}
+        self._exception = exception
+        self._loguru = _loguru.bind(**self._fields) if self._fields else _loguru
+
+    def bind(self, **fields: Any) -> LibraryLogger:
+        """A logger that adds ``fields`` to every line (loguru ``extra``, stdlib ``record.backbeat``)."""
+        return LibraryLogger({**self._fields, **fields}, self._exception)
+
+    def opt(self, *, exception: bool = False) -> LibraryLogger:
+        """A logger whose lines carry the exception being handled (a traceback)."""
+        return LibraryLogger(self._fields, exception)
+
+    def _log(self, level: str, msg: str, depth: int, args: Any, kwargs: Any) -> None:
+        # depth counts frames above this one: 2 is the caller of debug()/info()/...
+        if _stdlib_routes:
+            name = sys._getframe(depth).f_globals.get("__name__", STDLIB_ROOT)
+            _stdlib_emit(name, level, msg, self._fields, self._exception, depth, args, kwargs)
+        else:
+            # loguru reads the module name (for enable/disable) and the line from that frame too.
+            self._loguru.opt(depth=depth, exception=self._exception).log(level, msg, *args, **kwargs)
+
+    def debug(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Log at debug level."""
+        self._log("DEBUG", msg, 2, args, kwargs)
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Log at info level."""
+        self._log("INFO", msg, 2, args, kwargs)
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Log at warning level."""
+        self._log("WARNING", msg, 2, args, kwargs)
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        """Log at error level."""
+        self._log("ERROR", msg, 2, args, kwargs)
+
+
+#: The logger the library's modules use instead of importing loguru's directly.
+library_logger = LibraryLogger()
 
 
 class Logger(Protocol):
@@ -32,45 +202,61 @@ class Logger(Protocol):
 
 
 class LoggerAdapter:
-    """Sends pre-formatted lines to a user logger, or to loguru bound with the agent's fields.
+    """Sends pre-formatted lines to a user logger, or to the library's logger bound with the agent's fields.
 
     Args:
-        user: a logger with ``info/warn/error(msg)``; stdlib loggers work too (``warning``).
-        **fields: structured fields bound on the loguru logger (cluster, agent).
+        user: a logger with ``info/warn/error(msg)`` (the seed's interface); a
+            stdlib ``logging.Logger`` works too (``warning``, and ``debug`` lines
+            reach it as well, attributed to the library's line that wrote them).
+        **fields: structured fields bound on the library's logger (cluster, agent).
     """
 
     def __init__(self, user: Any = None, **fields: Any) -> None:
         self._user = user
-        self._loguru = _loguru.bind(**fields)
-        self._warn = None
+        self._lib = LibraryLogger(fields)
+        self._warn: Any = None
+        self._debug: Any = None
+        self._stdlib = isinstance(user, (logging.Logger, logging.LoggerAdapter))
         if user is not None:
-            self._warn = getattr(user, "warn", None) or user.warning
+            self._warn = getattr(user, "warn", None) if not self._stdlib else None
+            self._warn = self._warn or user.warning
+            self._debug = getattr(user, "debug", None)
 
     def debug(self, msg: str) -> None:
-        """Debug lines go to loguru only (the seed's interface has no debug)."""
+        """Debug lines go to the library's logger, or to a user logger that has ``debug``."""
         if self._user is None:
-            self._loguru.opt(depth=1).debug(msg)
+            self._lib._log("DEBUG", msg, 2, (), {})
+        elif self._stdlib:
+            self._user.debug(msg, stacklevel=2)
+        elif self._debug is not None:
+            self._debug(msg)
 
     def info(self, msg: str) -> None:
         """Log ``msg`` at info level."""
-        if self._user is not None:
-            self._user.info(msg)
+        if self._user is None:
+            self._lib._log("INFO", msg, 2, (), {})
+        elif self._stdlib:
+            self._user.info(msg, stacklevel=2)
         else:
-            self._loguru.opt(depth=1).info(msg)
+            self._user.info(msg)
 
     def warn(self, msg: str) -> None:
         """Log ``msg`` at warning level."""
-        if self._warn is not None:
-            self._warn(msg)
+        if self._user is None:
+            self._lib._log("WARNING", msg, 2, (), {})
+        elif self._stdlib:
+            self._user.warning(msg, stacklevel=2)
         else:
-            self._loguru.opt(depth=1).warning(msg)
+            self._warn(msg)
 
     def error(self, msg: str) -> None:
         """Log ``msg`` at error level."""
-        if self._user is not None:
-            self._user.error(msg)
+        if self._user is None:
+            self._lib._log("ERROR", msg, 2, (), {})
+        elif self._stdlib:
+            self._user.error(msg, stacklevel=2)
         else:
-            self._loguru.opt(depth=1).error(msg)
+            self._user.error(msg)
 
 
 class RateLimitedLog:

@@ -48,8 +48,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
-from loguru import logger
-
+from ._logging import library_logger as logger
 from .clock import BeatClock
 
 __all__ = [

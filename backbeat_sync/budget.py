@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, cast
 
 import attrs
 import wrapt
-from loguru import logger
 
 from . import _defaults
 from . import integration as _integration_module
+from ._logging import library_logger as logger
 from ._time import SYSTEM_TIME
 from ._watchdog import (
     ARMED,

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from loguru import logger
-
+from ._logging import library_logger as logger
 from ._time import SYSTEM_TIME, TimeSource, format_rfc3339
 from .config import BackbeatConfig
 from .errors import ConfigError

@@ -36,6 +36,7 @@ RUN_PAGES = (
     "docs/cli.md",
     "docs/configuration.md",
     "docs/metrics.md",
+    "docs/observability.md",
     "docs/troubleshooting.md",
 )
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
-from loguru import logger
-
+from .._logging import library_logger as logger
 from .._time import SYSTEM_TIME, TimeSource
 from ..claims import Claim
 from ..config import BackbeatConfig
