@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import _demo, _monitor, _pulse, _status
+from . import _dashboard, _demo, _monitor, _pulse, _status
 from ._base import Command
 
 COMMANDS: Final[tuple[Command, ...]] = (
     _demo.COMMAND,
     _pulse.COMMAND,
     _monitor.COMMAND,
+    _dashboard.COMMAND,
     _status.COMMAND,
 )
