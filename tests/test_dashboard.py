@@ -180,7 +180,7 @@ def test_operation_without_claims_is_lost_and_agent_silence_is_degraded() -> Non
 
 
 def test_failed_or_disconnected_health_is_degraded() -> None:
-    """A health claim in state failed, or with connected=false, makes the agent degraded; degraded rows first."""
+    """Health in state failed, or with connected=false, makes an agent degraded; degraded rows first."""
     state = DashboardState("test")
     state.frame(frame(8))
     state.claim(health(8, agent="a-ok"))
@@ -398,8 +398,8 @@ def test_cli_dashboard_on_nats_sees_a_real_agent(nats_server: NatsServer) -> Non
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHORUS_BACKBEAT_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "backbeat_sync", "dashboard", "--nats", nats_server.url, "--cluster", "dash-nats",
-         "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "backbeat_sync", "dashboard", "--nats", nats_server.url,
+         "--cluster", "dash-nats", "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     cfg = BackbeatConfig(cluster_id="dash-nats", agent_id="worker-7", nats_url=nats_server.url, tempo_bpm=600)
@@ -418,5 +418,18 @@ def test_cli_dashboard_on_nats_sees_a_real_agent(nats_server: NatsServer) -> Non
             )
             assert snap["agents"]["rows"][0]["agent_id"] == "worker-7"
     finally:
-        out, err = _stop(proc)
+        _out, err = _stop(proc)
     assert proc.returncode == 0, err
+
+
+def test_claims_before_any_beat_do_not_count_from_beat_zero() -> None:
+    """An agent's claims before its first beat say beat 0: beats used count from its first real beat."""
+    state = DashboardState("test")
+    state.claim(claim("early", 0, beats_left=6))  # neither the agent nor the dashboard has a beat yet
+    state.frame(frame(7_000_000))
+    assert state.snapshot()["operations"]["rows"][0]["beats_used"] == 0.0
+    state.claim(claim("early", 7_000_001, beats_left=5, progress=1 / 6))
+    state.frame(frame(7_000_002))
+    state.claim(claim("early", 7_000_002, state="done", beats_left=0, progress=1.0))
+    (row,) = state.snapshot()["finished"]["rows"]
+    assert (row["outcome"], row["budget"], row["beats_used"]) == ("done", 6.0, 2.0)

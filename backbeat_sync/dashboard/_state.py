@@ -50,11 +50,13 @@ class _Op:
     last_beat: int
     #: The dashboard's beat when the last claim came (None before the first frame).
     seen_at: int | None = None
+    #: False while the only claims came from an agent that had no beat yet (beat_index 0).
+    start_known: bool = True
     warned: bool = False
     exceeded: bool = False
 
     def used(self, now: int) -> float:
-        return max(0.0, now - self.start_beat)
+        return max(0.0, now - self.start_beat) if self.start_known else 0.0
 
 
 @attrs.define
@@ -197,6 +199,7 @@ class DashboardState:
                     budget=budget,
                     last_beat=claim.beat_index,
                     seen_at=now,
+                    start_known=claim.beat_index > 0,
                 )
                 if claim.state not in ("done", "failed"):
                     self._ops[key] = op
@@ -210,8 +213,10 @@ class DashboardState:
                 op.notes = claim.notes
                 op.last_beat = max(op.last_beat, claim.beat_index)
                 op.seen_at = now
-                if op.budget is None and claim.state not in ("done", "failed"):
+                active = claim.state not in ("done", "failed")
+                if (op.budget is None or not op.start_known) and active and claim.beat_index > 0:
                     op.budget, op.start_beat = _estimate(claim)
+                    op.start_known = True
             if "beat budget warning" in claim.notes:
                 op.warned = True
             if "beat budget exceeded" in claim.notes:
@@ -298,8 +303,24 @@ class DashboardState:
                     seconds_since_beat=round(snap.seconds_since_frame, 2),
                     window_id=frame.window_id,
                 )
-            agents = [self._agent_json(a, now) for a in self._agents.values()]
-            ops = [self._op_json(o, now) for o in self._ops.values()]
+            # cheap numbers for every row; JSON only for the rows that are sent
+            agent_flags = [(a, *self._agent_flags(a, now)) for a in self._agents.values()]
+            op_marks = [(o, *self._op_progress(o, now)) for o in self._ops.values()]
+            degraded = sum(1 for _, d, _c, _s in agent_flags if d)
+            connected = sum(1 for _, _d, c, _s in agent_flags if c)
+            warned = sum(1 for _, _p, w in op_marks if w)
+            shown_agents = [f for f in agent_flags if keep(f[0].agent_id, f[0].node_id)]
+            shown_ops = [m for m in op_marks if keep(m[0].agent_id, m[0].task_id, m[0].operation_type)]
+            # degraded first, then by name; the most spent budget first (what is about to run out)
+            agent_rows = [
+                self._agent_json(*f)
+                for f in heapq.nsmallest(limit, shown_agents, key=lambda f: (not f[1], f[0].agent_id))
+            ]
+            op_rows = [
+                self._op_json(o, now, progress, warn)
+                for o, progress, warn in heapq.nlargest(limit, shown_ops, key=lambda m: (m[1], m[0].task_id))
+            ]
+            agents_total, ops_total = len(agent_flags), len(op_marks)
             finished = list(self._finished)
             types = []
             active_by_type: dict[str, list[float]] = {}
@@ -328,29 +349,21 @@ class DashboardState:
                 "version": self.version,
                 "finished_total": self.finished_total,
             }
-        degraded = sum(1 for a in agents if a["degraded"])
-        connected = sum(1 for a in agents if a["connected"])
-        shown_agents = [a for a in agents if keep(a["agent_id"], a["node_id"])]
-        shown_ops = [o for o in ops if keep(o["agent_id"], o["task_id"], o["operation_type"])]
         shown_finished = [f for f in finished if keep(f["agent_id"], f["task_id"], f["operation_type"])]
         return {
             "cluster": cluster,
             "agents": {
-                "total": len(agents),
+                "total": agents_total,
                 "connected": connected,
                 "degraded": degraded,
                 "matching": len(shown_agents),
-                # degraded first, then by name
-                "rows": heapq.nsmallest(
-                    limit, shown_agents, key=lambda a: (not a["degraded"], a["agent_id"])
-                ),
+                "rows": agent_rows,
             },
             "operations": {
-                "total": len(ops),
-                "warned": sum(1 for o in ops if o["warned"]),
+                "total": ops_total,
+                "warned": warned,
                 "matching": len(shown_ops),
-                # the most spent budget first: what is about to run out is on top
-                "rows": heapq.nlargest(limit, shown_ops, key=lambda o: (o["progress"], o["task_id"])),
+                "rows": op_rows,
             },
             "finished": {
                 "total": counts.pop("finished_total"),
@@ -361,25 +374,34 @@ class DashboardState:
             **counts,
         }
 
-    def _agent_json(self, a: _Agent, now: int) -> dict[str, Any]:
+    @staticmethod
+    def _agent_flags(a: _Agent, now: int) -> tuple[bool, bool, bool]:
+        """(degraded, connected, silent) of one agent."""
         silent = now - a.last_beat > SILENT_AFTER_BEATS if now else False
+        degraded = a.health == "failed" or a.connected is False or silent
+        return degraded, bool(a.connected) and not silent, silent
+
+    @staticmethod
+    def _agent_json(a: _Agent, degraded: bool, connected: bool, silent: bool) -> dict[str, Any]:
         return {
             "agent_id": a.agent_id,
             "node_id": a.node_id,
             "health": a.health,
             "notes": a.health_notes,
-            "connected": bool(a.connected) and not silent,
-            "degraded": a.health == "failed" or a.connected is False or silent,
+            "connected": connected,
+            "degraded": degraded,
             "silent": silent,
             "last_beat": a.last_beat,
             "active": a.active,
         }
 
-    def _op_json(self, o: _Op, now: int) -> dict[str, Any]:
-        used = o.used(max(now, o.last_beat))
-        progress = o.progress
-        if o.budget:
-            progress = used / o.budget  # past 1.0 when overrun: the bar shows how far
+    def _op_progress(self, o: _Op, now: int) -> tuple[float, bool]:
+        """(share of the budget used, warned) of one operation; the share passes 1.0 when overrun."""
+        progress = o.used(max(now, o.last_beat)) / o.budget if o.budget else o.progress
+        return progress, o.warned or progress >= self.warn_at
+
+    @staticmethod
+    def _op_json(o: _Op, now: int, progress: float, warned: bool) -> dict[str, Any]:
         return {
             "agent_id": o.agent_id,
             "task_id": o.task_id,
@@ -387,11 +409,11 @@ class DashboardState:
             "state": o.state,
             "phase": o.phase,
             "progress": round(progress, 3),
-            "beats_used": round(used, 2),
+            "beats_used": round(o.used(max(now, o.last_beat)), 2),
             "budget": None if o.budget is None else round(o.budget, 2),
             "beats_left": o.beats_left,
             "peer_count": o.peer_count,
-            "warned": o.warned or progress >= self.warn_at,
+            "warned": warned,
             "exceeded": o.exceeded,
             "notes": o.notes,
             "last_beat": o.last_beat,
