@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import attrs
 import wrapt
@@ -793,6 +793,8 @@ class Tracker:
         clock = self.clock
         beats_ago = max(0, math.floor(clock.budget_position() - self.start_pos))
         op.start_beat = max(0, clock.current_beat - beats_ago)
+        if self.t_in:  # when the call started, not when it was first claimed (spans start there)
+            op.start_time -= max(0.0, clock._time.monotonic() - self.t_in)
         try:
             integration.registry.add(op)
         except Exception as exc:  # a duplicate user-chosen name: record, never raise here
@@ -1081,6 +1083,31 @@ def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> Pr
 # -- the two faces ----------------------------------------------------------------------
 
 
+class CallHook(Protocol):
+    """Sees every decorated call of an integration (``backbeat_sync.otel`` with ``spans="all"``)."""
+
+    def wants(self, integration: Integration) -> bool:
+        """Whether to take this call (False for the inner run of a call it took)."""
+        ...
+
+    def call(
+        self,
+        run: Callable[[Callable[..., Any], Any, Any, Any], Any],
+        settings: BudgetSettings,
+        integration: Integration,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: Any,
+        kwargs: Any,
+    ) -> Any:
+        """Run the call, as ``run(wrapped, instance, args, kwargs)``, with whatever it adds around it."""
+        ...
+
+
+#: Set by ``backbeat_sync.otel.instrument(spans="all")``; None (one check per call) otherwise.
+_call_hook: CallHook | None = None
+
+
 def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
     """The engine behind ``@beat_budget`` and ``execute_with_beat_budget``: one light tracker per call.
 
@@ -1102,6 +1129,8 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             if not _fallback_logged:
                 _log_fallback(f"{name}()")
             return wrapped(*args, **kwargs)
+        if _call_hook is not None and _call_hook.wants(integration):  # backbeat_sync.otel, spans="all"
+            return _call_hook.call(run, settings, integration, wrapped, instance, args, kwargs)
         try:
             slot = _local.slot
         except AttributeError:

@@ -285,6 +285,10 @@ class BackbeatConfig:
         default=(), converter=_to_tuple, validator=_trusted_keys
     )
 
+    # --- observability (the ``otel`` extra) ------------------------------------
+    #: ``start()`` instruments the integration with the global OpenTelemetry tracer provider.
+    otel: bool = attrs.field(default=False, validator=_bool_field)
+
     @property
     def is_local(self) -> bool:
         """True when ``nats_url`` selects the in-process pulse (``local://``)."""
@@ -418,4 +422,5 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("signing_key_id", "SIGNING_KEY_ID", _identity),
     ("trusted_pulse_keys", "TRUSTED_PULSE_KEYS", _identity),
     ("spool_path", "SPOOL_PATH", _identity),
+    ("otel", "OTEL", _parse_bool),
 )

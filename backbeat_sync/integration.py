@@ -142,6 +142,7 @@ class Integration:
         self._time = time_source or SYSTEM_TIME
         self._log = LoggerAdapter(logger, cluster=config.cluster_id, agent=config.agent_id)
         self._ratelog = RateLimitedLog(self._log)
+        self._otel: Any = None  #: backbeat_sync.otel.Instrumentation, with config.otel
         self._clock = BeatClock(
             tempo_bpm=config.tempo_bpm, bar_length=config.bar_length, time_source=self._time
         )
@@ -267,6 +268,10 @@ class Integration:
             with self._state_lock:
                 self._state = IntegrationState.NEW
             raise
+        if self._config.otel:  # the otel extra; an ImportError names it
+            from .otel import instrument
+
+            self._otel = instrument(self)
         _defaults._started(self)
         _register_exit_hook(self)
         for hook in START_HOOKS:
@@ -305,6 +310,9 @@ class Integration:
             _defaults._stopped(self)
             for hook in STOP_HOOKS:
                 hook()
+            if self._otel is not None:
+                self._otel.uninstrument()
+                self._otel = None
             self._log.info("🎵 CHORUS BACKBEAT integration stopped")
 
     def _stop_threads(self) -> None:
@@ -665,7 +673,7 @@ class Integration:
             self._publish(claim)
             sent.append(claim)
 
-        self._registry.emit_now(operation_id, emit)
+        self._registry.emit_now(operation_id, emit, notes=notes)
         return sent[0] if sent else None
 
     def _emit_health(self) -> None:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
 from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
 
-__all__ = ["OperationPhase", "OperationRegistry", "OperationType", "P2POperation"]
+__all__ = ["OperationListener", "OperationPhase", "OperationRegistry", "OperationType", "P2POperation"]
 
 
 class OperationPhase(enum.Enum):
@@ -128,6 +128,41 @@ class P2POperation:
 Emit = Callable[[P2POperation], None]
 
 
+class OperationListener(Protocol):
+    """Hears every claimed operation's lifecycle (``OperationRegistry.add_listener``).
+
+    Each method runs on the thread that made the change (an application thread,
+    the beat thread, the budget watchdog), after the registry lock is released:
+    it must be quick and must not raise (what it raises is dropped). Changes
+    made on two threads at once may be heard in either order; ``finished`` is
+    heard once per operation, ``added`` only for one still active.
+    """
+
+    def added(self, op: P2POperation) -> None:
+        """``op`` was registered (``start_p2p_operation``, ``track_operation``, a budget call claimed)."""
+        ...
+
+    def changed(self, op: P2POperation) -> None:
+        """``op`` moved to a new phase (or its peer count changed)."""
+        ...
+
+    def noted(self, op: P2POperation, notes: str) -> None:
+        """``op`` was claimed with a custom notes line (a budget warning, a budget running out)."""
+        ...
+
+    def finished(self, op: P2POperation) -> None:
+        """``op`` completed or failed (``op.phase``, ``op.reason``)."""
+        ...
+
+
+def _tell(listeners: tuple[OperationListener, ...], event: str, op: P2POperation, *more: Any) -> None:
+    for listener in listeners:
+        try:
+            getattr(listener, event)(op, *more)
+        except Exception:  # a listener must not break the change that it hears about
+            pass
+
+
 class OperationRegistry:
     """Thread-safe store of operations; every change is reported through ``emit`` under the lock.
 
@@ -144,6 +179,8 @@ class OperationRegistry:
         self.unheard = 0
         self._active: dict[str, P2POperation] = {}
         self._finished: dict[str, P2POperation] = {}
+        #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
+        self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
 
     def set_quiet(self, quiet: bool) -> None:
@@ -161,6 +198,21 @@ class OperationRegistry:
             self.unheard += 1
         else:
             emit(op)
+
+    def add_listener(self, listener: OperationListener) -> Callable[[], None]:
+        """Tell ``listener`` about every operation from now on (see :class:`OperationListener`).
+
+        Returns:
+            A function that removes it.
+        """
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            with self._lock:
+                self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return remove
 
     @property
     def lock(self) -> threading.Lock:
@@ -208,6 +260,8 @@ class OperationRegistry:
             self._active[op.id] = op
             if op.announced:
                 self._claim(op)
+        if self._listeners:
+            _tell(self._listeners, "added", op)
 
     def start(self, op: P2POperation, then: OperationPhase | None = None) -> None:
         """Register ``op`` and claim it; then, if ``then`` is given, move it there and claim that too.
@@ -239,6 +293,8 @@ class OperationRegistry:
                 if then is not None:
                     op.phase = then
                     emit(op)
+        if self._listeners:
+            _tell(self._listeners, "added", op)
 
     def set_phase(
         self, operation_id: str, phase: OperationPhase, peer_count: int | None = None
@@ -265,7 +321,9 @@ class OperationRegistry:
                 op.peer_count = peer_count
             op.announced = True
             self._claim(op)
-            return op
+        if self._listeners:
+            _tell(self._listeners, "changed", op)
+        return op
 
     def finish(
         self,
@@ -298,14 +356,17 @@ class OperationRegistry:
                 op.peer_count = peer_count
             op.reason = reason
             self._finished[operation_id] = op
-            if not (quiet and not op.announced):
+            heard = not (quiet and not op.announced)
+            if heard:
                 op.announced = True
                 emit = self._emit
                 if emit is None:
                     self.unheard += 1
                 else:
                     emit(op)
-            return op
+        if heard and self._listeners:
+            _tell(self._listeners, "finished", op)
+        return op
 
     def _catch_up(self, op: P2POperation) -> None:
         while op.epoch < len(self._shifts):
@@ -325,8 +386,13 @@ class OperationRegistry:
             for op in self._active.values():
                 self._catch_up(op)
 
-    def emit_now(self, operation_id: str, emit: Emit) -> bool:
+    def emit_now(self, operation_id: str, emit: Emit, *, notes: str | None = None) -> bool:
         """Call ``emit(op)`` for an active operation under the lock (marks it announced).
+
+        Args:
+            operation_id: the operation.
+            emit: queues its claim.
+            notes: the custom notes line that claim carries, for listeners (``noted``).
 
         Returns:
             False if no active operation has this id.
@@ -337,7 +403,9 @@ class OperationRegistry:
                 return False
             op.announced = True
             emit(op)
-            return True
+        if notes is not None and self._listeners:
+            _tell(self._listeners, "noted", op, notes)
+        return True
 
     def emit_active(
         self,
