@@ -229,6 +229,19 @@ def bench_decorator(quick: bool) -> list[Row]:
             plain()
 
     cases: dict[str, Callable[[], Any]] = {"plain": plain, "wrapt": wrapped, "beat_budget": budgeted}
+    # The same decorator on an integration instrumented with OpenTelemetry (the otel extra), with
+    # the default spans="claimed": a call shorter than a beat makes no claim and so no span.
+    traced = None
+    try:
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from backbeat_sync.otel import instrument
+    except ImportError:
+        pass
+    else:
+        traced = local_integration("bench-dec-otel")
+        instrument(traced, tracer_provider=TracerProvider())
+        cases["beat_budget_otel"] = beat_budget(1000, integration=traced)(plain)
     slow: dict[str, Callable[[], Any]] = {"plain": plain, "func_timeout": ft, "stopit": with_stopit}
     slow_n, slow_rounds = (200, 3) if quick else (1_000, 5)
     rows: list[Row] = []
@@ -251,6 +264,17 @@ def bench_decorator(quick: bool) -> list[Row]:
                 detail=detail,
             )
         )
+        if "beat_budget_otel" in fast:
+            rows.append(
+                row(
+                    f"decorator_overhead_otel_vs_wrapt{suffix}",
+                    fast["beat_budget_otel"] - fast["plain"],
+                    wrapt_over,
+                    max_ratio=2.0,
+                    unit="ns/call overhead",
+                    detail={**detail, "spans": "claimed (none for a call shorter than a beat)"},
+                )
+            )
         rows.append(
             row(
                 f"decorator_overhead_vs_func_timeout{suffix}",
@@ -266,6 +290,8 @@ def bench_decorator(quick: bool) -> list[Row]:
             )
         )
     integration.stop()
+    if traced is not None:
+        traced.stop()
     return rows
 
 
