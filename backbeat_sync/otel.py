@@ -259,12 +259,18 @@ class Instrumentation:
     # -- lifecycle ------------------------------------------------------------------------
 
     def uninstrument(self) -> None:
-        """Stop making spans (spans already started still end). Idempotent."""
+        """Stop making spans; the spans of operations still running end now. Idempotent."""
         remove, self._remove = self._remove, None
         if remove is not None:
             remove()
             if _budget._call_hook is self:
                 _budget._call_hook = None
+            with self._lock:
+                open_records, self._records = list(self._records.values()), {}
+            for rec in open_records:
+                if rec.span is not None:
+                    rec.span.set_attribute("backbeat.outcome", "unknown")
+                    rec.span.end()
 
 
 def _install_hook(hook: Instrumentation) -> None:

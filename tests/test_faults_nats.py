@@ -602,6 +602,7 @@ BAD_CONFIG = [
     ("status_subject", "a..b"),
     ("connect_timeout", -1.0),
     ("connect_in_background", 1),
+    ("otel", "yes"),
     ("max_reconnect_attempts", -2),
     ("reconnect_wait", 0),
     ("reconnect_jitter", math.inf),

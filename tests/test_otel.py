@@ -319,6 +319,24 @@ def test_uninstrument_stops_spans(traced: tuple[Integration, InMemorySpanExporte
     assert len(one_or_more(exporter, "counted")) == 1  # the fixture's instrumentation only
 
 
+def test_uninstrument_ends_the_spans_of_running_operations(
+    traced: tuple[Integration, InMemorySpanExporter, Any],
+) -> None:
+    """An operation still running at uninstrument(): its span ends then, outcome unknown, none later."""
+    integration, exporter, _ = traced
+    handle = instrument(integration, tracer_provider=_provider_of(exporter))
+    integration.start_p2p_operation("running-1", "pending", 50)
+    handle.uninstrument()
+    ended = [
+        s
+        for s in spans_named(exporter, "pending")
+        if dict(s.attributes or {})["backbeat.outcome"] == "unknown"
+    ]
+    assert len(ended) == 1
+    integration.complete_p2p_operation("running-1", 1)
+    assert len(one_or_more(exporter, "pending")) == 2  # and the fixture's own, when it completed
+
+
 def one_or_more(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     wait_until(lambda: bool(spans_named(exporter, name)), what=f"a {name} span")
     return spans_named(exporter, name)

@@ -167,11 +167,11 @@ class _Source:
         source = self
 
         def report(event: TransportEvent, detail: str) -> None:
-            if event is TransportEvent.CONNECTED or event is TransportEvent.RECONNECTED:
+            if event in (TransportEvent.CONNECTED, TransportEvent.RECONNECTED):
                 source.connected = True
+            elif event in (TransportEvent.DISCONNECTED, TransportEvent.CLOSED):
+                source.connected = False
             if event in (TransportEvent.DISCONNECTED, TransportEvent.ERROR, TransportEvent.RECONNECTED):
-                if event is not TransportEvent.RECONNECTED:
-                    source.connected = False
                 logger.warning(f"dashboard: {detail}")
 
         class DashboardLink(NatsLink):
