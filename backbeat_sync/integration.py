@@ -247,6 +247,8 @@ class Integration:
                 raise IntegrationAlreadyStarted()
             self._state = IntegrationState.STARTING
         try:
+            if self._config.otel:
+                self._otel = _instrument_otel(self)
             transport = self._given_transport or make_transport(self._config, self._encode, self._time)
             self._transport = transport
             self._threads = [
@@ -265,13 +267,12 @@ class Integration:
                 self._state = IntegrationState.STOPPING
             self._stop_threads()
             self._transport = None
+            if self._otel is not None:
+                self._otel.uninstrument()
+                self._otel = None
             with self._state_lock:
                 self._state = IntegrationState.NEW
             raise
-        if self._config.otel:  # the otel extra; an ImportError names it
-            from .otel import instrument
-
-            self._otel = instrument(self)
         _defaults._started(self)
         _register_exit_hook(self)
         for hook in START_HOOKS:
@@ -951,3 +952,14 @@ def _stop_all_at_exit() -> None:
             integration.stop()
         except BackbeatError:
             pass
+
+
+def _instrument_otel(integration: Integration) -> Any:
+    """``BackbeatConfig(otel=True)``: spans with the global tracer provider (the ``otel`` extra)."""
+    try:
+        from .otel import instrument
+    except ImportError as exc:
+        raise ImportError(
+            "BackbeatConfig(otel=True) needs the otel extra: pip install 'backbeat_sync[otel]'"
+        ) from exc
+    return instrument(integration)

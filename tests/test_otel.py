@@ -387,6 +387,28 @@ def test_config_otel_uses_the_global_provider() -> None:
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True)
 
 
+def test_config_otel_without_the_extra_names_it() -> None:
+    """otel=True without opentelemetry installed: start() raises an ImportError naming the extra,
+    and leaves nothing running."""
+    script = textwrap.dedent(
+        """
+        import sys, threading
+        sys.modules["opentelemetry"] = None  # as if the otel extra were not installed
+        from backbeat_sync import BackbeatConfig, Integration
+        i = Integration(BackbeatConfig(nats_url="local://no-otel", otel=True), node_id="n")
+        try:
+            i.start()
+        except ImportError as exc:
+            assert "backbeat_sync[otel]" in str(exc), exc
+        else:
+            raise AssertionError("start() did not refuse")
+        assert [t.name for t in threading.enumerate() if t.name.startswith("backbeat-")] == []
+        assert i.state.value == "new"
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60, capture_output=True, text=True)
+
+
 # -- the registry's listener seam -------------------------------------------------------------
 
 
