@@ -433,3 +433,23 @@ def test_claims_before_any_beat_do_not_count_from_beat_zero() -> None:
     state.claim(claim("early", 7_000_002, state="done", beats_left=0, progress=1.0))
     (row,) = state.snapshot()["finished"]["rows"]
     assert (row["outcome"], row["budget"], row["beats_used"]) == ("done", 6.0, 2.0)
+
+
+def test_made_up_ids_cannot_grow_the_state_without_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_AGENTS new agents are counted as dropped; agents silent for long are forgotten."""
+    from backbeat_sync.dashboard import _state
+
+    monkeypatch.setattr(_state, "MAX_AGENTS", 50)
+    monkeypatch.setattr(_state, "MAX_OPERATIONS", 60)
+    state = DashboardState("test")
+    state.frame(frame(1000))
+    for n in range(100):
+        state.claim(claim(f"op-{n}", 1000, agent=f"flood-{n}"))
+        state.claim(claim(f"op-b-{n}", 1000, agent="flood-0"))
+    snap = state.snapshot()
+    assert snap["agents"]["total"] == 50
+    assert snap["operations"]["total"] == 60
+    assert snap["dropped_claims"] == 50 + 90
+    for index in range(1001, 1300):
+        state.frame(frame(index))
+    assert state.snapshot()["agents"]["total"] == 0  # all silent for more than 240 beats, none active

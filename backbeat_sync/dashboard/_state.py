@@ -32,6 +32,12 @@ LOST_AFTER_BEATS = 8
 SILENT_AFTER_BEATS = 24
 #: How many finished operations are kept for the "recently finished" list.
 RECENT_FINISHED = 500
+#: Beats without any claim after which an agent with no active operation is forgotten.
+FORGET_AFTER_BEATS = 240
+#: Most agents and active operations kept; what comes beyond is counted in ``dropped``
+#: (a flood of made-up ids must not grow the dashboard without end).
+MAX_AGENTS = 20_000
+MAX_OPERATIONS = 200_000
 
 
 @attrs.define
@@ -126,6 +132,8 @@ class DashboardState:
         self.messages = 0
         self.invalid = 0
         self.finished_total = 0
+        #: Claims not kept because MAX_AGENTS or MAX_OPERATIONS was reached.
+        self.dropped = 0
         #: Bumped on every change; a stream sends a snapshot only when it moved.
         self.version = 0
 
@@ -172,6 +180,9 @@ class DashboardState:
                 claim = attrs.evolve(claim, beat_index=now)
             agent = self._agents.get(claim.agent_id)
             if agent is None:
+                if len(self._agents) >= MAX_AGENTS:
+                    self.dropped += 1
+                    return
                 agent = self._agents[claim.agent_id] = _Agent(claim.agent_id, claim.node_id, claim.beat_index)
             agent.node_id = claim.node_id
             agent.last_beat = max(agent.last_beat, claim.beat_index)
@@ -202,6 +213,9 @@ class DashboardState:
                     start_known=claim.beat_index > 0,
                 )
                 if claim.state not in ("done", "failed"):
+                    if len(self._ops) >= MAX_OPERATIONS:
+                        self.dropped += 1
+                        return
                     self._ops[key] = op
                     agent.active += 1
             else:
@@ -264,6 +278,9 @@ class DashboardState:
                 if agent is not None:
                     agent.active -= 1
                 self._finish(op, "lost", op.last_beat)
+        for agent_id, agent in list(self._agents.items()):
+            if agent.active <= 0 and now - agent.last_beat > FORGET_AFTER_BEATS:
+                del self._agents[agent_id]
 
     # -- output --------------------------------------------------------------------------
 
@@ -346,6 +363,7 @@ class DashboardState:
             counts = {
                 "messages": self.messages,
                 "invalid_messages": self.invalid,
+                "dropped_claims": self.dropped,
                 "version": self.version,
                 "finished_total": self.finished_total,
             }
