@@ -10,8 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from loguru import logger as _logger
 
-from ._defaults import get_default_integration, set_default_integration
 from ._logging import StdlibLogging, log_to_stdlib
+from ._runtime import get_default_integration, set_default_integration
 from ._time import ManualTime, SystemTime, TimeSource
 from .budget import PreciseMode, Tracker, beat_budget, precise_mode, track_operation
 from .clock import BeatClock
@@ -23,6 +23,7 @@ from .errors import (
     BeatBudgetExceeded,
     ConfigError,
     DuplicateOperation,
+    ForkedIntegration,
     IntegrationAlreadyStarted,
     IntegrationNotStarted,
     InvalidArgument,
@@ -53,6 +54,7 @@ __all__ = [
     "BeatFrame",
     "ConfigError",
     "DuplicateOperation",
+    "ForkedIntegration",
     "Integration",
     "IntegrationAlreadyStarted",
     "IntegrationNotStarted",

@@ -28,6 +28,12 @@ How an exception reaches exactly the code that owns a budget (see ``docs/budgets
   only when something needs one (:attr:`Watchdog.materialize`), so a call that
   ends before anything looks at it allocates no tracker.
 
+The single :class:`Watchdog` of a process is made and owned by
+:mod:`backbeat_sync._runtime` (``WATCHDOG`` there), which also resets it in a fork
+child. Time is read through a :class:`~backbeat_sync.TimeSource`: the watchdog's
+own (sleeps, idle exit) and each budget clock's (positions, the ``now`` an event
+fires at).
+
 The delivery uses a *private* ctypes prototype of ``PyThreadState_SetAsyncExc``
 (never ``ctypes.pythonapi.PyThreadState_SetAsyncExc.argtypes``, which other
 libraries such as func-timeout and stopit share).
@@ -35,31 +41,34 @@ libraries such as func-timeout and stopit share).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
+import enum
 import heapq
 import queue
 import select
 import socket
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
 from ._logging import library_logger as logger
+from ._time import SYSTEM_TIME, TimeSource
 from .clock import BeatClock
 
 __all__ = [
+    "ARMED",
     "ASYNC",
-    "FIRING",
+    "OWNER",
     "SYNC",
-    "WATCHDOG",
+    "Fired",
     "ThreadSlot",
     "Watchdog",
+    "all_slots",
     "clear_async_exc",
     "current_slot",
+    "reset_slots_after_fork",
     "set_async_exc",
 ]
 
@@ -85,12 +94,36 @@ def clear_async_exc(tid: int) -> int:
     return _clear_async(tid, None)
 
 
-#: Tracker.fired states.
-ARMED: Final = 0
-FIRING: Final = 1  #: the watchdog won the budget and is choosing how to deliver
-ASYNC: Final = 2  #: an asynchronous exception was set in the owner thread
-SYNC: Final = 3  #: the owner raises the exception itself (it was shielded, or cleared it)
-OWNER: Final = 4  #: the owner found the budget spent first (``check()``) and raised
+class Fired(enum.Enum):
+    """Who won a budget, and how its exception travels (``Tracker.fired``).
+
+    A budget starts ``ARMED``. Whoever removes it from its thread's ``live`` dict
+    first wins it: the owner leaving (it stays ``ARMED``: it was not spent), the
+    owner finding it spent (``OWNER``), or the watchdog, which then chooses
+    ``ASYNC`` or ``SYNC``. Between the watchdog's win and that choice the budget
+    is still ``ARMED`` but gone from ``live``: an owner that finds it so waits
+    (``while t.fired is ARMED``) for the choice, which follows within a few
+    bytecodes on the watchdog thread.
+    """
+
+    ARMED = "armed"  #: running; nobody has won it yet
+    ASYNC = "async"  #: the watchdog set an asynchronous exception in the owner thread
+    SYNC = "sync"  #: the owner raises the exception itself (it was shielded, or cleared it)
+    OWNER = "owner"  #: the owner found the budget spent first (``check()``, a wait) and raised
+
+
+ARMED: Final = Fired.ARMED
+ASYNC: Final = Fired.ASYNC
+SYNC: Final = Fired.SYNC
+OWNER: Final = Fired.OWNER
+
+
+class EntrySettings(Protocol):
+    """The settings held in a plain ``live`` entry (``backbeat_sync.budget.BudgetSettings``)."""
+
+    def materialize(self, slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
+        """The tracker of ``entry`` (key ``seq`` in ``slot.live``), made once on first need."""
+        ...
 
 
 class Tracker(Protocol):
@@ -100,7 +133,7 @@ class Tracker(Protocol):
     slot: ThreadSlot
     event_pos: float | None
     promoted: bool
-    fired: int
+    fired: Fired
     delivered: bool
 
     @property
@@ -126,8 +159,9 @@ class ThreadSlot:
     Attributes:
         tid: ``threading.get_ident()`` of the thread.
         live: armed budgets by sequence number, in the order they were entered. Each
-            value is an entry ``[tracker, settings, integration, clock state, start time]``;
-            a ``@beat_budget`` call's tracker is None until it is made.
+            value is an entry ``[tracker, settings, host, clock state, start time]``;
+            a ``@beat_budget`` call's tracker is None until it is made
+            (``settings.materialize``); a ``track_operation`` block's entry is ``[tracker]``.
         pending: the budget whose asynchronous exception is set and not yet raised.
         shield: >0 while the owner runs its own bookkeeping (no asynchronous exception then).
         sync: a fired budget whose exception the owner must raise itself.
@@ -184,6 +218,24 @@ def all_slots() -> list[ThreadSlot]:
         return list(_slots)
 
 
+def reset_slots_after_fork() -> None:
+    """Fork child: forget the parent's threads (only the forking thread survived, and its
+    budgets belong to the parent's integrations). Called by ``_runtime``."""
+    global _slots_lock
+    _slots_lock = threading.Lock()
+    _slots.clear()
+    if hasattr(_local, "slot"):
+        del _local.slot
+
+
+def materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Any:
+    """The tracker of a ``live`` entry: ``entry[0]``, or made by the entry's settings."""
+    t = entry[0]
+    if t is None:
+        t = cast(EntrySettings, entry[1]).materialize(slot, seq, entry)
+    return t
+
+
 # -- the watchdog thread -----------------------------------------------------------
 
 #: How long the watchdog thread lingers with nothing to watch before it exits.
@@ -205,12 +257,12 @@ def _has_new(slot: ThreadSlot) -> bool:
         t = live[next(reversed(live))][0]
     except (KeyError, RuntimeError, StopIteration):  # changed meanwhile: look again
         return True
-    return t is None or (not t.promoted and t.fired == ARMED)
+    return t is None or (not t.promoted and t.fired is ARMED)
 
 
 def _alive(t: Any) -> bool:
     """Whether a heap entry's budget still needs the watchdog (armed, or awaiting its follow-up)."""
-    if t.fired == ARMED:
+    if t.fired is ARMED:
         return t.seq in t.slot.live
     return t.fired in (ASYNC, SYNC) and not getattr(t, "finished", False)
 
@@ -224,9 +276,23 @@ class _Heap:
 
 
 class Watchdog:
-    """One thread for the whole process that fires budget events on time."""
+    """One thread for the whole process that fires budget events on time.
 
-    def __init__(self) -> None:
+    Args:
+        keep_alive: whether an idle watchdog should linger (an integration runs);
+            without, it exits as soon as it has nothing to watch.
+        time_source: where the watchdog reads the time for its own waits; each budget
+            clock's positions (and the ``now`` its events fire at) use that clock's source.
+    """
+
+    def __init__(
+        self, keep_alive: Callable[[], bool] = lambda: False, time_source: TimeSource = SYSTEM_TIME
+    ) -> None:
+        self._keep_alive = keep_alive
+        self._time = time_source
+        self._init_state()
+
+    def _init_state(self) -> None:
         self._lock = threading.Lock()
         self._heaps: dict[int, _Heap] = {}
         self._thread: threading.Thread | None = None
@@ -241,16 +307,27 @@ class Watchdog:
         self._pushed_since_compact = 0
         self.fired_count = 0
         self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        #: Whether an idle watchdog should linger (set by ``budget``: some integration runs).
-        self.keep_alive: Callable[[], bool] = lambda: False
-        #: ``materialize(slot, seq, entry)``: the tracker of a ``live`` entry, made if need be
-        #: (set by ``budget``).
-        self.materialize: Callable[[ThreadSlot, int, list[Any]], Any] = lambda slot, seq, e: e[0]
         #: Precise mode: the switch interval used while an event is near (None: off).
         self.precise_interval: float | None = None
         self._saved_interval: float | None = None
         self._callback_thread: threading.Thread | None = None
         self._last_thread: threading.Thread | None = None
+
+    def reset_after_fork(self) -> None:
+        """Fork child: the threads did not survive the fork and the locks may be held by
+        threads that are gone; start from nothing (the thread starts again on first use).
+
+        The precise-mode setting is kept (it is the user's choice, not thread state).
+        """
+        precise = self.precise_interval
+        old = (self._rsock, self._wsock)
+        self._init_state()
+        self.precise_interval = precise
+        for sock in old:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover
+                pass
 
     def join_idle(self, timeout: float = 1.0) -> None:
         """With nothing to watch (no live budget, no running integration), let the threads exit now.
@@ -258,7 +335,7 @@ class Watchdog:
         ``Integration.stop()`` of the last running integration calls this, so no
         library thread outlives it; a later budget starts the watchdog again.
         """
-        if self.keep_alive() or any(s.live for s in all_slots()):
+        if self._keep_alive() or any(s.live for s in all_slots()):
             return
         thread = self._last_thread
         if thread is not None and thread.is_alive() and thread is not threading.current_thread():
@@ -377,7 +454,7 @@ class Watchdog:
             self._drain()
             if self._stopping:
                 break
-            now = time.monotonic()
+            now = self._time.monotonic()
             try:
                 self._promote_fresh()
                 busy = self._fire_due()
@@ -390,7 +467,7 @@ class Watchdog:
             if not busy and target == float("inf") and not any(s.live for s in all_slots()):
                 if idle_since is None:
                     idle_since = now
-                if now - idle_since >= IDLE_EXIT_SECONDS or not self.keep_alive():
+                if now - idle_since >= IDLE_EXIT_SECONDS or not self._keep_alive():
                     with self._thread_lock:
                         if not any(_has_new(s) for s in all_slots()):
                             self._thread = None
@@ -403,7 +480,7 @@ class Watchdog:
             self._precise(target)
             if any(_has_new(s) for s in all_slots()):
                 continue
-            timeout = max(0.0, target - time.monotonic())
+            timeout = max(0.0, target - self._time.monotonic())
             if self.precise_interval is not None and timeout > PRECISE_WINDOW:
                 timeout -= PRECISE_WINDOW  # wake early to lower the switch interval in time
             if timeout > 0:  # capped, so an idle watchdog notices it may exit
@@ -421,7 +498,7 @@ class Watchdog:
         thread gives up one switch interval after being asked; a short interval
         around the deadline shortens that wait (and costs a little throughput).
         """
-        near = self.precise_interval is not None and target - time.monotonic() < PRECISE_WINDOW
+        near = self.precise_interval is not None and target - self._time.monotonic() < PRECISE_WINDOW
         if near and self._saved_interval is None:
             self._saved_interval = sys.getswitchinterval()
             sys.setswitchinterval(cast(float, self.precise_interval))
@@ -430,7 +507,6 @@ class Watchdog:
             self._saved_interval = None
 
     def _promote_fresh(self) -> None:
-        materialize = self.materialize
         for slot in all_slots():
             live = slot.live
             if not live:
@@ -448,7 +524,7 @@ class Watchdog:
                 if seq not in live:
                     continue
                 t = materialize(slot, seq, e)
-                if not t.promoted and t.fired == ARMED:
+                if not t.promoted and t.fired is ARMED:
                     if t.event_pos is None:
                         t.event_pos = t.first_event()
                     self.push(t)
@@ -459,9 +535,10 @@ class Watchdog:
         with self._lock:
             heaps = list(self._heaps.values())
         for heap in heaps:
+            source = heap.clock.time_source  # the event fires at the clock's "now"
             while True:
-                now = time.monotonic()
-                pos_now = heap.clock.budget_position()
+                now = source.monotonic()
+                pos_now = heap.clock.budget_position(now)
                 with self._lock:
                     entries = heap.entries
                     if not entries or entries[0][0] > pos_now:
@@ -508,7 +585,7 @@ class Watchdog:
 
     def _next_target(self) -> float:
         best = float("inf")
-        now = time.monotonic()
+        now = self._time.monotonic()
         with self._lock:
             tops = [(h.clock, h.entries[0][0]) for h in self._heaps.values() if h.entries]
             for key in [k for k, h in self._heaps.items() if not h.entries]:
@@ -552,19 +629,3 @@ class Watchdog:
         _set_async(slot.tid, t.exc_class)
         self.fired_count += 1
         return "async"
-
-
-WATCHDOG = Watchdog()
-
-
-def _reset_after_fork() -> None:  # pragma: no cover - fork only
-    WATCHDOG.__init__()  # type: ignore[misc]
-    _slots.clear()
-    if hasattr(_local, "slot"):
-        del _local.slot
-
-
-with contextlib.suppress(AttributeError):  # pragma: no cover - not on Windows
-    import os
-
-    os.register_at_fork(after_in_child=_reset_after_fork)

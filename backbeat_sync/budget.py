@@ -19,7 +19,6 @@ import itertools
 import math
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
@@ -27,15 +26,15 @@ from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, Type
 import attrs
 import wrapt
 
-from . import _defaults
-from . import integration as _integration_module
 from ._logging import library_logger as logger
+from ._runtime import RUNTIME, WATCHDOG
 from ._time import SYSTEM_TIME
 from ._watchdog import (
     ARMED,
     OWNER,
+    RETRY_SECONDS,
     SYNC,
-    WATCHDOG,
+    Fired,
     ThreadSlot,
     _local,
     all_slots,
@@ -77,7 +76,6 @@ WAIT_POLL_SECONDS: Final = 0.001
 #: ``op.sleep``/``op.wait`` re-time themselves at least this often (tempo changes).
 WAIT_RETIME_SECONDS: Final = 0.05
 
-_RUNNING: Any = None  # IntegrationState.RUNNING, bound lazily (import cycle)
 _STARTED: Final = OperationPhase.STARTED
 #: A clock state whose position is 0.0 at time 0.0 (a tracker that never started).
 _ORIGIN: Final = (0.0, 0.0, 1.0, 0.0)
@@ -89,36 +87,6 @@ _monotonic = time.monotonic
 _sleep = time.sleep
 #: Serialises announcing and finishing budget operations (watchdog, beat thread, owners).
 _ops_lock = threading.RLock()
-_fallback_logged = False
-
-#: wrapt's ``enabled`` gate of every non-strict ``@beat_budget``: wrapt tests its truth in
-#: C on each call and, when it is empty, calls the function directly, so the fallback
-#: (no integration running) costs less than a bare pass-through wrapper. It holds one
-#: item while an integration runs, and until the fallback has been logged once.
-_BUDGETS_ON: list[bool] = [True]
-
-
-_gate_lock = threading.Lock()
-
-
-def _refresh_gate() -> None:
-    """Open the gate while any integration runs (or the fallback is yet to be logged); else close it.
-
-    Called from any thread (a first fallback call, start(), stop()): the state is set
-    whole under a lock, so two callers never leave it half-done or doubled.
-    """
-    with _gate_lock:
-        closed = _fallback_logged and not any(i.running for i in list(_integration_module._live))
-        _BUDGETS_ON[:] = [] if closed else [True]
-
-
-def _running_state() -> Any:
-    global _RUNNING
-    if _RUNNING is None:
-        from .integration import IntegrationState
-
-        _RUNNING = IntegrationState.RUNNING
-    return _RUNNING
 
 
 # -- settings ------------------------------------------------------------------------
@@ -195,6 +163,10 @@ class BudgetSettings:
     def _first_beats(self) -> float:
         return self.beats * self.first_fraction
 
+    def materialize(self, slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
+        """The tracker of a ``@beat_budget`` call's plain ``live`` entry (see :func:`_materialize`)."""
+        return _materialize(slot, seq, entry)
+
     def __attrs_post_init__(self) -> None:
         if self.on_exhaust not in ON_EXHAUST:
             raise InvalidArgument("on_exhaust", self.on_exhaust, f"must be one of {', '.join(ON_EXHAUST)}")
@@ -207,47 +179,14 @@ class BudgetSettings:
             raise InvalidArgument("peers", self.peers, "must be an integer >= 0")
 
 
-# -- integration hooks ------------------------------------------------------------
+# -- the beat thread's hook ----------------------------------------------------------
 
-_hooked: weakref.WeakSet[Integration] = weakref.WeakSet()
-_hook_lock = threading.Lock()
 _new = object.__new__
 
 
-def _hook(integration: Integration) -> None:
-    """Once per integration: announce budget calls at each beat; wake the watchdog on frames."""
-    with _hook_lock:
-        if integration not in _hooked:
-            ref = weakref.ref(integration)
-            integration._add_beat_hook(lambda frame: _announce_running(ref))
-            integration._add_frame_listener(WATCHDOG.notify_only)
-            _hooked.add(integration)
-
-
-def _hook_all() -> None:
-    """Start hook: every running integration gets the budget hooks (so calls need not check)."""
-    for integration in list(_integration_module._live):
-        if integration.running:
-            _hook(integration)
-
-
-def _any_running() -> bool:
-    """Whether an integration that budgets were used with is still running (the watchdog lingers)."""
-    return any(i.running for i in list(_hooked))
-
-
-WATCHDOG.keep_alive = _any_running
-_integration_module.STOP_HOOKS.append(WATCHDOG.join_idle)
-_integration_module.STOP_HOOKS.append(_refresh_gate)
-_integration_module.START_HOOKS.append(_refresh_gate)
-_integration_module.START_HOOKS.append(_hook_all)
-
-
-def _announce_running(ref: weakref.ref[Integration]) -> None:
-    """Beat hook: budget calls still running at this beat are claimed from now on."""
-    integration = ref()
-    if integration is None:
-        return
+def announce_running(integration: Integration) -> None:
+    """Called on ``integration``'s beat thread at each beat: budget calls still running
+    are claimed from now on."""
     with _ops_lock:
         for slot in all_slots():
             for seq, e in list(slot.live.items()):
@@ -256,7 +195,7 @@ def _announce_running(ref: weakref.ref[Integration]) -> None:
                     if e[2] is not integration:
                         continue
                     t = _materialize(slot, seq, e)
-                if t.integration is integration and not t.announced and t.fired == ARMED:
+                if t.integration is integration and not t.announced and t.fired is ARMED:
                     t._announce()
 
 
@@ -287,17 +226,8 @@ def _materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
     return cast(Tracker, t)
 
 
-WATCHDOG.materialize = _materialize
-
-
 def _log_fallback(what: str) -> None:
-    global _fallback_logged
-    if not _fallback_logged:
-        _fallback_logged = True
-        logger.warning(
-            f"BACKBEAT integration not started: {what} runs without a beat budget (the seed's fallback)"
-        )
-        _refresh_gate()
+    RUNTIME.log_fallback(what)
 
 
 # -- the tracker ----------------------------------------------------------------------
@@ -347,7 +277,7 @@ class Tracker:
     finished: bool = False  #: its operation is completed or failed
     outcome: BaseException | None = None  #: the exception the owner left with
     exhausted: bool = False  #: ran out without being interrupted (raise_after, warn, suspect)
-    fired: int = ARMED  #: who won the budget and how (``_watchdog`` states)
+    fired: Fired = ARMED  #: who won the budget and how (see ``Fired``)
     delivered: bool = False  #: its exception has been raised in the owner thread
     promoted: bool = False  #: the watchdog has it in its heap
     next_i: int = 0  #: index of the next warning (len(warn_at): exhaustion; more: follow-up)
@@ -621,7 +551,7 @@ class Tracker:
                     break
                 if self.exhausted and self.settings.on_exhaust != "interrupt":
                     break
-                if self.fired != ARMED:
+                if self.fired is not ARMED:
                     err = self._take_over(check=False)
                     break
                 until = self.clock.seconds_until(self.deadline)
@@ -653,7 +583,7 @@ class Tracker:
         only raises with ``on_exhaust="interrupt"``. ``force``: the budget is known spent.
         """
         slot = self.slot
-        if self.fired == ARMED:
+        if self.fired is ARMED:
             if not (force or self.spent):
                 return None
             if not check and self.settings.on_exhaust != "interrupt":
@@ -663,8 +593,7 @@ class Tracker:
                 self.fired = OWNER
                 self.fired_at = _monotonic()
                 return self._sync_exc(None)
-            while self.fired == ARMED:  # the watchdog won: wait for its decision
-                _sleep(0)
+            _await_decision(self)  # the watchdog won: wait for its decision
             _absorb_pending(slot)
         if self.fired in (SYNC, OWNER) and not self.delivered:
             if slot.sync is self:
@@ -685,8 +614,7 @@ class Tracker:
             if not won:
                 won = slot.live.pop(self.seq, None) is not None
             if not won:
-                while self.fired == ARMED:  # the watchdog won and is deciding how to deliver
-                    _sleep(0)
+                _await_decision(self)  # the watchdog won and is deciding how to deliver
                 _absorb_pending(slot)
             self.done = True
             if slot.live:
@@ -696,7 +624,7 @@ class Tracker:
                 slot.barrier = None
             err: BaseException | None = None
             fired = self.fired
-            if fired == ARMED:
+            if fired is ARMED:
                 if self.exhausted and exc is None and self.settings.on_exhaust != "warn":
                     err = self._sync_exc(result)
             elif not self.delivered:  # SYNC (handed over, or cleared before it landed)
@@ -712,12 +640,12 @@ class Tracker:
         """Final bookkeeping of the owner: complete, or fail with the reason."""
         s = self.settings
         spent_ours = exc is not None and exc is self.exc
-        if exc is None and self.fired == ARMED and not (self.exhausted and s.on_exhaust != "warn"):
+        if exc is None and self.fired is ARMED and not (self.exhausted and s.on_exhaust != "warn"):
             if self.announced:
                 with _ops_lock:
                     self._finish(OperationPhase.COMPLETED, None)
             return
-        if spent_ours or (self.fired != ARMED and exc is None):
+        if spent_ours or (self.fired is not ARMED and exc is None):
             reason = self._spent_reason(self.exc)
             self._count_spent(self.exc)
         elif exc is not None:
@@ -802,7 +730,7 @@ class Tracker:
             self.finished = True
             return
         self.announced = True
-        if self.fired == ARMED and self.outcome is None and (self.done or self.seq not in self.slot.live):
+        if self.fired is ARMED and self.outcome is None and (self.done or self.seq not in self.slot.live):
             self._finish(OperationPhase.COMPLETED, None)  # the owner left meanwhile (fast path)
 
     def _finish(self, phase: OperationPhase, reason: str | None) -> None:
@@ -837,7 +765,7 @@ class Tracker:
         i = self.next_i
         if i > n:
             return self._followup(pos_now)
-        if self.done or self.fired != ARMED or self.seq not in self.slot.live:
+        if self.done or self.fired is not ARMED or self.seq not in self.slot.live:
             return None
         if i < n:
             self.next_i = i + 1
@@ -876,7 +804,7 @@ class Tracker:
             if how == "lost":
                 return None
             if how == "retry":
-                return pos_now + _beats(self.clock, 0.0005)
+                return pos_now + _beats(self.clock, RETRY_SECONDS)
             if how == "suspect":  # an outer budget's exception is unwinding: raise at exit instead
                 self.exhausted = True
                 self._note(f"beat budget exceeded: {used}; raised when the block exits")
@@ -980,6 +908,13 @@ def _rebuild(
 
 
 # -- shield helpers (owner thread) ------------------------------------------------
+
+
+def _await_decision(t: Tracker) -> None:
+    """The watchdog has won ``t`` (gone from ``live``, still ARMED): wait the few bytecodes
+    until it has chosen how to deliver (``Fired.ASYNC`` or ``SYNC``)."""
+    while t.fired is ARMED:
+        _sleep(0)
 
 
 def _absorb_pending(slot: ThreadSlot) -> None:
@@ -1119,14 +1054,18 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     strict = settings.strict
     name = settings.name
     first = settings.first_beats
-    running = _running_state()
+    runtime = RUNTIME
 
     def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        integration = fixed if fixed is not None else _defaults._default
-        if integration is None or integration._state is not running:
+        integration = fixed if fixed is not None else runtime.default
+        # One load says both "running" and "where the beat is" (None unless running).
+        clock = None if integration is None else integration.budget_clock
+        if clock is None:
+            if integration is not None:
+                integration.refuse_if_forked()
             if strict:
                 raise IntegrationNotStarted(f"@beat_budget(strict=True) on {name}")
-            if not _fallback_logged:
+            if not runtime.fallback_logged:
                 _log_fallback(f"{name}()")
             return wrapped(*args, **kwargs)
         if _call_hook is not None and _call_hook.wants(integration):  # backbeat_sync.otel, spans="all"
@@ -1135,7 +1074,6 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             slot = _local.slot
         except AttributeError:
             slot = current_slot()
-        clock = integration._clock
         # The call is armed as a plain entry (see ThreadSlot.live): its tracker is made
         # only if something needs it; its start position is kept as the clock state and
         # the time it was read at (Tracker.start_pos works it out).
@@ -1265,15 +1203,17 @@ def track_operation(
     if on_warning is None and type(beats) in _CACHED_NUMBERS:
         key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
         try:
-            settings = _block_cache.get(key)
+            settings = RUNTIME.block_settings.get(key)
         except TypeError:  # an unhashable warn_at (a list): checked every time
             key = None
     if settings is None:
         settings = _block_settings(
             key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
         )
-    resolved = integration if integration is not None else _defaults._default
-    if resolved is None or resolved._state is not _running_state():
+    resolved = integration if integration is not None else RUNTIME.default
+    if resolved is None or resolved.budget_clock is None:
+        if resolved is not None:
+            resolved.refuse_if_forked()
         resolved = None
         if strict:
             raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
@@ -1289,9 +1229,9 @@ def track_operation(
     return t
 
 
-#: ``track_operation`` settings by their arguments: a block's settings are checked once
-#: per distinct set of arguments, not on every block. Bounded (cleared when full).
-_block_cache: dict[tuple[Any, ...], BudgetSettings] = {}
+#: ``track_operation`` settings by their arguments (``RUNTIME.block_settings``): a block's
+#: settings are checked once per distinct set of arguments, not on every block. Bounded
+#: (cleared when full).
 _BLOCK_CACHE_MAX: Final = 256
 #: Only exact ints and floats are cached: True == 1 must not find the settings of 1.
 _CACHED_NUMBERS: Final = (int, float)
@@ -1322,9 +1262,10 @@ def _block_settings(
         manual_phases=manual_phases,
     )
     if key is not None:
-        if len(_block_cache) >= _BLOCK_CACHE_MAX:
-            _block_cache.clear()
-        _block_cache[key] = settings
+        cache = RUNTIME.block_settings
+        if len(cache) >= _BLOCK_CACHE_MAX:
+            cache.clear()
+        cache[key] = settings
     return settings
 
 
@@ -1400,7 +1341,16 @@ def beat_budget(
         settings = base if base.name else attrs.evolve(base, name=getattr(target, "__qualname__", "call"))
         # strict must always check (and raise); wrapt tests a list's truth in C (its stubs
         # only name bool-like objects, hence Any)
-        gate: Any = None if settings.strict else _BUDGETS_ON
+        gate: Any = None if settings.strict else RUNTIME.budgets_on
         return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(_runner(settings))(func))
 
     return decorate
+
+
+def __getattr__(name: str) -> Any:
+    """The budget gate's state, kept in ``_runtime`` (read here by older tests and tools)."""
+    if name == "_fallback_logged":
+        return RUNTIME.fallback_logged
+    if name == "_BUDGETS_ON":
+        return RUNTIME.budgets_on
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,6 +16,7 @@ __all__ = [
     "BeatBudgetExceeded",
     "ConfigError",
     "DuplicateOperation",
+    "ForkedIntegration",
     "IntegrationAlreadyStarted",
     "IntegrationNotStarted",
     "InvalidArgument",
@@ -88,6 +89,31 @@ class IntegrationNotStarted(BackbeatError, RuntimeError):
     def __init__(self, detail: str = "") -> None:
         msg = "BACKBEAT integration not started"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class ForkedIntegration(IntegrationNotStarted):
+    """An integration inherited across ``os.fork()`` was used in the child.
+
+    Its connection, threads and operations stay with the parent process, so the
+    child refuses every call on it (a claim made there would be lost); the child
+    starts an :class:`~backbeat_sync.Integration` of its own instead.
+
+    Attributes:
+        integration: ``repr`` of the inherited integration.
+        parent_pid: the process that started it.
+        child_pid: the fork child that tried to use it.
+    """
+
+    def __init__(self, integration: str, parent_pid: int, child_pid: int) -> None:
+        self.integration = integration
+        self.parent_pid = parent_pid
+        self.child_pid = child_pid
+        RuntimeError.__init__(
+            self,
+            f"BACKBEAT integration {integration} belongs to process {parent_pid}, not to this fork child"
+            f" (pid {child_pid}): its connection and threads did not survive os.fork(); start a new"
+            " Integration in the child",
+        )
 
 
 class IntegrationAlreadyStarted(BackbeatError, RuntimeError):

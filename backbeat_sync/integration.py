@@ -16,26 +16,26 @@ Threads (see ``docs/architecture.md``):
 
 from __future__ import annotations
 
-import atexit
 import enum
+import os
 import queue
 import threading
-import weakref
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from . import _defaults
 from ._logging import LoggerAdapter, RateLimitedLog
+from ._runtime import RUNTIME, WATCHDOG
 from ._time import SYSTEM_TIME, TimeSource
+from .budget import announce_running, execute_with_beat_budget
 from .claims import Claim, ClaimFactory, resolve
 from .clock import BeatClock, Observation
 from .config import BackbeatConfig
 from .errors import (
     BackbeatDisabled,
-    BackbeatError,
     ConfigError,
+    ForkedIntegration,
     IntegrationAlreadyStarted,
     IntegrationNotStarted,
     InvalidArgument,
@@ -155,8 +155,10 @@ class Integration:
         self._state_lock = threading.Lock()
         self._audience_lock = threading.Lock()
         self._callbacks = _Callbacks()
-        self._beat_hooks: tuple[BeatCallback, ...] = ()
-        self._frame_listeners: tuple[Callable[[], None], ...] = ()
+        #: The clock budgets count on while this integration runs; None otherwise (BudgetHost).
+        self.budget_clock: BeatClock | None = None
+        self._pid = os.getpid()
+        self._forked_in: int | None = None  # the fork child's pid, once inherited
         self._handled_listeners: tuple[Callable[[BeatFrame, float], None], ...] = ()
         self._encoder: Callable[[StatusClaim], bytes] = StatusClaim.encode
         self._verifier: Verifier | None = None
@@ -242,10 +244,12 @@ class Integration:
             BackbeatConnectionError: the first NATS connection failed (nothing is
                 left running; ``start()`` may be tried again).
         """
+        self.refuse_if_forked()
         with self._state_lock:
             if self._state is not IntegrationState.NEW:
                 raise IntegrationAlreadyStarted()
             self._state = IntegrationState.STARTING
+            self._pid = os.getpid()
         try:
             if self._config.otel:
                 self._otel = _instrument_otel(self)
@@ -260,11 +264,13 @@ class Integration:
             self._clock.restart()
             with self._state_lock:
                 self._state = IntegrationState.RUNNING
+                self.budget_clock = self._clock
             transport.start(self)
             self.audience_changed()
         except BaseException:
             with self._state_lock:
                 self._state = IntegrationState.STOPPING
+                self.budget_clock = None
             self._stop_threads()
             self._transport = None
             if self._otel is not None:
@@ -273,10 +279,7 @@ class Integration:
             with self._state_lock:
                 self._state = IntegrationState.NEW
             raise
-        _defaults._started(self)
-        _register_exit_hook(self)
-        for hook in START_HOOKS:
-            hook()
+        RUNTIME.started(self, self._inherited_by_fork)
         self._log.info(
             f"🎵 CHORUS BACKBEAT integration started - cluster={self._config.cluster_id}"
             f" agent={self._config.agent_id}"
@@ -292,6 +295,7 @@ class Integration:
             if self._state is not IntegrationState.RUNNING:
                 return
             self._state = IntegrationState.STOPPING
+            self.budget_clock = None
         try:
             self._beat_queue.put(_STOP)
             for t in self._threads[:1]:
@@ -308,13 +312,34 @@ class Integration:
             self._metrics_servers.clear()
             with self._state_lock:
                 self._state = IntegrationState.STOPPED
-            _defaults._stopped(self)
-            for hook in STOP_HOOKS:
-                hook()
+            RUNTIME.stopped(self)
             if self._otel is not None:
                 self._otel.uninstrument()
                 self._otel = None
             self._log.info("🎵 CHORUS BACKBEAT integration stopped")
+
+    def _inherited_by_fork(self) -> None:
+        """Fork child (called by the runtime): this integration is the parent's; refuse its API.
+
+        Its threads did not survive the fork; its connection, outbox and operations are
+        the parent's. It is left STOPPED (``stop()`` does nothing) and every call raises
+        :class:`ForkedIntegration`, so no claim made in the child is lost silently.
+        """
+        self._forked_in = os.getpid()
+        self._state_lock = threading.Lock()
+        self._state = IntegrationState.STOPPED
+        self.budget_clock = None
+        self._threads = []
+        self._metrics_servers = []
+
+    def refuse_if_forked(self) -> None:
+        """Raise :class:`ForkedIntegration` if this integration was inherited across ``os.fork()``.
+
+        Raises:
+            ForkedIntegration: this process is a fork child and the integration is the parent's.
+        """
+        if self._forked_in is not None:
+            raise ForkedIntegration(repr(self), self._pid, self._forked_in)
 
     def _stop_threads(self) -> None:
         self._beat_queue.put(_STOP)
@@ -378,6 +403,7 @@ class Integration:
 
         Raises:
             IntegrationNotStarted: not running.
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
             DuplicateOperation: an active operation has this id.
             InvalidArgument: an argument is empty or out of range, or the id or type is over 256 bytes.
         """
@@ -424,6 +450,7 @@ class Integration:
             InvalidPhaseTransition: ``phase`` is behind the current phase.
             InvalidArgument: ``phase`` or ``peer_count`` is not valid.
         """
+        self.refuse_if_forked()
         target = self._phase(phase)
         self._check_peers(peer_count)
         if target is OperationPhase.FAILED:
@@ -437,7 +464,9 @@ class Integration:
         Raises:
             OperationNotFound: no active operation has this id (maybe already finished).
             InvalidArgument: ``peer_count`` is not an integer >= 0.
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
+        self.refuse_if_forked()
         self._check_peers(peer_count)
         self._registry.finish(operation_id, OperationPhase.COMPLETED, peer_count=peer_count)
 
@@ -446,7 +475,9 @@ class Integration:
 
         Raises:
             OperationNotFound: no active operation has this id (maybe already finished).
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
+        self.refuse_if_forked()
         self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
 
     def execute_with_beat_budget(self, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -456,9 +487,8 @@ class Integration:
 
         Raises:
             BeatBudgetExceeded: the budget ran out (see :func:`beat_budget`).
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
-        from .budget import execute_with_beat_budget
-
         return execute_with_beat_budget(self, beats, fn, *args, **kwargs)
 
     @staticmethod
@@ -474,6 +504,7 @@ class Integration:
             raise InvalidArgument("peer_count", peer_count, "must be an integer >= 0")
 
     def _require_running(self) -> None:
+        self.refuse_if_forked()
         if self._state is not IntegrationState.RUNNING:
             raise IntegrationNotStarted(f"state is {self._state.value}")
 
@@ -531,7 +562,11 @@ class Integration:
             ``claims_published``, ``claims_dropped``, ``claims_coalesced``,
             ``claims_queued``, ``callback_errors``, ``callbacks_dropped``,
             ``blocked_callback``, ``beat_handling_seconds``.
+
+        Raises:
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
+        self.refuse_if_forked()
         snap = self._clock.snapshot()
         started = self.running
         transport = self._transport
@@ -728,8 +763,7 @@ class Integration:
             self.record_error(
                 f"pulse reset: resynchronised to beat {frame.beat_index} after a bar of stale frames"
             )
-        for listener in self._frame_listeners:
-            listener()
+        WATCHDOG.notify_only()  # tempo changes re-time the budgets' deadlines
         self._beat_queue.put(frame)
 
     def _accept_frame(self, frame: BeatFrame) -> bool:
@@ -790,7 +824,6 @@ class Integration:
                 self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
 
     def _handle_beat(self, frames: list[BeatFrame]) -> None:
-        frame = frames[-1]
         for f in frames:
             self._log.info(
                 f"🥁 BACKBEAT beat received - beat={f.beat_index} phase={f.phase}"
@@ -804,8 +837,7 @@ class Integration:
         if beat != self._claimed_beat:  # each beat's claims go out once
             self._claimed_beat = beat
             self._registry.emit_active(emit_chunk=self._emit_operations)
-        for hook in self._beat_hooks:
-            hook(frame)
+        announce_running(self)  # budget calls still running are claimed from now on
         downbeats = [f for f in frames if f.downbeat]
         if downbeats:
             last = downbeats[-1]
@@ -871,24 +903,6 @@ class Integration:
 
     # -- hooks for the budget engine (internal) --------------------------------
 
-    def _add_beat_hook(self, hook: BeatCallback) -> Callable[[], None]:
-        """Run ``hook(frame)`` on the beat thread for every beat (internal)."""
-        self._beat_hooks = (*self._beat_hooks, hook)
-
-        def remove() -> None:
-            self._beat_hooks = tuple(h for h in self._beat_hooks if h is not hook)
-
-        return remove
-
-    def _add_frame_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
-        """Call ``listener()`` on the transport thread after each accepted frame (internal)."""
-        self._frame_listeners = (*self._frame_listeners, listener)
-
-        def remove() -> None:
-            self._frame_listeners = tuple(x for x in self._frame_listeners if x is not listener)
-
-        return remove
-
     def _add_handled_listener(self, listener: Callable[[BeatFrame, float], None]) -> Callable[[], None]:
         """Call ``listener(frame, seconds)`` on the beat thread after each beat is handled (internal)."""
         self._handled_listeners = (*self._handled_listeners, listener)
@@ -920,38 +934,6 @@ class Integration:
         server = serve_metrics(self, port, addr=addr, registry=registry)
         self._metrics_servers.append(server)
         return server
-
-
-#: Called (no arguments) at the end of every stop(): the budget engine lets its idle
-#: watchdog exit here, so no library thread outlives the last running integration.
-STOP_HOOKS: list[Callable[[], None]] = []
-#: Called (no arguments) once start() has succeeded: the budget engine opens its gate.
-START_HOOKS: list[Callable[[], None]] = []
-
-
-# -- flushing at interpreter exit ----------------------------------------------
-
-_live: weakref.WeakSet[Integration] = weakref.WeakSet()
-_exit_hook_lock = threading.Lock()
-_exit_hook_installed = False
-
-
-def _register_exit_hook(integration: Integration) -> None:
-    global _exit_hook_installed
-    with _exit_hook_lock:
-        _live.add(integration)
-        if not _exit_hook_installed:
-            atexit.register(_stop_all_at_exit)
-            _exit_hook_installed = True
-
-
-def _stop_all_at_exit() -> None:
-    """Stop every integration still running, so queued claims are flushed (bounded by flush_timeout)."""
-    for integration in list(_live):
-        try:
-            integration.stop()
-        except BackbeatError:
-            pass
 
 
 def _instrument_otel(integration: Integration) -> Any:

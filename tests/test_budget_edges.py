@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import backbeat_sync as bb
-from backbeat_sync import _watchdog
+from backbeat_sync import _runtime, _watchdog
 from tests.support import ClaimLog, unique_bus
 
 #: Only a bug makes a test wait this long; "promptly" is asserted as well under half of it,
@@ -147,7 +147,7 @@ def test_on_warning_that_raises_is_logged_not_propagated(live: Any) -> None:
     with bb.track_operation("cb-fails", "t", beats=BIG, warn_at=(0.2 / BIG,), on_warning=bad) as op:
         assert called.wait(NEVER)
         op.check()
-    assert _watchdog.WATCHDOG.running
+    assert _runtime.WATCHDOG.running
 
 
 def test_no_signals_are_used(live: Any) -> None:
@@ -275,7 +275,7 @@ def test_no_budget_thread_outlives_the_last_stop() -> None:
 def test_precise_mode_handle_restores_the_previous_setting() -> None:
     """with precise_mode(): turns it on for the block only; the previous setting comes back."""
     from backbeat_sync import precise_mode
-    from backbeat_sync._watchdog import WATCHDOG
+    from backbeat_sync._runtime import WATCHDOG
 
     assert WATCHDOG.precise_interval is None
     with precise_mode(switch_interval=0.001):

@@ -14,7 +14,8 @@ import pytest
 
 import backbeat_sync as bb
 from backbeat_sync import _watchdog
-from backbeat_sync._watchdog import WATCHDOG, ThreadSlot, current_slot, set_async_exc
+from backbeat_sync._runtime import WATCHDOG
+from backbeat_sync._watchdog import ThreadSlot, current_slot, set_async_exc
 from tests.support import manual_integration, unique_bus
 
 #: Only a bug makes a test wait this long; "promptly" is asserted as well under half of it.

@@ -64,6 +64,13 @@ class LocalBus:
                 bus = cls._buses[name] = LocalBus(name)
             return bus
 
+    @classmethod
+    def reset_after_fork(cls) -> None:
+        """Fork child: forget the parent's buses (their subscribers and pulse threads are the
+        parent's); a bus named again is a new one. Called by ``backbeat_sync._runtime``."""
+        cls._buses = {}
+        cls._buses_lock = threading.Lock()
+
     def subscribe(self, pattern: str, handler: Handler) -> Callable[[], None]:
         """Call ``handler(subject, data)`` for each message matching ``pattern``.
 
