@@ -36,8 +36,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from loguru import logger
-
+from ._logging import library_logger as logger
 from ._watchdog import Watchdog, reset_slots_after_fork
 from .transport.local import LocalBus
 
@@ -94,6 +93,9 @@ class Runtime:
         self.inherited = 0
         #: Incremented in every fork child.
         self.generation = 0
+        #: Sees every decorated call (``budget.faces.CallHook``; ``backbeat_sync.otel`` with
+        #: ``spans="all"``), or None: one attribute test per call.
+        self.call_hook: Any = None
         self._hooks_installed = False
 
     # -- integrations --------------------------------------------------------

@@ -70,6 +70,7 @@ __all__ = [
     "current_slot",
     "reset_slots_after_fork",
     "set_async_exc",
+    "thread_state",
 ]
 
 # -- the C call, through a private prototype ---------------------------------------
@@ -195,7 +196,9 @@ class ThreadSlot:
         self.kick = threading.Event()
 
 
-_local = threading.local()
+#: Per-thread: ``thread_state.slot`` is the thread's :class:`ThreadSlot` once it has one
+#: (read directly on the hot paths; :func:`current_slot` makes it).
+thread_state = threading.local()
 _slots_lock = threading.Lock()
 _slots: list[ThreadSlot] = []
 
@@ -203,9 +206,9 @@ _slots: list[ThreadSlot] = []
 def current_slot() -> ThreadSlot:
     """The calling thread's slot (made on first use)."""
     try:
-        return _local.slot  # type: ignore[no-any-return]
+        return thread_state.slot  # type: ignore[no-any-return]
     except AttributeError:
-        slot = _local.slot = ThreadSlot()
+        slot = thread_state.slot = ThreadSlot()
         with _slots_lock:
             _slots[:] = [s for s in _slots if s.live or s.thread() is not None]
             _slots.append(slot)
@@ -224,8 +227,8 @@ def reset_slots_after_fork() -> None:
     global _slots_lock
     _slots_lock = threading.Lock()
     _slots.clear()
-    if hasattr(_local, "slot"):
-        del _local.slot
+    if hasattr(thread_state, "slot"):
+        del thread_state.slot
 
 
 def materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Any:

@@ -123,15 +123,21 @@ class BeatClock:
 
     def __init__(self, *, tempo_bpm: float, bar_length: int, time_source: TimeSource = SYSTEM_TIME) -> None:
         self._lock = threading.Lock()
-        self._time = time_source
+        #: The time source this clock reads (read-only).
+        self.time_source: Final[TimeSource] = time_source
         now = time_source.monotonic()
-        # (anchor_index, anchor_time, seconds_per_beat, budget_offset): swapped whole.
-        self._state: tuple[float, float, float, float] = (0.0, now, 60.0 / tempo_bpm, 0.0)
+        #: ``(anchor_index, anchor_time, seconds_per_beat, budget_offset)``: where the position
+        #: is extrapolated from. Read-only: the clock swaps the whole tuple (one store) under its
+        #: lock, so a lock-free reader sees one anchor or the next, never a mix. The budget
+        #: engine keeps it as a budget's start.
+        self.anchor: tuple[float, float, float, float] = (0.0, now, 60.0 / tempo_bpm, 0.0)
         self._tempo = float(tempo_bpm)
         self._bar = bar_length
-        # (last_index, epoch), swapped whole: the epoch counts lock-ons and resets, so an
-        # operation can tell which index sequence its start beat belongs to.
-        self._beat: tuple[int, int] = (0, 0)
+        #: ``(current_beat, epoch)`` read together (read-only; swapped whole like ``anchor``,
+        #: but separately: just after a frame, a reader may see the new anchor with the old
+        #: beat for an instant). The epoch grows at lock-on and at each pulse reset, so an
+        #: operation can tell which index sequence its start beat belongs to.
+        self.beat_and_epoch: tuple[int, int] = (0, 0)
         self._has_beat = False
         self._last_arrival = now
         self._arrivals: deque[tuple[int, float]] = deque(maxlen=MEASURE_WINDOW)
@@ -145,41 +151,31 @@ class BeatClock:
 
     # -- reads (lock-free) ---------------------------------------------------
 
-    @property
-    def time_source(self) -> TimeSource:
-        """The time source this clock reads."""
-        return self._time
-
     def position(self, now: float | None = None) -> float:
         """The beat position (in beat-index units) at ``now``, extrapolated from the last frame."""
-        idx, t0, spb, _ = self._state
+        idx, t0, spb, _ = self.anchor
         if now is None:
-            now = self._time.monotonic()
+            now = self.time_source.monotonic()
         return idx + (now - t0) / spb
 
     def budget_position(self, now: float | None = None) -> float:
         """A continuous position for budgets: like :meth:`position`, without lock-on jumps."""
-        idx, t0, spb, off = self._state
+        idx, t0, spb, off = self.anchor
         if now is None:
-            now = self._time.monotonic()
+            now = self.time_source.monotonic()
         return idx + off + (now - t0) / spb
 
     def seconds_until(self, budget_position: float, now: float | None = None) -> float:
         """Seconds until :meth:`budget_position` reaches ``budget_position`` at the current tempo."""
-        idx, t0, spb, off = self._state
+        idx, t0, spb, off = self.anchor
         if now is None:
-            now = self._time.monotonic()
+            now = self.time_source.monotonic()
         return (budget_position - idx - off) * spb - (now - t0)
-
-    @property
-    def beat_and_epoch(self) -> tuple[int, int]:
-        """``(current_beat, epoch)`` read together; the epoch grows at lock-on and at each pulse reset."""
-        return self._beat
 
     @property
     def current_beat(self) -> int:
         """Index of the last beat frame accepted (0 before any)."""
-        return self._beat[0]
+        return self.beat_and_epoch[0]
 
     @property
     def has_beat(self) -> bool:
@@ -199,24 +195,24 @@ class BeatClock:
     @property
     def beat_duration(self) -> float:
         """Seconds per beat at the current tempo."""
-        return self._state[2]
+        return self.anchor[2]
 
     def snapshot(self, now: float | None = None) -> ClockSnapshot:
         """All the clock's figures, read consistently."""
         with self._lock:
             if now is None:
-                now = self._time.monotonic()
+                now = self.time_source.monotonic()
             samples = len(self._arrivals)
             measured = self._measured()
             return ClockSnapshot(
-                current_beat=self._beat[0],
+                current_beat=self.beat_and_epoch[0],
                 has_beat=self._has_beat,
                 tempo_bpm=self._tempo,
                 bar_length=self._bar,
                 measured_bpm=measured,
                 tempo_drift=drift_class(measured, self._tempo, samples),
                 seconds_since_frame=max(0.0, now - self._last_arrival),
-                missed_in_current_bar=self._gap_bar == self._beat[0] // self._bar,
+                missed_in_current_bar=self._gap_bar == self.beat_and_epoch[0] // self._bar,
                 missed_beats=self._missed,
                 stale_frames=self._stale,
                 duplicate_frames=self._duplicates,
@@ -238,7 +234,7 @@ class BeatClock:
     def restart(self) -> None:
         """Start counting silence from now (called when an integration starts)."""
         with self._lock:
-            self._last_arrival = self._time.monotonic()
+            self._last_arrival = self.time_source.monotonic()
 
     def observe(self, frame: BeatFrame, arrival: float | None = None) -> FrameResult:
         """Feed one frame (already parsed and for this cluster) to the clock.
@@ -251,13 +247,13 @@ class BeatClock:
             What the frame was; only accepted frames move the clock.
         """
         with self._lock:
-            now = self._time.monotonic() if arrival is None else arrival
+            now = self.time_source.monotonic() if arrival is None else arrival
             index = frame.beat_index
-            if self._has_beat and index <= self._beat[0]:
+            if self._has_beat and index <= self.beat_and_epoch[0]:
                 return self._observe_old(frame, now)
             if not self._has_beat:
                 return self._accept(frame, now, Observation.FIRST, keep_budget=True)
-            missed = index - self._beat[0] - 1
+            missed = index - self.beat_and_epoch[0] - 1
             if missed > 0:
                 self._missed += missed
                 self._gap_bar = index // frame.bar_length
@@ -265,7 +261,7 @@ class BeatClock:
             return self._accept(frame, now, Observation.NEXT)
 
     def _observe_old(self, frame: BeatFrame, now: float) -> FrameResult:
-        if frame.beat_index == self._beat[0]:
+        if frame.beat_index == self.beat_and_epoch[0]:
             self._duplicates += 1
             return FrameResult(Observation.DUPLICATE)
         self._stale += 1
@@ -290,8 +286,8 @@ class BeatClock:
         missed: int = 0,
         keep_budget: bool = False,
     ) -> FrameResult:
-        idx, t0, spb, off = self._state
-        shift = frame.beat_index - self._beat[0] if keep_budget else 0
+        idx, t0, spb, off = self.anchor
+        shift = frame.beat_index - self.beat_and_epoch[0] if keep_budget else 0
         if keep_budget:  # lock-on or resync: keep budget_position continuous
             off = idx + off + (now - t0) / spb - frame.beat_index
         tempo_changed = frame.tempo_bpm != self._tempo
@@ -299,12 +295,12 @@ class BeatClock:
             self._arrivals.clear()
         self._tempo = frame.tempo_bpm
         self._bar = frame.bar_length
-        epoch = self._beat[1] + (1 if keep_budget else 0)
-        self._beat = (frame.beat_index, epoch)
+        epoch = self.beat_and_epoch[1] + (1 if keep_budget else 0)
+        self.beat_and_epoch = (frame.beat_index, epoch)
         self._has_beat = True
         self._last_arrival = now
         self._received += 1
         self._arrivals.append((frame.beat_index, now))
         self._stale_run.clear()
-        self._state = (float(frame.beat_index), now, 60.0 / frame.tempo_bpm, off)
+        self.anchor = (float(frame.beat_index), now, 60.0 / frame.tempo_bpm, off)
         return FrameResult(observation, missed=missed, tempo_changed=tempo_changed, shift=shift)

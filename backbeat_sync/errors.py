@@ -14,6 +14,7 @@ __all__ = [
     "BackbeatDisabled",
     "BackbeatError",
     "BeatBudgetExceeded",
+    "BudgetLeftUnexited",
     "ConfigError",
     "DuplicateOperation",
     "ForkedIntegration",
@@ -216,4 +217,19 @@ class BeatBudgetExceeded(BackbeatError, TimeoutError):
         super().__init__(
             f"operation {operation_id}: beat budget exceeded: used {beats_used:.2f}"
             f" of {budget_beats:g} beats{how}"
+        )
+
+
+class BudgetLeftUnexited(BackbeatError, RuntimeError):
+    """A budget whose block was left without its exit code running (never raised to you).
+
+    An asynchronous exception that lands on the first instruction of a nested block's
+    ``__exit__`` unwinds past it; the enclosing budget's exit finds the nested one still
+    armed and fails its operation with this as the reason.
+    """
+
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(
+            f"{operation_id} left without its exit (an exception landed on its first instruction)"
         )

@@ -29,7 +29,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
-from . import budget as _budget
+from ._runtime import RUNTIME
 from .errors import BeatBudgetExceeded
 from .operations import OperationPhase, P2POperation
 
@@ -263,8 +263,8 @@ class Instrumentation:
         remove, self._remove = self._remove, None
         if remove is not None:
             remove()
-            if _budget._call_hook is self:
-                _budget._call_hook = None
+            if RUNTIME.call_hook is self:
+                RUNTIME.call_hook = None
             with self._lock:
                 open_records, self._records = list(self._records.values()), {}
             for rec in open_records:
@@ -274,9 +274,9 @@ class Instrumentation:
 
 
 def _install_hook(hook: Instrumentation) -> None:
-    if _budget._call_hook is not None and _budget._call_hook is not hook:
+    if RUNTIME.call_hook is not None and RUNTIME.call_hook is not hook:
         raise RuntimeError('spans="all" is already on for another integration; uninstrument it first')
-    _budget._call_hook = hook
+    RUNTIME.call_hook = hook
 
 
 def instrument(

@@ -1,0 +1,389 @@
+"""The two faces of the one engine: ``@beat_budget`` (and ``execute_with_beat_budget``)
+and ``track_operation``; and :func:`precise_mode`.
+
+Both faces make a :class:`~.tracker.Tracker` (a decorated call only when something
+needs one) and arm it with the protocol of :mod:`.arming`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, cast
+
+import attrs
+import wrapt
+
+from .._runtime import RUNTIME, WATCHDOG
+from .._time import SYSTEM_TIME
+from .._watchdog import current_slot, thread_state
+from ..errors import IntegrationNotStarted, InvalidArgument
+from ..protocol import check_wire_id
+from .arming import next_seq, unshield
+from .settings import CACHED_NUMBERS, DEFAULT_WARN_AT, BudgetSettings, OnExhaust, block_settings
+from .tracker import Block, Tracker, materialize
+
+if TYPE_CHECKING:
+    from .host import BudgetHost
+
+__all__ = [
+    "CallHook",
+    "PreciseMode",
+    "beat_budget",
+    "execute_with_beat_budget",
+    "precise_mode",
+    "track_operation",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+_monotonic: Final = time.monotonic
+
+
+class CallHook(Protocol):
+    """Sees every decorated call of an integration (``backbeat_sync.otel`` with ``spans="all"``).
+
+    At most one is set, as ``RUNTIME.call_hook`` (process-wide state lives in ``_runtime``).
+    """
+
+    def wants(self, integration: BudgetHost) -> bool:
+        """Whether to take this call (False for the inner run of a call it took)."""
+        ...
+
+    def call(
+        self,
+        run: Callable[[Callable[..., Any], Any, Any, Any], Any],
+        settings: BudgetSettings,
+        integration: BudgetHost,
+        wrapped: Callable[..., Any],
+        instance: Any,
+        args: Any,
+        kwargs: Any,
+    ) -> Any:
+        """Run the call, as ``run(wrapped, instance, args, kwargs)``, with whatever it adds around it."""
+        ...
+
+
+def _log_fallback(what: str) -> None:
+    RUNTIME.log_fallback(what)
+
+
+class PreciseMode:
+    """Returned by :func:`precise_mode`; as a context manager it restores the previous setting."""
+
+    def __init__(self, previous: float | None) -> None:
+        self._previous = previous
+
+    def __enter__(self) -> PreciseMode:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        WATCHDOG.precise_interval = self._previous
+        WATCHDOG.notify_only()
+
+
+def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> PreciseMode:
+    """Opt in to more punctual interrupts, at a small cost in throughput.
+
+    A busy thread gives up the GIL one switch interval (``sys.getswitchinterval()``,
+    5 ms by default) after the watchdog asks for it, so an interrupt lands about
+    that late. In precise mode the watchdog lowers the switch interval to
+    ``switch_interval`` while a budget event is less than 15 ms away, and restores
+    the previous value after. The switch interval is process-wide: other code
+    sees it too while it is lowered.
+
+    Args:
+        enabled: turn precise mode on (default) or off.
+        switch_interval: the interval used near an event, in seconds (> 0).
+
+    Returns:
+        A handle: ``with precise_mode(): ...`` turns it on for the block only.
+
+    Raises:
+        InvalidArgument: ``switch_interval`` is not a number > 0.
+    """
+    if (
+        isinstance(switch_interval, bool)
+        or not isinstance(switch_interval, (int, float))
+        or switch_interval <= 0
+    ):
+        raise InvalidArgument("switch_interval", switch_interval, "must be a number of seconds > 0")
+    handle = PreciseMode(WATCHDOG.precise_interval)
+    WATCHDOG.precise_interval = float(switch_interval) if enabled else None
+    WATCHDOG.notify_only()
+    return handle
+
+
+# -- the two faces ----------------------------------------------------------------------
+
+
+def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
+    """The engine behind ``@beat_budget`` and ``execute_with_beat_budget``: one light tracker per call.
+
+    Returns ``run(wrapped, instance, args, kwargs)`` (wrapt's wrapper signature).
+    The integration is resolved at each call.
+
+    This path is kept short on purpose (issue 7: a few hundred nanoseconds; the
+    benchmark's margin against wrapt is a few tens of nanoseconds), so it inlines
+    the arming ``Tracker.__enter__`` does (reading the start, then
+    :func:`.arming.arm`): a Python call costs about 50 ns here. The inlined lines
+    below are the same steps in the same order; change them together.
+    Leaving goes through ``Tracker.leave``, as a block's exit does, except in the
+    common case (nobody looked at the call: its entry is still plain).
+    """
+    fixed = settings.integration
+    strict = settings.strict
+    name = settings.name
+    first = settings.first_beats
+    runtime = RUNTIME
+
+    def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        integration = fixed if fixed is not None else runtime.default
+        # One load says both "running" and "where the beat is" (None unless running).
+        clock = None if integration is None else integration.budget_clock
+        if clock is None:
+            if integration is not None:
+                integration.refuse_if_forked()
+            if strict:
+                raise IntegrationNotStarted(f"@beat_budget(strict=True) on {name}")
+            if not runtime.fallback_logged:
+                _log_fallback(f"{name}()")
+            return wrapped(*args, **kwargs)
+        hook = runtime.call_hook
+        if hook is not None and hook.wants(integration):  # backbeat_sync.otel, spans="all"
+            return hook.call(run, settings, integration, wrapped, instance, args, kwargs)
+        try:
+            slot = thread_state.slot
+        except AttributeError:
+            slot = current_slot()
+        # The call is armed as a plain entry (see ThreadSlot.live): its tracker is made
+        # only if something needs it; its start position is kept as the clock state and
+        # the time it was read at (Tracker.start_pos works it out).
+        # -- reading the start (as Tracker.__enter__ does), inlined
+        state = clock.anchor
+        source = clock.time_source
+        if source is SYSTEM_TIME:
+            now = t_in = _monotonic()
+        else:
+            t_in = source.monotonic()
+            now = _monotonic()
+        seq = next_seq()
+        e: list[Any] = [None, settings, integration, state, t_in]
+        # -- arming.arm(slot, seq, e, now, first * state[2]), inlined
+        live = slot.live
+        live[seq] = e
+        if now + first * state[2] < WATCHDOG.next_wake:
+            slot.shield += 1
+            WATCHDOG.notify()
+            unshield(slot)
+        try:
+            result = wrapped(*args, **kwargs)
+        except BaseException as exc:
+            slot.shield += 1
+            err = materialize(slot, seq, e).leave(slot, exc, None)
+            if err is not None:
+                raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
+            raise
+        # Leaving. ``del`` (unlike a ``pop`` call) is followed by no eval-breaker check,
+        # nor is anything up to the shield below, so no asynchronous exception can land
+        # between winning the entry and raising the shield: the common case (the thread's
+        # only budget, never looked at) returns with no shield at all.
+        try:
+            del live[seq]
+        except KeyError:  # the watchdog won it: it is deciding, or has decided, how to deliver
+            slot.shield += 1
+            err = materialize(slot, seq, e).leave(slot, None, result)
+        else:
+            if e[0] is None and not live:
+                return result
+            slot.shield += 1
+            err = materialize(slot, seq, e).leave(slot, None, result, won=True)
+        if err is not None:
+            raise err
+        return result
+
+    return run
+
+
+def execute_with_beat_budget(
+    integration: BudgetHost | None, beats: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
+
+    Args:
+        integration: the integration (None: the process default).
+        beats: the budget, in beats (> 0).
+        fn: what to run.
+        *args: positional arguments for ``fn``.
+        **kwargs: keyword arguments for ``fn``.
+
+    Returns:
+        What ``fn`` returns.
+
+    Raises:
+        BeatBudgetExceeded: the budget ran out while ``fn`` ran.
+        InvalidArgument: ``beats`` is not a number > 0, or ``fn`` is not callable.
+    """
+    if not callable(fn):
+        raise InvalidArgument("fn", fn, "must be callable")
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    settings = BudgetSettings(beats, name=name, integration=integration)
+    return cast(R, _runner(settings)(fn, None, args, kwargs))
+
+
+def track_operation(
+    operation_id: str,
+    operation_type: str,
+    *,
+    beats: float,
+    peers: int = 0,
+    integration: BudgetHost | None = None,
+    on_exhaust: OnExhaust = "interrupt",
+    warn_at: Iterable[float] | None = DEFAULT_WARN_AT,
+    data: Any = None,
+    manual_phases: bool = False,
+    on_warning: Callable[[Tracker, float], Any] | None = None,
+    strict: bool = False,
+) -> Tracker:
+    """Track a block as the seed's explicit operation, with a beat budget.
+
+    Entering registers the operation (STARTED, claimed) and moves it to EXECUTING
+    (claimed) unless ``manual_phases``; leaving normally completes it (``done``
+    claimed); leaving by an exception fails it with the exception as reason, and
+    the exception propagates. With no started integration the block runs plainly
+    (logged once) and the handle's methods do nothing.
+
+    Args:
+        operation_id: unique id (the claims' ``task_id``).
+        operation_type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery`` or a user type.
+        beats: the budget, in beats (> 0).
+        peers: initial peer count.
+        integration: the integration (None: the process default).
+        on_exhaust: ``"interrupt"`` (raise :class:`BeatBudgetExceeded` inside the block),
+            ``"raise_after"`` (raise it when the block ends) or ``"warn"`` (claim and log).
+        warn_at: fractions of the budget at which a warning is claimed and ``on_warning`` runs.
+        data: kept with the operation.
+        manual_phases: stay in STARTED; move phases with ``op.set_phase``.
+        on_warning: ``on_warning(op, fraction)``, on the budget callback thread.
+        strict: raise :class:`IntegrationNotStarted` instead of running plainly.
+
+    Returns:
+        The tracker, a context manager (``with track_operation(...) as op:``).
+
+    Raises:
+        InvalidArgument: an argument is out of range.
+        IntegrationNotStarted: ``strict`` and no started integration.
+    """
+    if type(operation_id) is not str or not operation_id or len(operation_id) > 64:  # 64 chars fit 256 bytes
+        check_wire_id("operation_id", operation_id)
+        operation_id = str(operation_id)
+    if type(peers) is not int or peers < 0:
+        if isinstance(peers, bool) or not isinstance(peers, int) or peers < 0:
+            raise InvalidArgument("peers", peers, "must be an integer >= 0")
+        peers = int(peers)
+    settings = None
+    key: tuple[Any, ...] | None = None
+    if on_warning is None and type(beats) in CACHED_NUMBERS:
+        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
+        try:
+            settings = RUNTIME.block_settings.get(key)
+        except TypeError:  # an unhashable warn_at (a list): checked every time
+            key = None
+    if settings is None:
+        settings = block_settings(
+            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
+        )
+    resolved = integration if integration is not None else RUNTIME.default
+    if resolved is None or resolved.budget_clock is None:
+        if resolved is not None:
+            resolved.refuse_if_forked()
+        resolved = None
+        if strict:
+            raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
+        _log_fallback(f"operation {operation_id}")
+    return Block(settings, resolved, next_seq(), operation_id, data, peers)
+
+
+def beat_budget(
+    beats: float,
+    *,
+    integration: BudgetHost | None = None,
+    operation_type: str = "budget",
+    on_exhaust: OnExhaust = "interrupt",
+    warn_at: Iterable[float] | None = DEFAULT_WARN_AT,
+    name: str | None = None,
+    on_warning: Callable[[Tracker, float], Any] | None = None,
+    strict: bool = False,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Give every call of the decorated function a budget of ``beats`` beats.
+
+    Works on functions, methods, classmethods and staticmethods (via wrapt); the
+    signature survives. Each call runs in a fresh tracker: it is claimed only if
+    it is still running at a beat, gets a warning, runs out or fails. The
+    integration is resolved at call time; with none started the call runs
+    plainly (logged once), or raises with ``strict=True``.
+
+    Args:
+        beats: the budget, in beats (> 0).
+        integration: the integration (None: the process default).
+        operation_type: the claims' ``operation_type``.
+        on_exhaust: ``"interrupt"``, ``"raise_after"`` or ``"warn"`` (see :func:`track_operation`).
+        warn_at: fractions of the budget at which a warning is claimed.
+        name: operation id prefix (default: the function's qualified name); ids are ``{name}-{n}``.
+        on_warning: ``on_warning(tracker, fraction)``, on the budget callback thread.
+        strict: raise :class:`IntegrationNotStarted` when no integration is started.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        TypeError: (at decoration) the target is an ``async def`` or generator function.
+        InvalidArgument: an argument is out of range.
+
+    Example:
+        >>> from backbeat_sync import beat_budget
+        >>> @beat_budget(3)
+        ... def store(key: str, value: bytes) -> int:
+        ...     return len(value)
+        >>> store("k", b"abc")   # no integration started: runs plainly
+        3
+    """
+    base = BudgetSettings(
+        beats,
+        operation_type=operation_type,
+        on_exhaust=on_exhaust,
+        warn_at=warn_at,
+        on_warning=on_warning,
+        name=name,
+        strict=strict,
+        integration=integration,
+    )
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        target = getattr(func, "__func__", func)
+        if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+            raise TypeError(
+                f"@beat_budget cannot budget async function {getattr(target, '__qualname__', target)!r}:"
+                " the budget would end when the coroutine is created, not when it finishes"
+            )
+        if inspect.isgeneratorfunction(target):
+            raise TypeError(
+                f"@beat_budget cannot budget generator function {getattr(target, '__qualname__', target)!r}:"
+                " its body runs after the call returns, outside the budget"
+            )
+        if not callable(target):
+            raise TypeError(f"@beat_budget needs a function, not {type(func).__name__}")
+        settings = base if base.name else attrs.evolve(base, name=getattr(target, "__qualname__", "call"))
+        # strict must always check (and raise); wrapt tests a list's truth in C (its stubs
+        # only name bool-like objects, hence Any)
+        gate: Any = None if settings.strict else RUNTIME.budgets_on
+        return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(_runner(settings))(func))
+
+    return decorate
