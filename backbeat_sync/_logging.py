@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-import time
 from typing import Any, Protocol
 
 from loguru import logger as _loguru
+
+from ._time import SYSTEM_TIME, TimeSource
 
 __all__ = [
     "LibraryLogger",
@@ -265,18 +266,22 @@ class RateLimitedLog:
     Args:
         log: where to write.
         interval: seconds between lines for the same key.
+        time_source: where the time is read (the integration's; a ManualTime in tests).
     """
 
-    def __init__(self, log: LoggerAdapter, interval: float = 5.0) -> None:
+    def __init__(
+        self, log: LoggerAdapter, interval: float = 5.0, time_source: TimeSource = SYSTEM_TIME
+    ) -> None:
         self._log = log
         self._interval = interval
-        self._state: dict[str, tuple[float, int]] = {}
+        self._time = time_source
+        self._state: dict[str, tuple[float | None, int]] = {}
 
     def warn(self, key: str, msg: str) -> None:
         """Warn ``msg`` under ``key``, or count it if a line for ``key`` went out recently."""
-        now = time.monotonic()
-        last, suppressed = self._state.get(key, (0.0, 0))
-        if now - last >= self._interval:
+        now = self._time.monotonic()
+        last, suppressed = self._state.get(key, (None, 0))
+        if last is None or now - last >= self._interval:
             extra = f" (+{suppressed} more since the last report)" if suppressed else ""
             self._state[key] = (now, 0)
             self._log.warn(msg + extra)

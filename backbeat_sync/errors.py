@@ -24,6 +24,7 @@ __all__ = [
     "InvalidPhaseTransition",
     "OperationNotFound",
     "ProtocolError",
+    "PulseAlreadyStarted",
 ]
 
 
@@ -218,6 +219,14 @@ class BeatBudgetExceeded(BackbeatError, TimeoutError):
             f"operation {operation_id}: beat budget exceeded: used {beats_used:.2f}"
             f" of {budget_beats:g} beats{how}"
         )
+
+
+class PulseAlreadyStarted(BackbeatError, RuntimeError):
+    """``Pulse.start()`` was called on a pulse that is not new (a pulse starts once)."""
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        super().__init__(f"Pulse already {state}; make a new one to start again")
 
 
 class BudgetLeftUnexited(BackbeatError, RuntimeError):

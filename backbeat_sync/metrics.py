@@ -28,11 +28,12 @@ from __future__ import annotations
 import importlib
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from .errors import InvalidArgument
+from .integration.health import HEALTH_FIELDS
 
 if TYPE_CHECKING:
     from .integration import Integration
@@ -68,26 +69,10 @@ BEAT_HANDLING_BUCKETS: Final = (
     5.0,
 )
 
-#: Health key -> (counter name without ``_total``, help text).
+#: Health key -> (counter name without ``_total``, help text): the counters of the one health
+#: schema (``integration.health.HEALTH_FIELDS``), budget counters aside (exported below).
 COUNTERS: Final[dict[str, tuple[str, str]]] = {
-    "beats_received": ("backbeat_beats_received", "Beat frames accepted by the beat clock."),
-    "missed_beats": ("backbeat_missed_beats", "Beats skipped over (gaps in the beat index)."),
-    "stale_frames": ("backbeat_stale_frames", "Beat frames ignored because their index was behind."),
-    "duplicate_frames": ("backbeat_duplicate_frames", "Beat frames ignored because their index repeated."),
-    "rejected_frames": ("backbeat_rejected_frames", "Beat frames rejected as malformed or unsigned."),
-    "foreign_frames": ("backbeat_foreign_frames", "Beat frames for another cluster, ignored."),
-    "pulse_resets": ("backbeat_pulse_resets", "Times the agent resynchronised to a restarted pulse."),
-    "claims_emitted": ("backbeat_claims_emitted", "Status claims emitted (operations and health)."),
-    "claims_published": ("backbeat_claims_published", "Status claims handed to the transport's wire."),
-    "claims_dropped": ("backbeat_claims_dropped", "Status claims dropped (outbox full while disconnected)."),
-    "claims_coalesced": (
-        "backbeat_claims_coalesced",
-        "Intermediate status claims replaced by a later claim of the same operation.",
-    ),
-    "reconnect_count": ("backbeat_reconnects", "Times the NATS connection was re-established."),
-    "callback_errors": ("backbeat_callback_errors", "User callbacks that raised."),
-    "callbacks_dropped": ("backbeat_callbacks_dropped", "User callback calls dropped (queue full)."),
-    "budget_warnings": ("backbeat_budget_warnings", "Beat budget warnings (each warn_at fraction reached)."),
+    f.key: (f.metric, f.help) for f in HEALTH_FIELDS if f.kind == "counter" and f.metric is not None
 }
 
 #: (mode, outcome) of ``backbeat_budget_exhaustions_total`` -> the budget engine's health key.
@@ -101,19 +86,9 @@ EXHAUSTION_KEYS: Final[dict[tuple[str, str], str]] = {
 }
 _KNOWN_BUDGET_KEYS: Final = frozenset({"budget_warnings", *EXHAUSTION_KEYS.values()})
 
-#: Health key -> (gauge name, help text). Booleans are exported as 0 or 1.
+#: Health key -> (gauge name, help text), from the same schema. Booleans are exported as 0 or 1.
 GAUGES: Final[dict[str, tuple[str, str]]] = {
-    "active_operations": ("backbeat_active_operations", "Operations not yet completed or failed."),
-    "claims_queued": ("backbeat_claims_queued", "Status claims waiting in the outbox."),
-    "current_beat": ("backbeat_current_beat", "Index of the last beat frame accepted."),
-    "current_tempo": ("backbeat_tempo_bpm", "Tempo announced by the pulse, in beats per minute."),
-    "measured_bpm": (
-        "backbeat_measured_tempo_bpm",
-        "Tempo measured from the arrival of the last 8 beat frames, in beats per minute (0 until 2).",
-    ),
-    "connected": ("backbeat_connected", "1 while the transport can publish, else 0."),
-    "started": ("backbeat_started", "1 while the integration runs, else 0."),
-    "local_degradation": ("backbeat_local_degradation", "1 while the agent is degraded (PROTOCOL.md)."),
+    f.key: (f.metric, f.help) for f in HEALTH_FIELDS if f.kind == "gauge" and f.metric is not None
 }
 
 #: The values of health ``tempo_drift``; ``backbeat_tempo_drift{drift=...}`` is 1 for the current one.
@@ -220,7 +195,7 @@ class BackbeatMetrics:
                 current = None
             if current is None:
                 child = self.beat_handling.labels(*key)
-                unlisten = integration._add_handled_listener(lambda _frame, seconds: child.observe(seconds))
+                unlisten = integration.on_beat_handled(lambda _frame, seconds: child.observe(seconds))
                 self._members[key] = (integration, unlisten)
         return lambda: self._remove(key, integration)
 
@@ -249,7 +224,7 @@ class BackbeatMetrics:
         samples = [(key, integration.get_health()) for key, integration in self._live()]
         yield from self._families(samples)
 
-    def _families(self, samples: list[tuple[tuple[str, str], dict[str, Any]]]) -> Iterator[Any]:
+    def _families(self, samples: Sequence[tuple[tuple[str, str], Mapping[str, Any]]]) -> Iterator[Any]:
         core = self._core
         labels = list(_LABELS)
         for key, (name, doc) in COUNTERS.items():
@@ -430,4 +405,5 @@ def serve_metrics(
     except BaseException:
         remove()
         raise
+    thread.name = "backbeat-metrics"  # prometheus_client names it Thread-N; ours carry the prefix
     return MetricsServer(httpd, thread, addr, remove)

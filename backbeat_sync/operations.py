@@ -389,6 +389,8 @@ class OperationRegistry:
     def emit_now(self, operation_id: str, emit: Emit, *, notes: str | None = None) -> bool:
         """Call ``emit(op)`` for an active operation under the lock (marks it announced).
 
+        While quiet (:meth:`set_quiet`) ``emit`` is not called: the claim is only counted.
+
         Args:
             operation_id: the operation.
             emit: queues its claim.
@@ -402,7 +404,10 @@ class OperationRegistry:
             if op is None:
                 return False
             op.announced = True
-            emit(op)
+            if self._emit is None:
+                self.unheard += 1
+            else:
+                emit(op)
         if notes is not None and self._listeners:
             _tell(self._listeners, "noted", op, notes)
         return True

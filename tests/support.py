@@ -39,7 +39,7 @@ class HandledBeats:
     def __init__(self, integration: Integration) -> None:
         self._cond = threading.Condition()
         self.latest = -1
-        integration._add_handled_listener(self._handled)
+        integration.on_beat_handled(self._handled)
 
     def _handled(self, frame: BeatFrame, seconds: float) -> None:
         with self._cond:

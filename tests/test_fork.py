@@ -96,6 +96,10 @@ def test_os_fork_child_refuses_the_parents_integration_and_budgets_with_its_own(
                     "track": lambda: bb.track_operation("t", "t", beats=1, integration=parent),
                     "decorated": pinned,
                     "start_again": parent.start,
+                    "on_beat": lambda: parent.on_beat(print),
+                    "on_claim": lambda: parent.on_claim(print),
+                    "note": lambda: parent.emit_operation_note("parent-op", "x"),
+                    "wait": parent.wait_for_beat,
                 }
                 print("refused:", sorted(k for k, call in calls.items() if refused(call)))
                 print("default:", bb.get_default_integration())
@@ -129,8 +133,8 @@ def test_os_fork_child_refuses_the_parents_integration_and_budgets_with_its_own(
     )
     assert "parent interrupted before fork" in out
     assert (
-        "refused: ['complete', 'decorated', 'execute', 'fail', 'health', 'start', 'start_again', 'track',"
-        " 'update']" in out
+        "refused: ['complete', 'decorated', 'execute', 'fail', 'health', 'note', 'on_beat', 'on_claim',"
+        " 'start', 'start_again', 'track', 'update', 'wait']" in out
     )
     assert "default: None" in out
     assert "threads: ['MainThread']" in out

@@ -615,3 +615,24 @@ def test_concurrent_subscription_changes_leave_the_registry_quiet_only_without_l
         i.complete_p2p_operation("heard-after-churn", 1)
         assert i.registry.unheard == 1
         assert i.get_health()["claims_published"] == before
+
+
+def test_a_quiet_registry_builds_no_budget_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nobody listens: a budget note (emit_operation_note) is counted as emitted, never built."""
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id="agent-1", nats_url=f"local://{unique_bus()}?pulse=manual"
+    )
+    with Integration(cfg, node_id="node-1") as i:
+        built: list[str] = []
+        make = i._claims.make
+
+        def counting(task_id: str, *args: Any, **kwargs: Any) -> StatusClaim:
+            built.append(task_id)
+            return make(task_id, *args, **kwargs)
+
+        monkeypatch.setattr(i._claims, "make", counting)
+        i.start_p2p_operation("noted", "dht_store", 3)
+        before = i.get_health()["claims_emitted"]
+        assert i.emit_operation_note("noted", "beat budget warning: 50%") is None
+        assert built == []
+        assert i.get_health()["claims_emitted"] == before + 1

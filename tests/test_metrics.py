@@ -308,3 +308,12 @@ def test_stop_closes_metrics_servers_it_started() -> None:
         integration.serve_metrics(0, addr="127.0.0.1", registry=CollectorRegistry())
         assert len(set(threading.enumerate()) - before) >= 3
     assert set(threading.enumerate()) - before == set()
+
+
+def test_the_metrics_server_thread_is_named_like_the_librarys() -> None:
+    """The HTTP server thread serve_metrics() starts is "backbeat-metrics" (docs/architecture.md)."""
+    cfg = BackbeatConfig(cluster_id="m", agent_id="named", nats_url="local://metrics-named?pulse=manual")
+    with Integration(cfg, node_id="n") as integration:
+        server = integration.serve_metrics(0, addr="127.0.0.1", registry=CollectorRegistry())
+        assert server._thread.name == "backbeat-metrics"
+        assert "backbeat-metrics" in {t.name for t in threading.enumerate()}

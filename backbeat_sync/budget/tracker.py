@@ -662,7 +662,7 @@ def materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
     return cast(Tracker, t)
 
 
-def announce_running(integration: BudgetHost) -> None:
+def announce_running(integration: object) -> None:
     """Called on ``integration``'s beat thread at each beat: budget calls still running
     are claimed from now on."""
     with ops_lock:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import attrs
@@ -264,7 +264,7 @@ class _Demo:
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
-    def _summary(self, health: dict[str, Any]) -> None:
+    def _summary(self, health: Mapping[str, Any]) -> None:
         rows = []
         for name, (api, budget) in _FLOWS.items():
             mine = [o for o in self.results if o.flow == name]

@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any, Final
 
 from .. import BackbeatConnectionError, Integration
@@ -71,7 +72,7 @@ _STATUS_FIELDS: Final = (
 )
 
 
-def _print_status(out: Out, args: argparse.Namespace, line: str, health: dict[str, Any]) -> None:
+def _print_status(out: Out, args: argparse.Namespace, line: str, health: Mapping[str, Any]) -> None:
     if args.json:
         out.line(json.dumps({"status": line.split(" ", 1)[1].lower(), "health": health}, sort_keys=True))
         return

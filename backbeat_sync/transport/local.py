@@ -23,7 +23,7 @@ from .._time import SYSTEM_TIME, TimeSource
 from ..claims import Claim
 from ..config import BackbeatConfig
 from ..protocol import BeatFrame
-from ..pulse import BeatSchedule, PulseThread, wall_clock_start_index
+from ..schedule import BeatSchedule, PulseThread, wall_clock_start_index
 from .base import ClaimEncoder, Transport, TransportEvent, TransportSink, subject_matches
 
 __all__ = ["LocalBus", "LocalTransport"]

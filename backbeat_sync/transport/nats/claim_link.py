@@ -12,6 +12,7 @@ harmless (consumers key claims by task); a missing one is not.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import deque
 from collections.abc import Coroutine
 from pathlib import Path
@@ -73,7 +74,9 @@ class ClaimLink(NatsLink):
         self._confirm: asyncio.Event | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self.published = 0
+        #: Claims given up on; any thread adds (count_lost), under _lost_lock.
         self.lost = 0
+        self._lost_lock = threading.Lock()
         self.resent = 0
         self.confirmed = 0
         self.truncated = 0
@@ -105,6 +108,11 @@ class ClaimLink(NatsLink):
         files, self._spool_files = self._spool_files, []
         for problem in Spool.remove(files):
             self._report(TransportEvent.ERROR, problem)
+
+    def count_lost(self, n: int) -> None:
+        """Count ``n`` claims given up on (application threads and the loop both do)."""
+        with self._lost_lock:
+            self.lost += n
 
     def wake(self) -> None:
         """Wake the drainer (from any thread)."""
@@ -186,7 +194,7 @@ class ClaimLink(NatsLink):
                     if len(data) > limit:
                         data = self._fit(entry.claim, data, limit)
                 except Exception as exc:
-                    self.lost += 1
+                    self.count_lost(1)
                     self._report(TransportEvent.ERROR, f"cannot encode claim {entry.claim.task_id}: {exc}")
                     if self._from_spool:
                         self._spool_settled(entry)
@@ -194,7 +202,7 @@ class ClaimLink(NatsLink):
                 try:
                     await nc.publish(entry.subject, data)
                 except (nats_errors.MaxPayloadError, nats_errors.BadSubjectError) as exc:
-                    self.lost += 1
+                    self.count_lost(1)
                     self._report(
                         TransportEvent.ERROR,
                         f"claim {entry.claim.task_id} refused: {describe_error(exc)}",
@@ -300,7 +308,7 @@ class ClaimLink(NatsLink):
         if left:
             finals = self.outbox.finals() + len(self.inflight)
             kept, where = self._spool_at_stop()
-            self.lost += left - kept
+            self.count_lost(left - kept)
             self._report(
                 TransportEvent.ERROR,
                 f"stop: {left} claim(s) ({finals} final) not confirmed by NATS within the flush timeout"

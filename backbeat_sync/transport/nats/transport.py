@@ -95,7 +95,7 @@ class NatsTransport(Transport):
             self._pre_outbox.put(subject, claim)
             return
         if link.stopped:
-            link.lost += 1  # nobody will send it: count it rather than queue it forever
+            link.count_lost(1)  # nobody will send it: count it rather than queue it forever
             return
         if link.outbox.put(subject, claim):
             link.wake()
@@ -107,7 +107,7 @@ class NatsTransport(Transport):
             self._pre_outbox.put_many(subject, claims)
             return
         if link.stopped:
-            link.lost += len(claims)
+            link.count_lost(len(claims))
             return
         if link.outbox.put_many(subject, claims):
             link.wake()

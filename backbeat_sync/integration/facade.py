@@ -1,4 +1,4 @@
-"""The :class:`Integration`: an agent in a BACKBEAT cluster.
+"""The :class:`Integration`: an agent in a BACKBEAT cluster (the public face).
 
 Threads (see ``docs/architecture.md``):
 
@@ -7,97 +7,69 @@ Threads (see ``docs/architecture.md``):
   the network;
 - the transport's thread (the pulse thread for ``local://``, the event-loop
   thread for NATS) parses each frame, feeds the clock and hands accepted
-  beats to the beat thread;
+  beats to the beat thread (:mod:`.ingest`);
 - the beat thread (``backbeat-beat``) claims every active operation, emits
-  the health claim, cleans up on downbeats and times itself;
+  the health claim, cleans up on downbeats and times itself (:mod:`.beat`);
 - the callback thread (``backbeat-callbacks``) runs user callbacks, so a slow
-  or failing callback never stalls beats or NATS.
+  or failing callback never stalls beats or NATS (:mod:`.callbacks`).
+
+This module holds the lifecycle, the seed's operation API and the claims the
+integration emits; health is :mod:`.health`.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, ParamSpec, TypeVar
 
-from ._logging import LoggerAdapter, RateLimitedLog
-from ._runtime import RUNTIME, WATCHDOG
-from ._time import SYSTEM_TIME, TimeSource
-from .budget import announce_running, execute_with_beat_budget
-from .claims import Claim, ClaimFactory, resolve
-from .clock import BeatClock, Observation
-from .config import BackbeatConfig
-from .errors import (
+from .._logging import LoggerAdapter, RateLimitedLog
+from .._runtime import RUNTIME
+from .._time import SYSTEM_TIME, TimeSource
+from ..budget import execute_with_beat_budget
+from ..claims import Claim, ClaimFactory, resolve
+from ..clock import BeatClock
+from ..config import BackbeatConfig
+from ..errors import (
     BackbeatDisabled,
     ConfigError,
     ForkedIntegration,
     IntegrationAlreadyStarted,
     IntegrationNotStarted,
     InvalidArgument,
-    ProtocolError,
 )
-from .operations import OperationPhase, OperationRegistry, P2POperation
-from .protocol import BeatFrame, StatusClaim, check_wire_id, parse_beat_frame
-from .signing import SigningKey, Verifier
-from .transport import Transport, TransportEvent, make_transport
+from ..operations import OperationPhase, OperationRegistry, P2POperation
+from ..protocol import BeatFrame, StatusClaim, check_wire_id
+from ..signing import SigningKey, Verifier
+from ..transport import Transport, make_transport
+from .base import STOP, STOPPED_REASON, IntegrationState
+from .beat import BeatMixin
+from .callbacks import CallbackMixin, Callbacks
+from .health import HealthCounters, HealthMixin
+from .ingest import IngestMixin
 
-__all__ = ["Integration", "IntegrationState"]
+__all__ = ["Integration"]
 
-T = TypeVar("T")
-BeatCallback = Callable[[BeatFrame], Any]
-ClaimCallback = Callable[[StatusClaim], Any]
-
-_STOP: Final = object()
-#: User-callback items queued at most; past this the oldest are dropped (and counted).
-CALLBACK_QUEUE_LIMIT: Final = 100_000
-#: How long stop() waits for one user callback that is still running (a blocked one).
-CALLBACK_JOIN_TIMEOUT: Final = 2.0
-STOPPED_REASON: Final = "integration stopped"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-class IntegrationState(enum.Enum):
-    """Lifecycle of an :class:`Integration`."""
-
-    NEW = "new"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-
-
-class _Callbacks:
-    """Copy-on-write lists of user callbacks."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.beat: tuple[BeatCallback, ...] = ()
-        self.downbeat: tuple[BeatCallback, ...] = ()
-        self.claim: tuple[ClaimCallback, ...] = ()
-
-    def add(self, kind: str, cb: Callable[[Any], Any]) -> Callable[[], None]:
-        with self._lock:
-            setattr(self, kind, (*getattr(self, kind), cb))
-
-        def remove() -> None:
-            with self._lock:
-                current = getattr(self, kind)
-                if cb in current:
-                    i = current.index(cb)
-                    setattr(self, kind, current[:i] + current[i + 1 :])
-
-        return remove
+def _wait_timeout(wait_for_beat: float | bool | None) -> float | None:
+    """``start(wait_for_beat=...)`` as a timeout: 0.0 (no wait), seconds, or None (no limit)."""
+    if wait_for_beat is None or wait_for_beat is False:
+        return 0.0
+    if wait_for_beat is True:
+        return None
+    if not isinstance(wait_for_beat, (int, float)) or not wait_for_beat >= 0:
+        raise InvalidArgument("wait_for_beat", wait_for_beat, "must be seconds >= 0, True or None")
+    return float(wait_for_beat)
 
 
-def _callback_name(cb: Callable[..., Any]) -> str:
-    return getattr(cb, "__qualname__", None) or repr(cb)
-
-
-class Integration:
+class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
     """An agent's membership of a BACKBEAT cluster: the beat, its operations, its claims.
 
     Args:
@@ -141,7 +113,7 @@ class Integration:
         self._node_id = node_id
         self._time = time_source or SYSTEM_TIME
         self._log = LoggerAdapter(logger, cluster=config.cluster_id, agent=config.agent_id)
-        self._ratelog = RateLimitedLog(self._log)
+        self._ratelog = RateLimitedLog(self._log, time_source=self._time)
         self._otel: Any = None  #: backbeat_sync.otel.Instrumentation, with config.otel
         self._clock = BeatClock(
             tempo_bpm=config.tempo_bpm, bar_length=config.bar_length, time_source=self._time
@@ -160,7 +132,7 @@ class Integration:
         self._state = IntegrationState.NEW
         self._state_lock = threading.Lock()
         self._audience_lock = threading.Lock()
-        self._callbacks = _Callbacks()
+        self._callbacks = Callbacks()
         #: The clock budgets count on while this integration runs; None otherwise (BudgetHost).
         self.budget_clock: BeatClock | None = None
         self._pid = os.getpid()
@@ -174,20 +146,8 @@ class Integration:
         if config.trusted_pulse_keys:
             self._verifier = Verifier.from_keys(config.trusted_pulse_keys, field="trusted_pulse_keys")
 
-        self._errors: deque[str] = deque(maxlen=10)
-        self._errors_lock = threading.Lock()
-        self._last_error_beat: int | None = None
-        self._counts: dict[str, int] = dict.fromkeys(
-            (
-                "claims_emitted",
-                "rejected_frames",
-                "foreign_frames",
-                "callback_errors",
-                "callbacks_dropped",
-            ),
-            0,
-        )
-        self._reconnects = 0
+        self._health = HealthCounters()
+        self._beat_seen = threading.Event()
         self._last_handling = 0.0
         self._claimed_beat = -1
         self._beat_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
@@ -232,14 +192,28 @@ class Integration:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, wait_for_beat: float | bool | None = None) -> None:
         """Connect, follow the beat, start the beat and callback threads.
+
+        Budgets opened before the first beat frame arrives count on the configured
+        ``tempo_bpm`` from the moment ``start()`` returns (the clock extrapolates);
+        when the first frame comes, the clock locks on to it and those budgets go on
+        counting, continuously, at the pulse's tempo. Pass ``wait_for_beat`` to start
+        counting on the pulse itself.
+
+        Args:
+            wait_for_beat: after starting, wait up to this many seconds for the first
+                beat frame (``True``: wait without a limit; ``None``/``False``/``0``: do
+                not wait). A timeout is not an error: see :meth:`wait_for_beat`.
 
         Raises:
             IntegrationAlreadyStarted: ``start()`` was already called.
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
             BackbeatConnectionError: the first NATS connection failed (nothing is
                 left running; ``start()`` may be tried again).
+            InvalidArgument: ``wait_for_beat`` is negative or not a number.
         """
+        timeout = _wait_timeout(wait_for_beat)
         self.refuse_if_forked()
         with self._state_lock:
             if self._state is not IntegrationState.NEW:
@@ -280,6 +254,33 @@ class Integration:
             f"🎵 CHORUS BACKBEAT integration started - cluster={self._config.cluster_id}"
             f" agent={self._config.agent_id}"
         )
+        if timeout != 0.0:
+            self.wait_for_beat(timeout)
+
+    def wait_for_beat(self, timeout: float | None = None) -> bool:
+        """Wait until a beat frame has been accepted (at once if one already has).
+
+        Args:
+            timeout: seconds to wait at most (None: no limit).
+
+        Returns:
+            True once a beat frame has been accepted; False if ``timeout`` passed first
+            or the integration is not running (nothing would arrive).
+
+        Raises:
+            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
+            InvalidArgument: ``timeout`` is negative or not a number.
+        """
+        self.refuse_if_forked()
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
+            raise InvalidArgument("timeout", timeout, "must be a number of seconds >= 0, or None")
+        if self._beat_seen.is_set():
+            return True
+        if self._state is not IntegrationState.RUNNING:
+            return False
+        return self._beat_seen.wait(timeout)
 
     def stop(self) -> None:
         """Fail what is still active, publish what is queued, close, join every thread. Idempotent.
@@ -293,7 +294,7 @@ class Integration:
             self._state = IntegrationState.STOPPING
             self.budget_clock = None
         try:
-            self._beat_queue.put(_STOP)
+            self._beat_queue.put(STOP)
             for t in self._threads[:1]:
                 t.join()
             failed = self._registry.fail_all(STOPPED_REASON)
@@ -338,7 +339,7 @@ class Integration:
             raise ForkedIntegration(repr(self), self._pid, self._forked_in)
 
     def _stop_threads(self) -> None:
-        self._beat_queue.put(_STOP)
+        self._beat_queue.put(STOP)
         with self._cb_cond:
             self._cb_items.append(("stop", None))
             self._cb_cond.notify()
@@ -350,16 +351,6 @@ class Integration:
             else:
                 t.join()
         self._threads = []
-
-    def _join_callbacks(self, thread: threading.Thread) -> None:
-        """Wait while the callback thread works through what is queued (every claim reaches
-        ``on_claim``); give up only on one callback running longer than CALLBACK_JOIN_TIMEOUT."""
-        while thread.is_alive():
-            thread.join(0.05)
-            running = self._cb_running
-            if running is not None and self._time.monotonic() - running[1] > CALLBACK_JOIN_TIMEOUT:
-                self._log.warn(f"BACKBEAT stop: thread {thread.name} still busy in a user callback")
-                return
 
     def __enter__(self) -> Integration:
         self.start()
@@ -476,7 +467,9 @@ class Integration:
         self.refuse_if_forked()
         self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
 
-    def execute_with_beat_budget(self, beats: float, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def execute_with_beat_budget(
+        self, beats: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
         """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
 
         If the integration is not running, ``fn`` runs plainly (the seed's fallback).
@@ -504,137 +497,6 @@ class Integration:
         if self._state is not IntegrationState.RUNNING:
             raise IntegrationNotStarted(f"state is {self._state.value}")
 
-    # -- callbacks -----------------------------------------------------------
-
-    def on_beat(self, callback: BeatCallback) -> Callable[[], None]:
-        """Call ``callback(frame)`` on every beat (on the callback thread).
-
-        Returns:
-            A function that unregisters it.
-        """
-        return self._callbacks.add("beat", self._callable(callback))
-
-    def on_downbeat(self, callback: BeatCallback) -> Callable[[], None]:
-        """Call ``callback(frame)`` on every downbeat (first beat of a bar).
-
-        Returns:
-            A function that unregisters it.
-        """
-        return self._callbacks.add("downbeat", self._callable(callback))
-
-    def on_claim(self, callback: ClaimCallback) -> Callable[[], None]:
-        """Call ``callback(claim)`` with every claim this integration emits, in order.
-
-        Returns:
-            A function that unregisters it.
-        """
-        remove = self._callbacks.add("claim", self._callable(callback))
-        self.audience_changed()
-
-        def unregister() -> None:
-            remove()
-            self.audience_changed()
-
-        return unregister
-
-    @staticmethod
-    def _callable(callback: Callable[..., Any]) -> Callable[..., Any]:
-        if not callable(callback):
-            raise InvalidArgument("callback", callback, "must be callable")
-        return callback
-
-    # -- health --------------------------------------------------------------
-
-    def get_health(self) -> dict[str, Any]:
-        """The agent's health: every key of PROTOCOL.md, and a few more counters.
-
-        Returns:
-            ``enabled``, ``started``, ``connected``, ``current_beat``, ``current_tempo``,
-            ``measured_bpm``, ``tempo_drift``, ``reconnect_count``, ``active_operations``,
-            ``local_degradation``, ``errors``, ``node_id``; then ``cluster_id``,
-            ``agent_id``, ``beat_position``, ``beats_received``, ``missed_beats``,
-            ``stale_frames``, ``duplicate_frames``, ``rejected_frames``,
-            ``foreign_frames``, ``pulse_resets``, ``claims_emitted``,
-            ``claims_published``, ``claims_dropped``, ``claims_coalesced``,
-            ``claims_queued``, ``callback_errors``, ``callbacks_dropped``,
-            ``blocked_callback``, ``beat_handling_seconds``.
-
-        Raises:
-            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
-        """
-        self.refuse_if_forked()
-        snap = self._clock.snapshot()
-        started = self.running
-        transport = self._transport
-        connected = self._connected()
-        with self._errors_lock:
-            errors = list(self._errors)
-        tstats = transport.stats() if transport is not None else {}
-        blocked = self._blocked_callback()
-        health: dict[str, Any] = {
-            "enabled": self._config.enabled,
-            "started": started,
-            "connected": connected,
-            "current_beat": snap.current_beat,
-            "current_tempo": snap.tempo_bpm,
-            "measured_bpm": round(snap.measured_bpm, 3),
-            "tempo_drift": snap.tempo_drift,
-            "reconnect_count": transport.reconnect_count if transport is not None else 0,
-            "active_operations": self._registry.active_count,
-            "local_degradation": self._degraded(snap.seconds_since_frame, snap.missed_in_current_bar)
-            if started
-            else False,
-            "errors": errors,
-            "node_id": self._node_id,
-            "cluster_id": self._config.cluster_id,
-            "agent_id": self._config.agent_id,
-            "beat_position": self._clock.position(),
-            "beats_received": snap.beats_received,
-            "missed_beats": snap.missed_beats,
-            "stale_frames": snap.stale_frames,
-            "duplicate_frames": snap.duplicate_frames,
-            "pulse_resets": snap.resets,
-            "claims_published": tstats.get("claims_published", 0),
-            "claims_dropped": tstats.get("claims_dropped", 0),
-            "claims_coalesced": tstats.get("claims_coalesced", 0),
-            "claims_queued": tstats.get("claims_queued", 0),
-            "blocked_callback": blocked,
-            "beat_handling_seconds": self._last_handling,
-        }
-        with self._errors_lock:
-            health.update(self._counts)
-        health["claims_emitted"] += self._registry.unheard
-        return health
-
-    def _connected(self) -> bool:
-        transport = self._transport
-        return bool(self.running and transport is not None and transport.connected)
-
-    def _degraded(self, since_frame: float, missed_in_bar: bool) -> bool:
-        spb = self._clock.beat_duration
-        return since_frame > 2 * spb or missed_in_bar or self._last_handling > 0.5 * spb
-
-    def _blocked_callback(self) -> str | None:
-        running = self._cb_running
-        if running is None:
-            return None
-        name, since = running
-        if self._time.monotonic() - since > self._clock.beat_duration:
-            return name
-        return None
-
-    def record_error(self, message: str) -> None:
-        """Add ``message`` to health ``errors`` (the last 10 are kept) and log it."""
-        with self._errors_lock:
-            self._errors.append(message)
-            self._last_error_beat = self._clock.current_beat
-        self._ratelog.warn(message.split(":", 1)[0], f"BACKBEAT error: {message}")
-
-    def count(self, key: str, n: int = 1) -> None:
-        """Add ``n`` to the health counter ``key`` (created at 0 on first use)."""
-        with self._errors_lock:
-            self._counts[key] = self._counts.get(key, 0) + n
-
     # -- claims --------------------------------------------------------------
 
     def _encode(self, claim: Claim) -> bytes:
@@ -656,7 +518,7 @@ class Integration:
         beat of 100,000 claims goes out about twice as fast.
         """
         transport = self._transport
-        self._counts["claims_emitted"] += len(ops)  # always under the registry lock
+        self._health.add("claims_emitted", len(ops))
         beat = self._clock.current_beat
         make = self._claims.for_operation
         claims: list[Claim] = [make(op, beat) for op in ops]
@@ -688,7 +550,7 @@ class Integration:
         transport = self._transport
         if transport is not None:
             transport.publish(self._status_subject, claim)
-        self._counts["claims_emitted"] += 1  # always under the registry lock
+        self._health.add("claims_emitted")
         if self._callbacks.claim:
             self._queue_callback("claim", claim)
 
@@ -696,8 +558,10 @@ class Integration:
         """Claim an active operation at once with a custom ``notes`` line (budget warnings).
 
         Returns:
-            The claim, or None if the operation is no longer active.
+            The claim, or None if the operation is no longer active or nobody would
+            receive the claim (it is then only counted, never built: see ``audience_changed``).
         """
+        self.refuse_if_forked()
         sent: list[StatusClaim] = []
 
         def emit(op: P2POperation) -> None:
@@ -709,7 +573,7 @@ class Integration:
         return sent[0] if sent else None
 
     def _emit_health(self) -> None:
-        last_err = self._last_error_beat
+        last_err = self._health.last_error_beat
         every = self._config.health_every_beats
         recent = last_err is not None and self._clock.current_beat - last_err < every
         with self._registry.lock:
@@ -722,191 +586,6 @@ class Integration:
                     recent_errors=recent,
                 )
             )
-
-    # -- frames (transport thread) ------------------------------------------------
-
-    def frame_received(self, data: bytes, arrival: float) -> None:
-        """Transport entry point: a payload arrived on the beat subject. Never raises."""
-        try:
-            self._frame_received(data, arrival)
-        except Exception as exc:  # a bug here must never stop the transport
-            self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
-
-    def _frame_received(self, data: bytes, arrival: float) -> None:
-        if self._state is not IntegrationState.RUNNING:
-            return
-        try:
-            frame = parse_beat_frame(data)
-        except ProtocolError as exc:
-            self.count("rejected_frames")
-            self.record_error(f"rejected beat frame: {exc.reason}")
-            return
-        if frame.cluster_id != self._config.cluster_id:
-            self.count("foreign_frames")
-            return
-        if not self._accept_frame(frame):
-            return
-        result = self._clock.observe(frame, arrival)
-        if not result.observation.accepted:
-            return
-        if result.observation in (Observation.FIRST, Observation.RESET):
-            self._registry.rebase(self._clock.beat_and_epoch[1], result.shift)
-        if result.observation is Observation.GAP:
-            self._ratelog.warn(
-                "gap", f"BACKBEAT missed {result.missed} beat(s) before beat={frame.beat_index}"
-            )
-        elif result.observation is Observation.RESET:
-            self.record_error(
-                f"pulse reset: resynchronised to beat {frame.beat_index} after a bar of stale frames"
-            )
-        WATCHDOG.notify_only()  # tempo changes re-time the budgets' deadlines
-        self._beat_queue.put(frame)
-
-    def _accept_frame(self, frame: BeatFrame) -> bool:
-        """With trusted pulse keys, only frames signed by one of them get through."""
-        if self._verifier is None:
-            return True
-        verdict = self._verifier.verify(frame)
-        if verdict == "ok":
-            return True
-        self.count("unsigned_frames" if verdict == "unsigned" else "forged_frames")
-        self.record_error(f"dropped beat frame: {verdict.replace('_', ' ')} (beat {frame.beat_index})")
-        return False
-
-    def transport_event(self, event: TransportEvent, detail: str) -> None:
-        """Transport entry point: the connection changed state."""
-        if event is TransportEvent.ERROR:
-            self.record_error(f"nats error: {detail}")
-        elif event is TransportEvent.DISCONNECTED:
-            self.record_error(f"disconnected from NATS: {detail}")
-        elif event is TransportEvent.CLOSED and self._state is IntegrationState.RUNNING:
-            self.record_error(f"nats connection closed: {detail}")  # unexpected: not our stop()
-        elif event is TransportEvent.RECONNECTED:
-            self._log.info(f"BACKBEAT reconnected to NATS: {detail}")
-        elif event is TransportEvent.CONNECTED:
-            self._log.debug(f"BACKBEAT connected: {detail}")
-        elif event is TransportEvent.WARNING:
-            self._log.warn(f"BACKBEAT {detail}")
-
-    # -- the beat thread -----------------------------------------------------
-
-    def _beat_loop(self) -> None:
-        while True:
-            item = self._beat_queue.get()
-            frames: list[BeatFrame] = []
-            while item is not _STOP:
-                assert isinstance(item, BeatFrame)
-                frames.append(item)
-                try:  # a backlog (slow handling): claim once, for the newest beat
-                    item = self._beat_queue.get_nowait()
-                except queue.Empty:
-                    break
-            if frames:
-                self._handle_frames(frames)
-            if item is _STOP:
-                return
-
-    def _handle_frames(self, frames: list[BeatFrame]) -> None:
-        t0 = self._time.monotonic()
-        try:
-            self._handle_beat(frames)
-        except Exception as exc:
-            self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
-        self._last_handling = elapsed = self._time.monotonic() - t0
-        for listener in self._handled_listeners:
-            try:
-                listener(frames[-1], elapsed)
-            except Exception as exc:
-                self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
-
-    def _handle_beat(self, frames: list[BeatFrame]) -> None:
-        for f in frames:
-            self._log.info(
-                f"🥁 BACKBEAT beat received - beat={f.beat_index} phase={f.phase}"
-                f" tempo={f.tempo_bpm:g} window={f.window_id}"
-            )
-        if len(frames) > 1:
-            self._ratelog.warn(
-                "backlog", f"BACKBEAT beat handling fell behind: {len(frames)} beats handled as one"
-            )
-        beat = self._clock.current_beat
-        if beat != self._claimed_beat:  # each beat's claims go out once
-            self._claimed_beat = beat
-            self._registry.emit_active(emit_chunk=self._emit_operations)
-        announce_running(self)  # budget calls still running are claimed from now on
-        downbeats = [f for f in frames if f.downbeat]
-        if downbeats:
-            last = downbeats[-1]
-            self._log.info(
-                f"🎼 BACKBEAT downbeat - new bar started - beat={last.beat_index} window={last.window_id}"
-            )
-            self._registry.cleanup_finished()
-            self._log.info(f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}")
-        if any(f.beat_index % self._config.health_every_beats == 0 for f in frames):
-            self._emit_health()
-        self._check_blocked()
-        for f in frames:
-            if self._callbacks.beat:
-                self._queue_callback("beat", f)
-            if f.downbeat and self._callbacks.downbeat:
-                self._queue_callback("downbeat", f)
-
-    def _check_blocked(self) -> None:
-        blocked = self._blocked_callback()
-        if blocked is None:
-            self._cb_blocked_reported = False
-        elif not self._cb_blocked_reported:
-            self._cb_blocked_reported = True
-            self.record_error(f"callback blocked: {blocked} has run for more than a beat")
-
-    # -- the callback thread ---------------------------------------------------
-
-    def _queue_callback(self, kind: str, payload: Any) -> None:
-        with self._cb_cond:
-            if len(self._cb_items) >= CALLBACK_QUEUE_LIMIT:
-                self._cb_items.popleft()
-                self._counts["callbacks_dropped"] += 1
-            self._cb_items.append((kind, payload))
-            self._cb_cond.notify()
-
-    def _callback_loop(self) -> None:
-        items = self._cb_items
-        while True:
-            with self._cb_cond:
-                while not items:
-                    self._cb_cond.wait()
-                kind, payload = items.popleft()
-            if kind == "stop":
-                return
-            callbacks: tuple[Callable[[Any], Any], ...] = getattr(self._callbacks, kind)
-            if kind == "claim":
-                try:
-                    payload = resolve(payload)
-                except Exception as exc:  # a bug: never let it stop the callback thread
-                    self.record_error(f"claim {payload.task_id} not built: {type(exc).__name__}: {exc}")
-                    continue
-            for cb in callbacks:
-                self._cb_running = (_callback_name(cb), self._time.monotonic())
-                try:
-                    cb(payload)
-                except Exception as exc:
-                    self.count("callback_errors")
-                    self.record_error(
-                        f"on_{kind} callback {_callback_name(cb)} raised {type(exc).__name__}: {exc}"
-                    )
-                finally:
-                    self._cb_running = None
-
-    # -- hooks for the budget engine (internal) --------------------------------
-
-    def _add_handled_listener(self, listener: Callable[[BeatFrame, float], None]) -> Callable[[], None]:
-        """Call ``listener(frame, seconds)`` on the beat thread after each beat is handled (internal)."""
-        self._handled_listeners = (*self._handled_listeners, listener)
-
-        def remove() -> None:
-            self._handled_listeners = tuple(x for x in self._handled_listeners if x is not listener)
-
-        return remove
 
     # -- metrics (optional ``prometheus`` extra) --------------------------------
 
@@ -925,7 +604,9 @@ class Integration:
         Raises:
             ImportError: prometheus-client is not installed (``pip install 'backbeat_sync[prometheus]'``).
         """
-        from .metrics import serve_metrics
+        from ..metrics import serve_metrics  # imported on use: prometheus-client is an extra
+
+        self.refuse_if_forked()
 
         server = serve_metrics(self, port, addr=addr, registry=registry)
         self._metrics_servers.append(server)
@@ -935,7 +616,7 @@ class Integration:
 def _instrument_otel(integration: Integration) -> Any:
     """``BackbeatConfig(otel=True)``: spans with the global tracer provider (the ``otel`` extra)."""
     try:
-        from .otel import instrument
+        from ..otel import instrument
     except ImportError as exc:
         raise ImportError(
             "BackbeatConfig(otel=True) needs the otel extra: pip install 'backbeat_sync[otel]'"

@@ -1,0 +1,77 @@
+"""The beat thread (``backbeat-beat``): per-beat claims, budget announcements, downbeat
+clean-up, the health claim, and how long it all took (``local_degradation``)."""
+
+from __future__ import annotations
+
+import queue
+
+from ..budget import announce_running
+from ..protocol import BeatFrame
+from .base import STOP, IntegrationCore
+
+__all__ = ["BeatMixin"]
+
+
+class BeatMixin(IntegrationCore):
+    """``Integration``'s beat thread."""
+
+    def _beat_loop(self) -> None:
+        while True:
+            item = self._beat_queue.get()
+            frames: list[BeatFrame] = []
+            while item is not STOP:
+                assert isinstance(item, BeatFrame)
+                frames.append(item)
+                try:  # a backlog (slow handling): claim once, for the newest beat
+                    item = self._beat_queue.get_nowait()
+                except queue.Empty:
+                    break
+            if frames:
+                self._handle_frames(frames)
+            if item is STOP:
+                return
+
+    def _handle_frames(self, frames: list[BeatFrame]) -> None:
+        t0 = self._time.monotonic()
+        try:
+            self._handle_beat(frames)
+        except Exception as exc:
+            self.record_error(f"beat handling failed: {type(exc).__name__}: {exc}")
+        self._last_handling = elapsed = self._time.monotonic() - t0
+        for listener in self._handled_listeners:
+            try:
+                listener(frames[-1], elapsed)
+            except Exception as exc:
+                self.record_error(f"beat listener failed: {type(exc).__name__}: {exc}")
+
+    def _handle_beat(self, frames: list[BeatFrame]) -> None:
+        for f in frames:
+            self._log.info(
+                f"🥁 BACKBEAT beat received - beat={f.beat_index} phase={f.phase}"
+                f" tempo={f.tempo_bpm:g} window={f.window_id}"
+            )
+        if len(frames) > 1:
+            self._ratelog.warn(
+                "backlog", f"BACKBEAT beat handling fell behind: {len(frames)} beats handled as one"
+            )
+        beat = self._clock.current_beat
+        if beat != self._claimed_beat:  # each beat's claims go out once
+            self._claimed_beat = beat
+            self._registry.emit_active(emit_chunk=self._emit_operations)
+        announce_running(self)  # budget calls still running are claimed from now on
+        downbeats = [f for f in frames if f.downbeat]
+        if downbeats:
+            last = downbeats[-1]
+            self._log.info(
+                f"🎼 BACKBEAT downbeat - new bar started - beat={last.beat_index} window={last.window_id}"
+            )
+            self._registry.cleanup_finished()
+            self._log.info(f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}")
+        if any(f.beat_index % self._config.health_every_beats == 0 for f in frames):
+            self._emit_health()
+        self._check_blocked()
+        for f in frames:
+            if self._callbacks.beat:
+                self._queue_callback("beat", f)
+            if f.downbeat and self._callbacks.downbeat:
+                self._queue_callback("downbeat", f)
