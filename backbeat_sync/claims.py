@@ -7,7 +7,15 @@ from typing import TypeAlias
 from ._time import TimeSource, format_rfc3339
 from .errors import ConfigError
 from .operations import OperationPhase, P2POperation
-from .protocol import HEALTH_TASK_ID, MAX_ID_BYTES, MAX_REASON_BYTES, StatusClaim, fit_text
+from .protocol import (
+    HEALTH_TASK_ID,
+    MAX_ID_BYTES,
+    MAX_REASON_BYTES,
+    STATUS_CLAIM_TYPE,
+    StatusClaim,
+    fit_text,
+    wire_json,
+)
 
 _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
@@ -34,6 +42,7 @@ class LazyClaim:
         "_claim",
         "_factory",
         "beat",
+        "direct",
         "estimated",
         "is_final",
         "notes",
@@ -57,6 +66,38 @@ class LazyClaim:
     reason: str | None
     beat: int
     notes: str | None
+    #: A beat sweep's claim: :meth:`wire` may encode it without making the StatusClaim.
+    direct: bool
+
+    def wire(self) -> bytes:
+        """The claim's wire bytes (``StatusClaim.encode`` of :meth:`build`, byte for byte),
+        straight from the snapshot when the claim is not built yet: no StatusClaim is made.
+        """
+        claim = self._claim
+        if claim is not None:
+            return claim.encode()
+        f = self._factory
+        state, beats_left, progress, line = f.figures(
+            self.type, self.phase, self.peers, self.start_beat, self.estimated, self.reason, self.beat
+        )
+        return wire_json(
+            {
+                "type": STATUS_CLAIM_TYPE,
+                "cluster_id": f.cluster_id,
+                "agent_id": f.agent_id,
+                "node_id": f.node_id,
+                "task_id": self.task_id,
+                "beat_index": self.beat,
+                "state": state,
+                "beats_left": beats_left,
+                "progress": progress,
+                "notes": line if self.notes is None else self.notes,
+                "sent_at": f.sent_at(),
+                "operation_type": self.type,
+                "phase": self.phase.value,
+                "peer_count": self.peers,
+            }
+        )
 
     def build(self) -> StatusClaim:
         """The claim (built on the first call; a race between two threads builds it twice, harmlessly)."""
@@ -153,13 +194,15 @@ class ClaimFactory:
             notes,
         )
 
-    def lazy(self, op: P2POperation, current_beat: int) -> LazyClaim:
+    def lazy(self, op: P2POperation, current_beat: int, direct: bool = False) -> LazyClaim:
         """A snapshot of ``op`` at ``current_beat`` whose claim is built when first needed.
 
         The claim built from it equals :meth:`for_operation` of the same operation
         at the same beat (``sent_at`` aside): it is the same :meth:`make`.
+        ``direct``: a beat sweep's claim (see :meth:`LazyClaim.wire`).
         """
         lazy = _new(LazyClaim)
+        lazy.direct = direct
         lazy._factory = self
         lazy._claim = None
         lazy.task_id = op.id
@@ -199,27 +242,10 @@ class ClaimFactory:
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
         """
-        # The per-beat hot path (one call per active operation per beat), kept inline.
-        # PROTOCOL.md: p = c - s; beats_left = max(0, e - p); progress = min(1.0, p / e).
+        state, beats_left, progress, line = self.figures(
+            operation_type, phase, peer_count, start_beat, estimated, reason, current_beat
+        )
         value = phase.value
-        if phase is _COMPLETED:
-            state, beats_left, progress = "done", 0, 1.0
-            line = f"P2P {operation_type}: {value} (peers: {peer_count}, node: {self.node_id})"
-        elif phase is _FAILED:
-            state, beats_left, progress = "failed", 0, 0.0
-            # A reason of any length fits a message: it is cut to MAX_REASON_BYTES, marked.
-            why = fit_text(reason, MAX_REASON_BYTES) if reason else "unknown"
-            line = f"P2P operation failed: {why} (type: {operation_type})"
-        else:
-            state = "executing"
-            passed = current_beat - start_beat
-            if passed < 0:
-                passed = 0
-            if passed < estimated:
-                beats_left, progress = estimated - passed, passed / estimated
-            else:
-                beats_left, progress = 0, 1.0
-            line = f"P2P {operation_type}: {value} (peers: {peer_count}, node: {self.node_id})"
         return StatusClaim(
             self.cluster_id,
             self.agent_id,
@@ -234,6 +260,45 @@ class ClaimFactory:
             operation_type,
             value,
             peer_count,
+        )
+
+    def figures(
+        self,
+        operation_type: str,
+        phase: OperationPhase,
+        peer_count: int,
+        start_beat: int,
+        estimated: int,
+        reason: str | None,
+        current_beat: int,
+    ) -> tuple[str, int, float, str]:
+        """``(state, beats_left, progress, notes line)`` of an operation: the maths of PROTOCOL.md,
+        in one place (:meth:`make` and :meth:`LazyClaim.wire` both use it)."""
+        # The per-beat hot path (one call per active operation per beat), kept inline.
+        # PROTOCOL.md: p = c - s; beats_left = max(0, e - p); progress = min(1.0, p / e).
+        if phase is _COMPLETED:
+            return (
+                "done",
+                0,
+                1.0,
+                f"P2P {operation_type}: {phase.value} (peers: {peer_count}, node: {self.node_id})",
+            )
+        if phase is _FAILED:
+            # A reason of any length fits a message: it is cut to MAX_REASON_BYTES, marked.
+            why = fit_text(reason, MAX_REASON_BYTES) if reason else "unknown"
+            return "failed", 0, 0.0, f"P2P operation failed: {why} (type: {operation_type})"
+        passed = current_beat - start_beat
+        if passed < 0:
+            passed = 0
+        if passed < estimated:
+            beats_left, progress = estimated - passed, passed / estimated
+        else:
+            beats_left, progress = 0, 1.0
+        return (
+            "executing",
+            beats_left,
+            progress,
+            f"P2P {operation_type}: {phase.value} (peers: {peer_count}, node: {self.node_id})",
         )
 
     def for_health(

@@ -136,3 +136,24 @@ def test_a_lazy_claim_is_the_claim_of_its_snapshot() -> None:
     assert final.build().notes == "P2P operation failed: later (type: dht_store)"
     assert resolve(expected) is expected
     assert resolve(lazy) is built
+
+
+@pytest.mark.parametrize("phase", list(OperationPhase))
+@pytest.mark.parametrize("beat", [3, 10, 40])
+def test_a_sweep_claim_encodes_to_the_claims_bytes(phase: OperationPhase, beat: int) -> None:
+    """LazyClaim.wire() (a beat sweep's claim, no StatusClaim made) is StatusClaim.encode() of the
+    same claim, byte for byte, in every phase."""
+    factory = ClaimFactory("c", "a", "n", ManualTime())
+    op = P2POperation(
+        id="op",
+        type="dht_store",
+        start_beat=5,
+        estimated_beats=4,
+        phase=phase,
+        peer_count=3,
+        reason="quorum lost" if phase is OperationPhase.FAILED else None,
+    )
+    direct = factory.lazy(op, beat, True)
+    assert direct.wire() == factory.for_operation(op, beat).encode()
+    direct.build()
+    assert direct.wire() == factory.for_operation(op, beat).encode()  # built: the same bytes

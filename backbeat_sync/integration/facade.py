@@ -31,7 +31,7 @@ from .._logging import LoggerAdapter, RateLimitedLog
 from .._runtime import RUNTIME
 from .._time import SYSTEM_TIME, TimeSource
 from ..budget import execute_with_beat_budget
-from ..claims import Claim, ClaimFactory, resolve
+from ..claims import Claim, ClaimFactory, LazyClaim, resolve
 from ..clock import BeatClock
 from ..config import BackbeatConfig
 from ..errors import (
@@ -139,6 +139,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         self._forked_in: int | None = None  # the fork child's pid, once inherited
         self._handled_listeners: tuple[Callable[[BeatFrame, float], None], ...] = ()
         self._encoder: Callable[[StatusClaim], bytes] = StatusClaim.encode
+        self._signed = config.signing_key is not None
         self._verifier: Verifier | None = None
         if config.signing_key is not None:
             signer = SigningKey.load(config.signing_key, config.signing_key_id)
@@ -500,6 +501,10 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
     # -- claims --------------------------------------------------------------
 
     def _encode(self, claim: Claim) -> bytes:
+        # A beat sweep's claim goes from its snapshot to bytes (no StatusClaim made), unless
+        # claims are signed (the signer takes a StatusClaim) or the claim is built already.
+        if type(claim) is LazyClaim and claim.direct and not self._signed:
+            return claim.wire()
         return self._encoder(resolve(claim))
 
     def _emit_operation(self, op: P2POperation) -> None:
@@ -513,15 +518,22 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
     def _emit_operations(self, ops: list[P2POperation]) -> None:
         """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock).
 
-        Built here, on the beat thread (not left to the transport as an application
-        thread's claims are): the transport then only encodes and sends them, and a
-        beat of 100,000 claims goes out about twice as fast.
+        Each claim is a snapshot marked ``direct``: the transport encodes it straight to
+        bytes (``LazyClaim.wire``), and no StatusClaim object is ever made, which is most
+        of what a beat of 100,000 claims cost beyond encoding and sending them. With
+        ``on_claim`` callbacks or signed claims (both need the StatusClaim) the claims are
+        built here, on the beat thread, as before.
         """
         transport = self._transport
         self._health.add("claims_emitted", len(ops))
         beat = self._clock.current_beat
-        make = self._claims.for_operation
-        claims: list[Claim] = [make(op, beat) for op in ops]
+        claims: list[Claim]
+        if self._callbacks.claim or self._signed:
+            make = self._claims.for_operation
+            claims = [make(op, beat) for op in ops]
+        else:
+            lazy = self._claims.lazy
+            claims = [lazy(op, beat, True) for op in ops]
         if transport is not None:
             transport.publish_many(self._status_subject, claims)
         if self._callbacks.claim:
