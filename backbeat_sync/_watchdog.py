@@ -25,7 +25,7 @@ How an exception reaches exactly the code that owns a budget (see ``docs/budgets
   wakes: the watchdog promotes budgets it has not seen yet (newest first, in each
   slot) into its heap when it wakes. A ``@beat_budget`` call enters ``live`` as a
   plain entry (its settings, integration and start); its tracker object is made
-  only when something needs one (:attr:`Watchdog.materialize`), so a call that
+  only when something needs one (the entry's settings make it: ``EntrySettings``), so a call that
   ends before anything looks at it allocates no tracker.
 
 The single :class:`Watchdog` of a process is made and owned by

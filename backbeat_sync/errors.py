@@ -25,6 +25,7 @@ __all__ = [
     "OperationNotFound",
     "ProtocolError",
     "PulseAlreadyStarted",
+    "TransportStateError",
 ]
 
 
@@ -227,6 +228,17 @@ class PulseAlreadyStarted(BackbeatError, RuntimeError):
     def __init__(self, state: str) -> None:
         self.state = state
         super().__init__(f"Pulse already {state}; make a new one to start again")
+
+
+class TransportStateError(BackbeatError, RuntimeError):
+    """A transport (or its link) was used out of its lifecycle: started twice, or its loop is gone.
+
+    The integration never does this; it guards the transport API for other callers.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(what)
 
 
 class BudgetLeftUnexited(BackbeatError, RuntimeError):

@@ -21,7 +21,7 @@ from nats.aio.client import Client
 
 from ..._time import SYSTEM_TIME, TimeSource
 from ...config import BackbeatConfig
-from ...errors import BackbeatConnectionError, ConfigError
+from ...errors import BackbeatConnectionError, ConfigError, TransportStateError
 from ..base import TransportEvent
 from .client import GuardedClient, TlsNotOffered
 from .options import cancel_and_wait, connect_options, describe_error, is_auth_error, server_label
@@ -165,11 +165,11 @@ class NatsLink:
             BackbeatConnectionError: no connection within ``config.connect_timeout``
                 (names the masked servers and the cause); nothing is left running.
             ConfigError: a TLS or credentials setting cannot be used.
-            RuntimeError: ``start()`` was already called.
+            TransportStateError: ``start()`` was already called (a RuntimeError).
         """
         with self._state_lock:
             if self._state is not _State.NEW:
-                raise RuntimeError(f"NATS link already {self._state.value}")
+                raise TransportStateError(f"NATS link already {self._state.value}")
             self._state = _State.STARTING
         try:
             options = connect_options(self._config, name=self._client_name)
@@ -287,11 +287,11 @@ class NatsLink:
         """Run ``coro`` on the loop from another thread; returns a concurrent future.
 
         Raises:
-            RuntimeError: the loop is not running.
+            TransportStateError: the loop is not running (a RuntimeError).
         """
         if self._loop is None or self._loop.is_closed():
             coro.close()
-            raise RuntimeError("NATS loop is not running")
+            raise TransportStateError("NATS loop is not running")
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     # -- on the loop thread ---------------------------------------------------------

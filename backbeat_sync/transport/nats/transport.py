@@ -10,6 +10,7 @@ from __future__ import annotations
 from ..._time import SYSTEM_TIME, TimeSource
 from ...claims import Claim
 from ...config import BackbeatConfig
+from ...errors import TransportStateError
 from ..base import ClaimEncoder, Transport, TransportEvent, TransportSink
 from .claim_link import ClaimLink
 from .outbox import Outbox
@@ -59,9 +60,10 @@ class NatsTransport(Transport):
             BackbeatConnectionError: no connection within ``config.connect_timeout``
                 ("authorization violation" at once for refused credentials).
             ConfigError: a TLS or credentials setting cannot be used.
+            TransportStateError: ``start()`` was already called (a RuntimeError).
         """
         if self._link is not None:
-            raise RuntimeError("NatsTransport.start() may be called once")
+            raise TransportStateError("NatsTransport.start() may be called once")
         spool = self._spool()
         link = ClaimLink(self._config, self._encoder, self._time, sink, spool)
         # Claims published before start() (none in practice) are not lost.
