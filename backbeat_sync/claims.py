@@ -208,7 +208,7 @@ class ClaimFactory:
         lazy.task_id = op.id
         lazy.type = op.type
         phase = lazy.phase = op.phase
-        lazy.is_final = phase._final
+        lazy.is_final = phase is _COMPLETED or phase is _FAILED
         lazy.peers = op.peer_count
         lazy.start_beat = op.start_beat
         lazy.estimated = op.estimated_beats
