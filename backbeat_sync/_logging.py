@@ -83,7 +83,9 @@ def log_to_stdlib(level: int | str | None = None) -> StdlibLogging:
     """Send every library line to the stdlib ``logging`` module instead of loguru.
 
     Lines go to ``logging.getLogger("backbeat_sync.<module>")`` (for example
-    ``backbeat_sync.integration`` for the seed's 🎵/🥁/🎼/🧹 lines), so the
+    ``backbeat_sync.integration`` for the seed's 🎵/🥁/🎼/🧹 lines; the modules
+    inside the ``integration`` and ``budget`` packages log under the package's
+    name, their ``LOG_NAME``), so the
     handlers, filters and level of ``logging.getLogger("backbeat_sync")`` and of
     the root logger apply as for any other library. Levels: debug, info,
     warning, error; a traceback rides as ``exc_info``. The structured fields
@@ -159,7 +161,10 @@ class LibraryLogger:
     def _log(self, level: str, msg: str, depth: int, args: Any, kwargs: Any) -> None:
         # depth counts frames above this one: 2 is the caller of debug()/info()/...
         if _stdlib_routes:
-            name = sys._getframe(depth).f_globals.get("__name__", STDLIB_ROOT)
+            g = sys._getframe(depth).f_globals
+            # A package's inner modules log under the package's name (LOG_NAME), so the names
+            # users configure stay the public ones (backbeat_sync.integration, not .facade).
+            name = g.get("LOG_NAME") or g.get("__name__", STDLIB_ROOT)
             _stdlib_emit(name, level, msg, self._fields, self._exception, depth, args, kwargs)
         else:
             # loguru reads the module name (for enable/disable) and the line from that frame too.

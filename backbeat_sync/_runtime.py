@@ -198,6 +198,7 @@ class Runtime:
         self.inherited = len(inherited)
         self.fallback_logged = False
         self.generation += 1
+        self.call_hook = None  # the parent's spans="all" instrumentation, bound to its integration
         self.budgets_on[:] = [True]
         WATCHDOG.reset_after_fork()
         reset_slots_after_fork()

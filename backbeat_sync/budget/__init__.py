@@ -22,7 +22,7 @@ shield), :mod:`.tracker` (the owner's side), :mod:`.events` (the watchdog's side
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from .._runtime import RUNTIME
 from .faces import PreciseMode, beat_budget, execute_with_beat_budget, precise_mode, track_operation
@@ -30,6 +30,8 @@ from .host import BudgetHost
 from .settings import DEFAULT_WARN_AT, ON_EXHAUST, BudgetSettings, OnExhaust
 from .tracker import Tracker, announce_running
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = [
     "DEFAULT_WARN_AT",
     "ON_EXHAUST",

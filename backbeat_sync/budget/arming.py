@@ -31,6 +31,8 @@ from .._watchdog import ARMED, SYNC, ThreadSlot, clear_async_exc
 if TYPE_CHECKING:
     from .tracker import Tracker
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = [
     "absorb_pending",
     "arm",

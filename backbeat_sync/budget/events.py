@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .host import BudgetHost
     from .tracker import Tracker
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = ["FOLLOWUP_SECONDS", "exc_class_for", "on_event"]
 
 #: After an interrupt, the watchdog checks back this long later (the owner should

@@ -28,6 +28,8 @@ from .tracker import Block, Tracker, materialize
 if TYPE_CHECKING:
     from .host import BudgetHost
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = [
     "CallHook",
     "PreciseMode",

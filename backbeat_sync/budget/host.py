@@ -7,7 +7,7 @@ protocol; a test or another front end could too.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 if TYPE_CHECKING:
     from .._logging import LoggerAdapter
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from ..operations import OperationRegistry
     from ..protocol import StatusClaim
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = ["BudgetHost"]
 
 

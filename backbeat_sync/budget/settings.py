@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from .host import BudgetHost
     from .tracker import Tracker
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = [
     "BLOCK_CACHE_MAX",
     "CACHED_NUMBERS",

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .host import BudgetHost
     from .settings import BudgetSettings
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.budget"
 __all__ = [
     "LATE_SECONDS",
     "WAIT_POLL_SECONDS",

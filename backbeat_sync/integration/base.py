@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .callbacks import Callbacks
     from .health import HealthCounters
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = [
     "CALLBACK_JOIN_TIMEOUT",
     "CALLBACK_QUEUE_LIMIT",

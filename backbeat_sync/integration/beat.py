@@ -4,11 +4,14 @@ clean-up, the health claim, and how long it all took (``local_degradation``)."""
 from __future__ import annotations
 
 import queue
+from typing import Final
 
 from ..budget import announce_running
 from ..protocol import BeatFrame
 from .base import STOP, IntegrationCore
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = ["BeatMixin"]
 
 

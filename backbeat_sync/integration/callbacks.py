@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from ..claims import resolve
 from ..errors import InvalidArgument
 from ..protocol import BeatFrame
 from .base import CALLBACK_JOIN_TIMEOUT, CALLBACK_QUEUE_LIMIT, BeatCallback, ClaimCallback, IntegrationCore
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = ["CallbackMixin", "Callbacks", "callback_name"]
 
 

@@ -52,6 +52,8 @@ from .callbacks import CallbackMixin, Callbacks
 from .health import HealthCounters, HealthMixin
 from .ingest import IngestMixin
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = ["Integration"]
 
 P = ParamSpec("P")

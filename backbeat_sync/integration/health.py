@@ -21,6 +21,8 @@ from .base import IntegrationCore
 if TYPE_CHECKING:
     from .._logging import RateLimitedLog
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = [
     "ERRORS_KEPT",
     "HEALTH_FIELDS",

@@ -3,6 +3,8 @@ signature, feed the clock, wake the watchdog, hand the beat to the beat thread."
 
 from __future__ import annotations
 
+from typing import Final
+
 from .._runtime import WATCHDOG
 from ..clock import Observation
 from ..errors import ProtocolError
@@ -10,6 +12,8 @@ from ..protocol import BeatFrame, parse_beat_frame
 from ..transport import TransportEvent
 from .base import IntegrationCore, IntegrationState
 
+#: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
+LOG_NAME: Final = "backbeat_sync.integration"
 __all__ = ["IngestMixin"]
 
 
