@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import pytest
 
+import backbeat_sync as bb
 from backbeat_sync import BackbeatConfig, BackbeatConnectionError, BeatFrame, ConfigError, ManualTime
 from backbeat_sync.pulse import BeatSchedule, Pulse, PulseThread, wall_clock_start_index
 from backbeat_sync.transport.local import LocalBus
@@ -294,3 +295,20 @@ def test_pulse_thread_late_wakeups_do_not_accumulate() -> None:
     # beat 0 is due at once (no wait); beat k >= 1 woke from the k-th wait
     assert late[1:] == pytest.approx(lateness[: len(late) - 1], abs=0.0011)
     assert max(late) < 0.08 + 0.0011
+
+
+def test_a_second_start_is_the_librarys_error_naming_the_state() -> None:
+    """Pulse.start() on a pulse that is not new raises PulseAlreadyStarted (a RuntimeError,
+    a BackbeatError) whose message says what to do."""
+    from backbeat_sync.errors import PulseAlreadyStarted
+
+    pulse = Pulse(BackbeatConfig(cluster_id="pa", nats_url=f"local://{unique_bus()}"), tempo_bpm=600)
+    pulse.start()
+    try:
+        with pytest.raises(PulseAlreadyStarted) as info:
+            pulse.start()
+    finally:
+        pulse.stop()
+    assert isinstance(info.value, RuntimeError)
+    assert isinstance(info.value, bb.BackbeatError)
+    assert "make a new one" in str(info.value)
