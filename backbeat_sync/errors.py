@@ -15,6 +15,7 @@ __all__ = [
     "BackbeatError",
     "BeatBudgetExceeded",
     "BudgetLeftUnexited",
+    "CallHookTaken",
     "ConfigError",
     "DuplicateOperation",
     "ForkedIntegration",
@@ -239,6 +240,16 @@ class TransportStateError(BackbeatError, RuntimeError):
     def __init__(self, what: str) -> None:
         self.what = what
         super().__init__(what)
+
+
+class CallHookTaken(BackbeatError, RuntimeError):
+    """Another integration already sees every decorated call (``otel.instrument(spans="all")``).
+
+    One such hook exists per process (``_runtime.RUNTIME.call_hook``).
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
 
 
 class BudgetLeftUnexited(BackbeatError, RuntimeError):

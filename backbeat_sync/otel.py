@@ -30,7 +30,7 @@ from opentelemetry.trace import Span, Status, StatusCode, TracerProvider
 from opentelemetry.util.types import AttributeValue
 
 from ._runtime import RUNTIME
-from .errors import BeatBudgetExceeded
+from .errors import BeatBudgetExceeded, CallHookTaken
 from .operations import OperationPhase, P2POperation
 
 if TYPE_CHECKING:
@@ -275,7 +275,7 @@ class Instrumentation:
 
 def _install_hook(hook: Instrumentation) -> None:
     if RUNTIME.call_hook is not None and RUNTIME.call_hook is not hook:
-        raise RuntimeError('spans="all" is already on for another integration; uninstrument it first')
+        raise CallHookTaken('spans="all" is already on for another integration; uninstrument it first')
     RUNTIME.call_hook = hook
 
 
