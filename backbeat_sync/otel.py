@@ -157,6 +157,10 @@ class Instrumentation:
         if exceeded is not None:
             outcome = "exceeded"
             span.set_attribute("backbeat.exceeded", exceeded)
+            if not any(name == "backbeat.budget_exceeded" for name, _, _ in rec.events):
+                # The watchdog notes an interrupt after delivering it, so the block can
+                # finish first; the finish is authoritative, and the event is its own.
+                span.add_event("backbeat.budget_exceeded", {"backbeat.notes": reason})
         span.set_attribute("backbeat.outcome", outcome)
         span.set_attribute("backbeat.beats_used", op.beats_passed(self._integration.clock.current_beat))
         if op.phase is OperationPhase.FAILED:

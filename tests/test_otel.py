@@ -459,3 +459,19 @@ def test_registry_listener_hears_the_lifecycle() -> None:
         ("added", "q", "started"),
     ]
     assert claimed == ["a", "a", "a", "a", "b"]
+
+
+def test_exceeded_span_has_its_event_when_the_block_finishes_before_the_note(
+    traced: tuple[Integration, InMemorySpanExporter, Any],
+) -> None:
+    """The watchdog notes an interrupt after delivering it, so the owner can finish first: the
+    finish (reason "beat budget exceeded") still gives the span its budget_exceeded event."""
+    integration, exporter, _ = traced
+    integration.start_p2p_operation("race-1", "election", 2)
+    integration.fail_p2p_operation("race-1", "beat budget exceeded: used 2.01 of 2 beats")
+    span = one(exporter, "election")
+    attrs = dict(span.attributes or {})
+    assert (attrs["backbeat.outcome"], attrs["backbeat.exceeded"]) == ("exceeded", "interrupted")
+    assert [e.name for e in span.events if e.name == "backbeat.budget_exceeded"] == [
+        "backbeat.budget_exceeded"
+    ]
