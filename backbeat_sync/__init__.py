@@ -31,6 +31,7 @@ from .errors import (
     OperationNotFound,
     ProtocolError,
 )
+from .history import BudgetHistory, OperationStats
 from .integration import Integration, IntegrationState
 from .operations import OperationPhase, OperationType, P2POperation
 from .protocol import BeatFrame, StatusClaim, parse_beat_frame, parse_message, parse_status_claim
@@ -52,6 +53,7 @@ __all__ = [
     "BeatBudgetExceeded",
     "BeatClock",
     "BeatFrame",
+    "BudgetHistory",
     "ConfigError",
     "DuplicateOperation",
     "ForkedIntegration",
@@ -64,6 +66,7 @@ __all__ = [
     "ManualTime",
     "OperationNotFound",
     "OperationPhase",
+    "OperationStats",
     "OperationType",
     "P2POperation",
     "PreciseMode",

@@ -218,6 +218,12 @@ def _trusted_keys(inst: Any, attribute: attrs.Attribute[tuple[str, ...]], value:
         Verifier.from_keys(value, field=attribute.name)
 
 
+def _profiles(value: Any) -> dict[str, tuple[float, float]]:
+    from .history import check_profiles
+
+    return check_profiles({} if value is None else value)
+
+
 @attrs.frozen(kw_only=True)
 class BackbeatConfig:
     """How an :class:`~backbeat_sync.Integration` joins a BACKBEAT cluster.
@@ -288,6 +294,19 @@ class BackbeatConfig:
     # --- observability (the ``otel`` extra) ------------------------------------
     #: ``start()`` instruments the integration with the global OpenTelemetry tracer provider.
     otel: bool = attrs.field(default=False, validator=_bool_field)
+    # --- budget history (``docs/learning.md``) -----------------------------------
+    #: SQLite file of budget history shared by processes on one host; None keeps it in memory.
+    history_path: str | None = attrs.field(default=None, validator=_optional_str)
+    #: Samples kept per (operation type, name), the newest.
+    history_keep: int = attrs.field(default=1000, validator=_int_at_least(1))
+    #: Runs (done or exceeded) of a type before ``"auto"`` learns from them.
+    history_min_samples: int = attrs.field(default=20, validator=_int_at_least(1))
+    #: ``"auto"`` gives ``p95 * history_margin`` (rounded up to a quarter beat).
+    history_margin: float = attrs.field(default=1.25, validator=_positive_number())
+    #: ``type -> (min, max)`` beats, added to (or overriding) the seed's profiles.
+    budget_profiles: dict[str, tuple[float, float]] = attrs.field(
+        factory=dict, converter=_profiles, hash=False
+    )
 
     @property
     def is_local(self) -> bool:
@@ -348,7 +367,8 @@ class BackbeatConfig:
         ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
         ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
         ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
-        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, each prefixed ``CHORUS_BACKBEAT_``.
+        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``, each prefixed
+        ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
@@ -423,4 +443,5 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("trusted_pulse_keys", "TRUSTED_PULSE_KEYS", _identity),
     ("spool_path", "SPOOL_PATH", _identity),
     ("otel", "OTEL", _parse_bool),
+    ("history_path", "HISTORY_PATH", _identity),
 )

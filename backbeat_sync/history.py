@@ -1,0 +1,779 @@
+"""Budget history: what budgeted runs really took, the seed's budget profiles, and ``"auto"``.
+
+Every finished budgeted run (a ``@beat_budget`` call, a ``track_operation``
+block, a ``start_p2p_operation`` ... complete/fail, ``execute_with_beat_budget``)
+becomes a :class:`Sample`. The caller's thread only appends a small record to
+an in-memory queue; a library thread (the integration's beat thread) turns the
+records into samples and, with ``BackbeatConfig(history_path=...)``, writes
+them to a SQLite file. :meth:`BudgetHistory.stats` and
+:meth:`BudgetHistory.suggest` drain the queue first, so they see every run that
+has finished, written or not.
+
+The rule for ``"auto"`` (see ``docs/learning.md``): with fewer than
+``min_samples`` runs of a type that ended done or exceeded, the budget is the
+profile's max; else ``p95 * margin`` rounded up to a quarter beat, never below
+the profile's min (or 0.25 without a profile).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final
+
+import attrs
+
+from .errors import ConfigError, InvalidArgument
+
+__all__ = [
+    "DEFAULT_PROFILES",
+    "SCHEMA_VERSION",
+    "BudgetHistory",
+    "OperationStats",
+    "Sample",
+    "check_profiles",
+    "name_of",
+    "round_up_quarter",
+]
+
+#: The seed's "Beat Budget Guidelines", as ``(min, max)`` beats per operation type.
+DEFAULT_PROFILES: Final[Mapping[str, tuple[float, float]]] = {
+    "peer_discovery": (2.0, 5.0),
+    "dht_store": (2.0, 4.0),
+    "dht_retrieve": (1.0, 3.0),
+    "pubsub_sync": (1.0, 2.0),
+    "election": (3.0, 10.0),
+    "task_coordination": (5.0, 20.0),
+}
+#: Runs (done or exceeded) of a type needed before ``"auto"`` learns from them.
+DEFAULT_MIN_SAMPLES: Final = 20
+#: ``"auto"`` gives ``p95 * margin`` once it has learned.
+DEFAULT_MARGIN: Final = 1.25
+#: Samples kept per (type, name), in memory and on disk: the newest win.
+DEFAULT_KEEP: Final = 1000
+#: The smallest budget ``"auto"`` gives a type without a profile.
+FLOOR_BEATS: Final = 0.25
+#: The on-disk schema version (``PRAGMA user_version``); see ``docs/learning.md``.
+SCHEMA_VERSION: Final = 1
+#: How long a writer waits for another process's lock on the file (SQLite busy timeout).
+BUSY_TIMEOUT_SECONDS: Final = 10.0
+#: Finished runs that may wait between two drains; past this the oldest are dropped.
+PENDING_LIMIT: Final = 1_000_000
+
+OUTCOMES: Final = ("done", "failed", "exceeded")
+EXCEEDED_KINDS: Final = ("interrupted", "late")
+SOURCES: Final = ("fixed", "profile", "history")
+
+
+def round_up_quarter(beats: float) -> float:
+    """``beats`` rounded up to the next quarter beat (1.3 -> 1.5; 1.5 stays 1.5)."""
+    return math.ceil(beats * 4.0 - 1e-9) / 4.0
+
+
+def check_profiles(value: Any, field: str = "budget_profiles") -> dict[str, tuple[float, float]]:
+    """Validate a mapping of ``operation type -> (min, max)`` beats.
+
+    Args:
+        value: the mapping to check.
+        field: the name used in the error.
+
+    Returns:
+        A plain dict of floats.
+
+    Raises:
+        ConfigError: not a mapping of non-empty strings to pairs with ``0 < min <= max``.
+    """
+    if not isinstance(value, Mapping):
+        raise ConfigError(field, value, "must be a mapping of operation type to (min, max) beats")
+    out: dict[str, tuple[float, float]] = {}
+    for key, pair in value.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(field, value, f"operation type {key!r} must be a non-empty string")
+        try:
+            lo, hi = pair
+        except (TypeError, ValueError):
+            raise ConfigError(field, value, f"profile of {key!r} must be a (min, max) pair") from None
+        for x in (lo, hi):
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+                raise ConfigError(field, value, f"profile of {key!r} must hold finite numbers")
+        if not 0 < lo <= hi:
+            raise ConfigError(field, value, f"profile of {key!r} needs 0 < min <= max, got ({lo}, {hi})")
+        out[key] = (float(lo), float(hi))
+    return out
+
+
+_SEPARATORS: Final = "-_:./"
+
+
+def name_of(operation_id: str) -> str:
+    """The history name of an operation id: the id without a trailing part that holds a digit.
+
+    ``"election-17"`` -> ``"election"``, ``"upload:3f2a"`` -> ``"upload"``,
+    ``"dht-store-k"`` stays. So the runs of one kind of operation share a name.
+    """
+    cut = max(operation_id.rfind(c) for c in _SEPARATORS)
+    if cut > 0 and any(ch.isdigit() for ch in operation_id[cut + 1 :]):
+        return operation_id[:cut]
+    return operation_id
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """Nearest-rank quantile of a sorted, non-empty list (the smallest value with ``q`` at or below)."""
+    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
+    return ordered[rank - 1]
+
+
+@attrs.frozen
+class Sample:
+    """One finished budgeted run.
+
+    Attributes:
+        operation_type: the claims' ``operation_type``.
+        name: the function's qualified name (decorated calls) or the operation id.
+        budget: the budget it ran with, in beats.
+        beats_used: beats from its start to its end.
+        outcome: ``"done"``, ``"failed"`` or ``"exceeded"``.
+        exceeded_kind: for ``exceeded``: ``"interrupted"`` (stopped in Python) or ``"late"``
+            (it ended after its budget: a blocking C call, ``raise_after``, ``warn``); else None.
+        end_beat: the budget position (beats) when it ended.
+        tempo_bpm: the tempo when it ended.
+        budget_source: ``"fixed"`` (a number), ``"profile"`` or ``"history"`` (``"auto"``).
+        recorded_at: when it ended (epoch seconds).
+    """
+
+    operation_type: str
+    name: str
+    budget: float
+    beats_used: float
+    outcome: str
+    exceeded_kind: str | None = None
+    end_beat: float = 0.0
+    tempo_bpm: float = 0.0
+    budget_source: str = "fixed"
+    recorded_at: float = 0.0
+
+
+@attrs.frozen
+class OperationStats:
+    """What the history says about one operation type (or one name of it).
+
+    Attributes:
+        operation_type: the type.
+        name: the name the figures are restricted to, or None for every name of the type.
+        count: runs recorded (done + failed + exceeded).
+        done: runs that finished within their budget.
+        failed: runs that raised (anything but their budget running out).
+        exceeded: runs whose budget ran out.
+        interrupted: exceeded runs stopped in Python.
+        late: exceeded runs that ended after their budget (blocked in C, or not interrupting).
+        p50: median beats used over done and exceeded runs (nearest rank; 0.0 without any).
+        p95: 95th percentile of the same (nearest rank).
+        max: the most beats used by a done or exceeded run.
+        on_time_rate: done / (done + exceeded); 0.0 without any.
+    """
+
+    operation_type: str
+    name: str | None
+    count: int
+    done: int
+    failed: int
+    exceeded: int
+    interrupted: int
+    late: int
+    p50: float
+    p95: float
+    max: float
+    on_time_rate: float
+
+    @property
+    def timed(self) -> int:
+        """Runs that say how long the work takes: done + exceeded (``"auto"`` counts these)."""
+        return self.done + self.exceeded
+
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    operation_type TEXT NOT NULL,
+    name TEXT NOT NULL,
+    budget REAL NOT NULL,
+    beats_used REAL NOT NULL,
+    outcome TEXT NOT NULL,
+    exceeded_kind TEXT,
+    end_beat REAL NOT NULL,
+    tempo_bpm REAL NOT NULL,
+    budget_source TEXT NOT NULL,
+    recorded_at REAL NOT NULL,
+    writer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_by_key ON samples (operation_type, name, id);
+"""
+_COLUMNS: Final = (
+    "id, operation_type, name, budget, beats_used, outcome, exceeded_kind,"
+    " end_beat, tempo_bpm, budget_source, recorded_at"
+)
+#: Migrations: ``_MIGRATIONS[v]`` takes a file from version ``v`` to ``v + 1`` (in one transaction).
+_MIGRATIONS: Final[dict[int, str]] = {0: _SCHEMA}
+
+
+def _row_sample(row: tuple[Any, ...]) -> Sample:
+    """A row as a Sample; ValueError/TypeError for a row this library could not have written."""
+    _, typ, name, budget, used, outcome, kind, end, tempo, source, at = row
+    if not isinstance(typ, str) or not typ or not isinstance(name, str) or not name:
+        raise ValueError("operation_type and name must be non-empty text")
+    nums = (budget, used, end, tempo, at)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in nums):
+        raise ValueError("budget, beats_used, end_beat, tempo_bpm, recorded_at must be finite numbers")
+    if budget <= 0 or used < 0:
+        raise ValueError("budget must be > 0 and beats_used >= 0")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown outcome {outcome!r}")
+    if kind not in ((None, *EXCEEDED_KINDS) if outcome == "exceeded" else (None,)):
+        raise ValueError(f"exceeded_kind {kind!r} does not fit outcome {outcome!r}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown budget_source {source!r}")
+    return Sample(typ, name, float(budget), float(used), outcome, kind, float(end), float(tempo), source, at)
+
+
+class BudgetHistory:
+    """The finished budgeted runs of an integration, and the budgets they suggest.
+
+    ``integration.history`` is one. It is thread-safe. Without ``path`` it lives in
+    memory; with one it is a SQLite file that survives restarts and that several
+    processes on one host may share (each reads what the others write at each flush).
+
+    Args:
+        path: the SQLite file, or None to keep history in memory only.
+        keep: samples kept per (type, name), the newest (>= 1).
+        profiles: ``type -> (min, max)`` beats, merged over :data:`DEFAULT_PROFILES`.
+        min_samples: done or exceeded runs of a type before ``"auto"`` learns (>= 1).
+        margin: ``"auto"`` gives ``p95 * margin`` (> 0).
+        log: an object with ``info/warn(msg)`` (the integration's logger), or None.
+        on_error: called with a message for the integration's ``errors`` (a corrupt
+            row, a learned budget outside its profile), or None.
+        time_source: a callable returning epoch seconds (stamps ``recorded_at``).
+
+    Example:
+        >>> from backbeat_sync import BudgetHistory
+        >>> h = BudgetHistory()
+        >>> h.suggest("dht_store")            # no runs yet: the profile's max
+        4.0
+        >>> for _ in range(20):
+        ...     h.record("dht_store", "store", budget=4, beats_used=1.1)
+        >>> h.stats("dht_store").p95, h.suggest("dht_store")   # 1.1 * 1.25 = 1.375 -> 1.5 -> min 2
+        (1.1, 2.0)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        keep: int = DEFAULT_KEEP,
+        profiles: Mapping[str, tuple[float, float]] | None = None,
+        min_samples: int = DEFAULT_MIN_SAMPLES,
+        margin: float = DEFAULT_MARGIN,
+        log: Any = None,
+        on_error: Callable[[str], Any] | None = None,
+        time_source: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise InvalidArgument("keep", keep, "must be an integer >= 1")
+        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+            raise InvalidArgument("min_samples", min_samples, "must be an integer >= 1")
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not math.isfinite(margin)
+            or margin <= 0
+        ):
+            raise InvalidArgument("margin", margin, "must be a finite number > 0")
+        self.path = None if path is None else os.fspath(path)
+        self.keep = keep
+        self.min_samples = min_samples
+        self.margin = float(margin)
+        self.profiles: dict[str, tuple[float, float]] = dict(DEFAULT_PROFILES)
+        if profiles:
+            self.profiles.update(check_profiles(profiles))
+        self.log = log
+        self.on_error = on_error
+        self._now = time_source
+        self._lock = threading.RLock()
+        self._db_lock = threading.Lock()
+        #: Finished runs not yet turned into samples; appended by any thread without a lock.
+        self._pending: deque[Any] = deque(maxlen=PENDING_LIMIT)
+        #: The hot paths' append (``integration`` binds it once).
+        self.push = self._pending.append
+        self._samples: dict[str, dict[str, deque[Sample]]] = {}
+        self._unwritten: dict[tuple[str, str], deque[Sample]] = {}
+        self._stats_cache: dict[str, OperationStats] = {}
+        self._ordered_cache: dict[str, list[float]] = {}
+        self._suggest_cache: dict[str, tuple[float, str]] = {}
+        self._outside_reported: set[str] = set()
+        self._below_checked: set[tuple[str, float]] = set()
+        self._below: set[tuple[str, float]] = set()
+        self._candidates: set[tuple[str, float]] = set()  #: (type, fixed budget) to check
+        self._db: sqlite3.Connection | None = None
+        self._writer = uuid.uuid4().hex
+        self._last_id = 0
+        self.errors = 0  #: corrupt rows skipped and writes that failed
+        self.written = 0  #: samples written to the file
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the file (if any) and load its samples. Called by ``Integration.start()``.
+
+        Raises:
+            ConfigError: the file cannot be opened, is not a SQLite database, or was
+                written by a newer schema (the error names ``history_path`` and the path).
+        """
+        if self.path is None or self._db is not None:
+            return
+        path = self.path
+        try:
+            # Autocommit: every write below opens its own BEGIN IMMEDIATE transaction.
+            db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False, isolation_level=None
+            )
+        except sqlite3.Error as exc:
+            raise ConfigError("history_path", path, f"cannot open the history file: {exc}") from None
+        try:
+            db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            self._migrate(db)
+            rows = db.execute(f"SELECT {_COLUMNS} FROM samples ORDER BY id").fetchall()
+        except sqlite3.Error as exc:
+            db.close()
+            raise ConfigError("history_path", path, f"not a usable history file: {exc}") from None
+        except ConfigError:
+            db.close()
+            raise
+        with self._lock:
+            self._db = db
+            self._load(rows)
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise ConfigError(
+                "history_path",
+                self.path,
+                f"schema version {version} is newer than this library's {SCHEMA_VERSION}:"
+                " upgrade backbeat_sync or use another file",
+            )
+        while version < SCHEMA_VERSION:
+            # Each step is idempotent (IF NOT EXISTS), so two processes migrating at once are safe.
+            db.executescript(_MIGRATIONS[version] + f"PRAGMA user_version = {version + 1};")
+            (version,) = db.execute("PRAGMA user_version").fetchone()
+
+    def _load(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """With the lock: add rows read from the file (own rows are never in ``rows``)."""
+        for row in rows:
+            self._last_id = max(self._last_id, int(row[0]) if isinstance(row[0], int) else self._last_id)
+            try:
+                sample = _row_sample(tuple(row))
+            except (ValueError, TypeError) as exc:
+                self._error(f"budget history: skipped a corrupt row {row[0]!r} of {self.path}: {exc}")
+                continue
+            self._add(sample, write=False)
+
+    def close(self) -> None:
+        """Write what is pending and close the file. Called by ``Integration.stop()``."""
+        self.flush()
+        with self._db_lock:
+            db, self._db = self._db, None
+            if db is not None:
+                db.close()
+
+    # -- recording ---------------------------------------------------------------
+
+    def record(
+        self,
+        operation_type: str,
+        name: str,
+        *,
+        budget: float,
+        beats_used: float,
+        outcome: str = "done",
+        exceeded_kind: str | None = None,
+        end_beat: float = 0.0,
+        tempo_bpm: float = 0.0,
+        budget_source: str = "fixed",
+    ) -> None:
+        """Record one finished run (the budget engine does this for every budgeted run).
+
+        Args:
+            operation_type: the type.
+            name: the function's qualified name or the operation id.
+            budget: the budget it had (> 0).
+            beats_used: beats it took (>= 0).
+            outcome: ``"done"``, ``"failed"`` or ``"exceeded"``.
+            exceeded_kind: ``"interrupted"`` or ``"late"`` for ``exceeded``.
+            end_beat: the budget position when it ended.
+            tempo_bpm: the tempo when it ended.
+            budget_source: ``"fixed"``, ``"profile"`` or ``"history"``.
+
+        Raises:
+            InvalidArgument: a value out of range.
+        """
+        sample = Sample(
+            operation_type,
+            name,
+            float(budget),
+            float(beats_used),
+            outcome,
+            exceeded_kind,
+            float(end_beat),
+            float(tempo_bpm),
+            budget_source,
+            self._now(),
+        )
+        try:
+            _row_sample((0, *attrs.astuple(sample)))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument("sample", sample, str(exc)) from None
+        self._pending.append(sample)
+
+    def _convert(self, item: Any) -> Sample | None:
+        """A pending record as a sample. Records are a :class:`Sample`, or a fast-path tuple
+        ``(entry, end_state, end_time)`` where ``entry`` is the budget engine's
+        ``[tracker, settings, integration, start_state, start_time]`` list, or
+        ``(tracker, end_state, end_time)`` (a ``track_operation`` block that completed)."""
+        if isinstance(item, Sample):
+            return item
+        head, (idx, t0, spb, off), t_out = item
+        if isinstance(head, list):
+            settings, st_in, t_in = head[1], head[3], head[4]
+        else:
+            settings, st_in, t_in = head.settings, head.st_in, head.t_in
+        i0, s0, p0, o0 = st_in
+        end = idx + off + (t_out - t0) / spb
+        used = max(0.0, end - (i0 + o0 + (t_in - s0) / p0))
+        name = settings.name if isinstance(head, list) else name_of(head.op_id)
+        return Sample(
+            settings.operation_type,
+            name or settings.operation_type,
+            settings.beats,
+            used,
+            "done",
+            None,
+            end,
+            60.0 / spb,
+            settings.budget_source,
+            self._now(),
+        )
+
+    def _drain(self) -> None:
+        """Turn pending records into samples (any thread; cheap when nothing is pending)."""
+        pending = self._pending
+        if not pending:
+            return
+        with self._lock:
+            pop = pending.popleft
+            while True:
+                try:
+                    item = pop()
+                except IndexError:
+                    break
+                try:
+                    sample = self._convert(item)
+                except Exception as exc:  # a bug must not stop the beat thread or raise into users
+                    self._error(f"budget history: a run could not be recorded: {type(exc).__name__}: {exc}")
+                    continue
+                if sample is not None:
+                    self._add(sample, write=True)
+
+    def _add(self, sample: Sample, *, write: bool) -> None:
+        typ = sample.operation_type
+        by_name = self._samples.setdefault(typ, {})
+        q = by_name.get(sample.name)
+        if q is None:
+            q = by_name[sample.name] = deque(maxlen=self.keep)
+        q.append(sample)
+        self._stats_cache.pop(typ, None)
+        self._ordered_cache.pop(typ, None)
+        self._suggest_cache.pop(typ, None)
+        if write and self._db is not None:
+            key = (typ, sample.name)
+            w = self._unwritten.get(key)
+            if w is None:
+                w = self._unwritten[key] = deque(maxlen=self.keep)
+            w.append(sample)
+        if sample.budget_source == "fixed" and (typ, sample.budget) not in self._below_checked:
+            self._candidates.add((typ, sample.budget))
+
+    def flush(self) -> None:
+        """Drain pending runs, write them to the file (if any), read other processes' samples.
+
+        Called on the integration's beat thread at each beat (and at least every
+        ``flush_interval``), and by ``stop()``. Never raises: a failed write is
+        counted in ``errors`` and the samples are kept for the next flush.
+        """
+        self._drain()
+        self._check_below()
+        if self._db is None:
+            return
+        with self._lock:
+            batch = self._unwritten
+            self._unwritten = {}
+        with self._db_lock:
+            db: sqlite3.Connection | None = getattr(self, "_db", None)  # closed meanwhile?
+            if db is None:
+                return
+            try:
+                self._write(db, batch)
+                rows = db.execute(
+                    f"SELECT {_COLUMNS}, writer FROM samples WHERE id > ? ORDER BY id", (self._last_id,)
+                ).fetchall()
+            except sqlite3.Error as exc:
+                with self._lock:
+                    for key, samples in batch.items():  # keep them for the next try
+                        self._unwritten.setdefault(key, deque(maxlen=self.keep)).extendleft(reversed(samples))
+                self._error(f"budget history: writing {self.path} failed: {exc}")
+                return
+        with self._lock:
+            others = []
+            for row in rows:
+                self._last_id = max(self._last_id, row[0])
+                if row[-1] != self._writer:
+                    others.append(row[:-1])
+            self._load(others)
+
+    def _write(self, db: sqlite3.Connection, batch: dict[tuple[str, str], deque[Sample]]) -> None:
+        if not batch:
+            return
+        w = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO samples (operation_type, name, budget, beats_used, outcome, exceeded_kind,"
+                " end_beat, tempo_bpm, budget_source, recorded_at, writer)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(*attrs.astuple(s), w) for samples in batch.values() for s in samples],
+            )
+            for typ, name in batch:
+                db.execute(
+                    "DELETE FROM samples WHERE operation_type = ? AND name = ? AND id <= COALESCE(("
+                    " SELECT id FROM samples WHERE operation_type = ? AND name = ?"
+                    " ORDER BY id DESC LIMIT 1 OFFSET ?), -1)",
+                    (typ, name, typ, name, self.keep),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        self.written += sum(len(s) for s in batch.values())
+
+    def _error(self, message: str) -> None:
+        self.errors += 1
+        if self.log is not None:
+            try:
+                self.log.warn(message)
+            except Exception:
+                pass
+        if self.on_error is not None:
+            self.on_error(message)
+
+    # -- reading -----------------------------------------------------------------
+
+    def types(self) -> list[str]:
+        """The operation types with recorded runs, sorted."""
+        self._drain()
+        with self._lock:
+            return sorted(t for t, names in self._samples.items() if any(names.values()))
+
+    def names(self, operation_type: str) -> list[str]:
+        """The names recorded under ``operation_type``, sorted."""
+        self._drain()
+        with self._lock:
+            return sorted(n for n, q in self._samples.get(operation_type, {}).items() if q)
+
+    def samples(self, operation_type: str, name: str | None = None) -> list[Sample]:
+        """The kept samples of a type (or of one name of it), oldest first per name."""
+        self._drain()
+        with self._lock:
+            by_name = self._samples.get(operation_type, {})
+            if name is not None:
+                return list(by_name.get(name, ()))
+            return [s for q in by_name.values() for s in q]
+
+    def stats(self, operation_type: str, name: str | None = None) -> OperationStats:
+        """The figures of a type's runs (or of one name's), over the samples kept.
+
+        Args:
+            operation_type: the type.
+            name: restrict to this name (function qualname or operation id).
+
+        Returns:
+            An :class:`OperationStats` (all zero for a type with no runs).
+        """
+        self._drain()
+        with self._lock:
+            if name is None:
+                cached = self._stats_cache.get(operation_type)
+                if cached is not None:
+                    return cached
+            result = self._compute(operation_type, name)
+            if name is None:
+                self._stats_cache[operation_type] = result
+            return result
+
+    def _compute(self, typ: str, name: str | None) -> OperationStats:
+        samples = self.samples(typ, name)
+        done = failed = exceeded = interrupted = late = 0
+        used: list[float] = []
+        for s in samples:
+            if s.outcome == "done":
+                done += 1
+                used.append(s.beats_used)
+            elif s.outcome == "exceeded":
+                exceeded += 1
+                used.append(s.beats_used)
+                if s.exceeded_kind == "late":
+                    late += 1
+                else:
+                    interrupted += 1
+            else:
+                failed += 1
+        used.sort()
+        if name is None:
+            self._ordered_cache[typ] = used
+        timed = done + exceeded
+        return OperationStats(
+            operation_type=typ,
+            name=name,
+            count=len(samples),
+            done=done,
+            failed=failed,
+            exceeded=exceeded,
+            interrupted=interrupted,
+            late=late,
+            p50=_quantile(used, 0.5) if used else 0.0,
+            p95=_quantile(used, 0.95) if used else 0.0,
+            max=used[-1] if used else 0.0,
+            on_time_rate=done / timed if timed else 0.0,
+        )
+
+    def profile(self, operation_type: str) -> tuple[float, float] | None:
+        """The ``(min, max)`` profile of a type, or None."""
+        return self.profiles.get(operation_type)
+
+    def suggest(self, operation_type: str, name: str | None = None) -> float:
+        """The budget ``"auto"`` would give a run of this type now, in beats.
+
+        Args:
+            operation_type: the type.
+            name: learn from this name's runs only (``"auto"`` itself uses the whole type).
+
+        Returns:
+            The budget in beats.
+
+        Raises:
+            InvalidArgument: the type has no profile and too little history.
+        """
+        return self.resolve(operation_type, name)[0]
+
+    def resolve(self, operation_type: str, name: str | None = None) -> tuple[float, str]:
+        """The budget ``"auto"`` gives now and where it came from (``"profile"`` or ``"history"``).
+
+        Raises:
+            InvalidArgument: the type has no profile and too little history.
+        """
+        if self._pending:
+            self._drain()
+        if name is None:
+            hit = self._suggest_cache.get(operation_type)
+            if hit is not None:
+                return hit
+        with self._lock:
+            st = self.stats(operation_type, name)
+            prof = self.profiles.get(operation_type)
+            if st.timed < self.min_samples:
+                if prof is None:
+                    raise InvalidArgument(
+                        "beats",
+                        "auto",
+                        f"operation type {operation_type!r} has no budget profile and"
+                        f" {st.timed} of {self.min_samples} runs recorded: give a number of beats"
+                        " or a profile (BackbeatConfig(budget_profiles=...))",
+                    )
+                result = (prof[1], "profile")
+            else:
+                floor = max(prof[0], FLOOR_BEATS) if prof is not None else FLOOR_BEATS
+                beats = max(floor, round_up_quarter(st.p95 * self.margin))
+                result = (beats, "history")
+                if prof is not None and beats > prof[1] and operation_type not in self._outside_reported:
+                    self._outside_reported.add(operation_type)
+                    self._error(
+                        f"{operation_type} needs {beats:g} beats, above its profile"
+                        f" {prof[0]:g}-{prof[1]:g} (p95 {st.p95:.2f} beats over {st.timed} runs)"
+                    )
+            if name is None:
+                self._suggest_cache[operation_type] = result
+            return result
+
+    # -- fixed budgets below history -----------------------------------------------
+
+    def _check_below(self) -> None:
+        """Fixed budgets below their type's p50 (>= min_samples runs): logged once per (type, budget)."""
+        with self._lock:
+            candidates = self._candidates
+            if not candidates:
+                return
+            self._candidates = set()
+            for typ, budget in candidates:
+                st = self.stats(typ)
+                if st.timed < self.min_samples:
+                    continue  # checked again when it has enough runs
+                self._below_checked.add((typ, budget))
+                if budget < st.p50:
+                    self._below.add((typ, budget))
+                    if self.log is not None:
+                        try:
+                            self.log.warn(
+                                f"BACKBEAT budget of {budget:g} beats for {typ} is below what its runs"
+                                f" take (p50 {st.p50:.2f} beats over {st.timed} runs): many will run out"
+                            )
+                        except Exception:
+                            pass
+
+    @property
+    def budgets_below_history(self) -> int:
+        """How many (type, fixed budget) pairs were found below their type's p50 (health key)."""
+        self._drain()
+        self._check_below()
+        with self._lock:
+            return len(self._below)
+
+    def clear(self) -> None:
+        """Forget every sample, in memory and in the file (other processes keep what they loaded)."""
+        with self._lock:
+            self._pending.clear()
+            self._samples.clear()
+            self._unwritten.clear()
+            self._stats_cache.clear()
+            self._ordered_cache.clear()
+            self._suggest_cache.clear()
+            self._outside_reported.clear()
+            self._below_checked.clear()
+            self._below.clear()
+            self._candidates.clear()
+        with self._db_lock:
+            if self._db is not None:
+                try:
+                    self._db.execute("DELETE FROM samples")
+                except sqlite3.Error as exc:
+                    self._error(f"budget history: clearing {self.path} failed: {exc}")
+
+    def __repr__(self) -> str:
+        where = self.path or "memory"
+        return f"<BudgetHistory {where} keep={self.keep} min_samples={self.min_samples}>"
