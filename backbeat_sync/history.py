@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -39,6 +40,7 @@ __all__ = [
     "Sample",
     "check_profiles",
     "name_of",
+    "new_run_log",
     "round_up_quarter",
 ]
 
@@ -63,8 +65,67 @@ FLOOR_BEATS: Final = 0.25
 SCHEMA_VERSION: Final = 1
 #: How long a writer waits for another process's lock on the file (SQLite busy timeout).
 BUSY_TIMEOUT_SECONDS: Final = 10.0
-#: Finished runs that may wait between two drains; past this the oldest are dropped.
+#: Finished runs (of the slower paths) that may wait between two drains; past this the oldest are dropped.
 PENDING_LIMIT: Final = 1_000_000
+#: Fast-path runs one budget's settings keep between two drains: the newest win (see :class:`RunLog`).
+RUN_LOG_LIMIT: Final = 1024
+
+
+class RunLog(deque):  # type: ignore[type-arg]
+    """The finished runs of one budget (one ``BudgetSettings``), appended by the callers' threads.
+
+    A bounded deque: a caller's ``append`` is one C call, and when a function
+    finishes more than :data:`RUN_LOG_LIMIT` runs between two drains, the oldest
+    are dropped in C (the history keeps only the newest per (type, name) anyway).
+    Every history's drain empties every log, routing each run to the history of the
+    integration it ran under.
+    """
+
+    __slots__ = ()
+    # Held in a WeakSet: by identity (a deque compares and hashes by content, or not at all).
+    __hash__ = object.__hash__  # type: ignore[assignment]
+    __eq__ = object.__eq__
+
+
+_logs: weakref.WeakSet[RunLog] = weakref.WeakSet()
+_logs_lock = threading.Lock()
+
+
+def new_run_log() -> RunLog:
+    """A fresh run log, drained by every :class:`BudgetHistory` (the budget engine makes one per settings)."""
+    log = RunLog(maxlen=RUN_LOG_LIMIT)
+    with _logs_lock:
+        _logs.add(log)
+    return log
+
+
+def _drain_logs() -> None:
+    """Move every run waiting in a run log to its integration's history (any thread)."""
+    if not _logs:
+        return
+    with _logs_lock:
+        logs = list(_logs)
+    routed: dict[int, tuple[BudgetHistory, list[Any]]] = {}
+    for log in logs:
+        if not log:
+            continue
+        pop = log.popleft
+        while True:
+            try:
+                item = pop()
+            except IndexError:
+                break
+            head = item[0]
+            integration = head[2] if type(head) is list else head.integration
+            history = integration._history
+            slot = routed.get(id(history))
+            if slot is None:
+                slot = routed[id(history)] = (history, [])
+            slot[1].append(item)
+    for history, items in routed.values():
+        history._pending.extend(items)
+        history._drain_own()
+
 
 OUTCOMES: Final = ("done", "failed", "exceeded")
 EXCEEDED_KINDS: Final = ("interrupted", "late")
@@ -470,7 +531,12 @@ class BudgetHistory:
         )
 
     def _drain(self) -> None:
-        """Turn pending records into samples (any thread; cheap when nothing is pending)."""
+        """Take in every finished run: the engine's run logs, then this history's queue (any thread)."""
+        _drain_logs()
+        self._drain_own()
+
+    def _drain_own(self) -> None:
+        """Turn this history's pending records into samples (cheap when nothing is pending)."""
         pending = self._pending
         if not pending:
             return
@@ -688,8 +754,7 @@ class BudgetHistory:
         Raises:
             InvalidArgument: the type has no profile and too little history.
         """
-        if self._pending:
-            self._drain()
+        self._drain()
         if name is None:
             hit = self._suggest_cache.get(operation_type)
             if hit is not None:

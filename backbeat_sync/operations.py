@@ -114,6 +114,8 @@ class P2POperation:
     announced: bool = True
     #: The clock epoch ``start_beat`` was read in (see ``BeatClock.beat_and_epoch``).
     epoch: int = 0
+    #: Where an automatic budget came from (``"profile"``, ``"history"``); None for a number given.
+    budget_source: str | None = None
 
     @property
     def active(self) -> bool:

@@ -373,6 +373,9 @@ class BeatFrame(_Message):
         if not 0 < tempo <= MAX_TEMPO_BPM:
             raise ProtocolError(k, f"field 'tempo_bpm'={tempo!r} is outside 0 < x <= {MAX_TEMPO_BPM:g}")
         bar = _int(obj, "bar_length", k, minimum=1, required=False)
+        source = _str(obj, "budget_source", k, required=False)
+        if source is not None and source not in BUDGET_SOURCES:
+            raise ProtocolError(k, f"field 'budget_source'={source!r} is not one of {list(BUDGET_SOURCES)}")
         sig, key_id = _signature(obj, k)
         return cls(
             cluster_id=_str(obj, "cluster_id", k),
@@ -422,6 +425,8 @@ class StatusClaim(_Message):
     key_id: str | None = None
     #: The decoded JSON object this message was parsed from (None when built in code).
     raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
+    #: Where an automatic budget came from: ``fixed``, ``profile`` or ``history`` (optional).
+    budget_source: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -447,7 +452,12 @@ class StatusClaim(_Message):
             "notes": self.notes,
             "sent_at": self.sent_at,
         }
-        optional = {"operation_type": self.operation_type, "phase": self.phase, "peer_count": self.peer_count}
+        optional = {
+            "operation_type": self.operation_type,
+            "phase": self.phase,
+            "peer_count": self.peer_count,
+            "budget_source": self.budget_source,
+        }
         return self._finish_dict(d, optional, signed)
 
     @classmethod
@@ -470,6 +480,9 @@ class StatusClaim(_Message):
         phase = _str(obj, "phase", k, required=False)
         if phase is not None and phase not in _PHASE_SET:
             raise ProtocolError(k, f"field 'phase'={phase!r} is not one of {list(PHASE_NAMES)}")
+        source = _str(obj, "budget_source", k, required=False)
+        if source is not None and source not in BUDGET_SOURCES:
+            raise ProtocolError(k, f"field 'budget_source'={source!r} is not one of {list(BUDGET_SOURCES)}")
         sig, key_id = _signature(obj, k)
         return cls(
             cluster_id=_str(obj, "cluster_id", k),
@@ -488,7 +501,12 @@ class StatusClaim(_Message):
             sig=sig,
             key_id=key_id,
             raw=obj,
+            budget_source=source,
         )
+
+
+#: The values of a claim's optional ``budget_source``.
+BUDGET_SOURCES: Final = ("fixed", "profile", "history")
 
 
 def parse_beat_frame(data: bytes | bytearray | memoryview | str) -> BeatFrame:
