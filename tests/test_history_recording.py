@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 import backbeat_sync as bb
@@ -440,3 +441,28 @@ def test_two_processes_writing_one_file_lose_no_sample(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         rows = dict(db.execute("SELECT name, count(*) FROM samples GROUP BY name").fetchall())
     assert rows == {"w0": 700, "w1": 700}
+
+
+# -- the wire ---------------------------------------------------------------------------------
+
+
+def test_budget_source_on_the_wire() -> None:
+    """budget_source is optional: omitted when None, round-trips, and a bad value is rejected."""
+    claim = bb.StatusClaim(
+        cluster_id="c",
+        agent_id="a",
+        node_id="n",
+        task_id="t",
+        beat_index=1,
+        state="executing",
+        beats_left=1,
+        progress=0.5,
+        notes="x",
+        sent_at="2026-11-28T01:00:00.000Z",
+    )
+    assert "budget_source" not in claim.to_dict()
+    learned = attrs.evolve(claim, budget_source="history")
+    assert learned.to_dict()["budget_source"] == "history"
+    assert bb.StatusClaim.parse(learned.encode()) == learned
+    with pytest.raises(bb.ProtocolError, match="budget_source"):
+        bb.StatusClaim.parse(claim.encode().replace(b'"type"', b'"budget_source":"guess","type"'))
