@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import _dashboard, _demo, _monitor, _pulse, _status
+from . import _dashboard, _demo, _monitor, _pulse, _report, _status
 from ._base import Command
 
 COMMANDS: Final[tuple[Command, ...]] = (
@@ -21,4 +21,5 @@ COMMANDS: Final[tuple[Command, ...]] = (
     _monitor.COMMAND,
     _dashboard.COMMAND,
     _status.COMMAND,
+    _report.COMMAND,
 )
