@@ -384,6 +384,7 @@ class BudgetHistory:
         self._last_id = 0
         self.errors = 0  #: corrupt rows skipped and writes that failed
         self.written = 0  #: samples written to the file
+        self._listeners: tuple[Callable[[Sample], Any], ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -555,6 +556,24 @@ class BudgetHistory:
                 if sample is not None:
                     self._add(sample, write=True)
 
+    def add_listener(self, listener: Callable[[Sample], Any]) -> Callable[[], None]:
+        """Call ``listener(sample)`` for each run of this process as the history takes it in.
+
+        It runs on whichever thread drains (the beat thread, or a ``stats()`` caller),
+        under the history's lock: keep it short (the metrics' histogram observes).
+
+        Returns:
+            A function that removes it.
+        """
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+        def remove() -> None:
+            with self._lock:
+                self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+        return remove
+
     def _add(self, sample: Sample, *, write: bool) -> None:
         typ = sample.operation_type
         by_name = self._samples.setdefault(typ, {})
@@ -573,6 +592,14 @@ class BudgetHistory:
             w.append(sample)
         if sample.budget_source == "fixed" and (typ, sample.budget) not in self._below_checked:
             self._candidates.add((typ, sample.budget))
+        if write:
+            for listener in self._listeners:
+                try:
+                    listener(sample)
+                except Exception as exc:  # a listener's bug must not lose the run or stop the drain
+                    self.errors += 1
+                    if self.log is not None:
+                        self.log.warn(f"budget history listener failed: {type(exc).__name__}: {exc}")
 
     def flush(self) -> None:
         """Drain pending runs, write them to the file (if any), read other processes' samples.
