@@ -497,7 +497,7 @@ class BudgetHistory:
             self._now(),
         )
         try:
-            _row_sample((0, *attrs.astuple(sample)))
+            _row_sample((0, *attrs.astuple(sample)))  # the checks a row read back gets
         except (ValueError, TypeError) as exc:
             raise InvalidArgument("sample", sample, str(exc)) from None
         self._pending.append(sample)
@@ -604,8 +604,8 @@ class BudgetHistory:
     def flush(self) -> None:
         """Drain pending runs, write them to the file (if any), read other processes' samples.
 
-        Called on the integration's beat thread at each beat (and at least every
-        ``flush_interval``), and by ``stop()``. Never raises: a failed write is
+        Called on the integration's beat thread about every 0.25 s
+        (``HISTORY_FLUSH_SECONDS``), and by ``stop()``. Never raises: a failed write is
         counted in ``errors`` and the samples are kept for the next flush.
         """
         self._drain()
@@ -620,10 +620,7 @@ class BudgetHistory:
             if db is None:
                 return
             try:
-                self._write(db, batch)
-                rows = db.execute(
-                    f"SELECT {_COLUMNS}, writer FROM samples WHERE id > ? ORDER BY id", (self._last_id,)
-                ).fetchall()
+                rows = self._write(db, batch)
             except sqlite3.Error as exc:
                 with self._lock:
                     for key, samples in batch.items():  # keep them for the next try
@@ -631,32 +628,51 @@ class BudgetHistory:
                 self._error(f"budget history: writing {self.path} failed: {exc}")
                 return
         with self._lock:
-            others = []
-            for row in rows:
-                self._last_id = max(self._last_id, row[0])
-                if row[-1] != self._writer:
-                    others.append(row[:-1])
-            self._load(others)
+            self._load(rows)
 
-    def _write(self, db: sqlite3.Connection, batch: dict[tuple[str, str], deque[Sample]]) -> None:
-        if not batch:
-            return
+    def _write(
+        self, db: sqlite3.Connection, batch: dict[tuple[str, str], deque[Sample]]
+    ) -> list[tuple[Any, ...]]:
+        """One transaction: insert ``batch``, prune each of its keys to the newest ``keep``, and
+        read the rows other writers added since the last flush. Returns those rows."""
         w = self._writer
-        db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE" if batch else "BEGIN")
         try:
-            db.executemany(
-                "INSERT INTO samples (operation_type, name, budget, beats_used, outcome, exceeded_kind,"
-                " end_beat, tempo_bpm, budget_source, recorded_at, writer)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(*attrs.astuple(s), w) for samples in batch.values() for s in samples],
-            )
-            for typ, name in batch:
-                db.execute(
-                    "DELETE FROM samples WHERE operation_type = ? AND name = ? AND id <= COALESCE(("
-                    " SELECT id FROM samples WHERE operation_type = ? AND name = ?"
-                    " ORDER BY id DESC LIMIT 1 OFFSET ?), -1)",
-                    (typ, name, typ, name, self.keep),
+            if batch:
+                db.executemany(
+                    "INSERT INTO samples (operation_type, name, budget, beats_used, outcome, exceeded_kind,"
+                    " end_beat, tempo_bpm, budget_source, recorded_at, writer)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            s.operation_type,
+                            s.name,
+                            s.budget,
+                            s.beats_used,
+                            s.outcome,
+                            s.exceeded_kind,
+                            s.end_beat,
+                            s.tempo_bpm,
+                            s.budget_source,
+                            s.recorded_at,
+                            w,
+                        )
+                        for samples in batch.values()
+                        for s in samples
+                    ],
                 )
+                for typ, name in batch:
+                    db.execute(
+                        "DELETE FROM samples WHERE operation_type = ? AND name = ? AND id <= COALESCE(("
+                        " SELECT id FROM samples WHERE operation_type = ? AND name = ?"
+                        " ORDER BY id DESC LIMIT 1 OFFSET ?), -1)",
+                        (typ, name, typ, name, self.keep),
+                    )
+            # Under the same transaction: what the others wrote, and where the file now ends.
+            rows = db.execute(
+                f"SELECT {_COLUMNS} FROM samples WHERE id > ? AND writer != ? ORDER BY id", (self._last_id, w)
+            ).fetchall()
+            (top,) = db.execute("SELECT COALESCE(max(id), 0) FROM samples").fetchone()
             db.execute("COMMIT")
         except BaseException:
             try:
@@ -664,7 +680,9 @@ class BudgetHistory:
             except sqlite3.Error:
                 pass
             raise
+        self._last_id = max(self._last_id, int(top))
         self.written += sum(len(s) for s in batch.values())
+        return rows
 
     def _error(self, message: str) -> None:
         self.errors += 1

@@ -170,10 +170,10 @@ def test_recording_writes_only_from_the_beat_thread(tmp_path: Path) -> None:
         history = integration.history
         real = history._write
 
-        def spy(db: Any, batch: Any) -> None:
+        def spy(db: Any, batch: Any) -> Any:
             if batch:
                 writers.append(threading.current_thread().name)
-            real(db, batch)
+            return real(db, batch)
 
         history._write = spy  # type: ignore[method-assign]
 
