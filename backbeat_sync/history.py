@@ -26,7 +26,7 @@ import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import attrs
 
@@ -190,9 +190,8 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-@attrs.frozen
-class Sample:
-    """One finished budgeted run.
+class Sample(NamedTuple):
+    """One finished budgeted run (a named tuple: the recording thread makes many).
 
     Attributes:
         operation_type: the claims' ``operation_type``.
@@ -436,14 +435,14 @@ class BudgetHistory:
 
     def _load(self, rows: Iterable[tuple[Any, ...]]) -> None:
         """With the lock: add rows read from the file (own rows are never in ``rows``)."""
+        samples = []
         for row in rows:
             self._last_id = max(self._last_id, int(row[0]) if isinstance(row[0], int) else self._last_id)
             try:
-                sample = _row_sample(tuple(row))
+                samples.append(_row_sample(tuple(row)))
             except (ValueError, TypeError) as exc:
                 self._error(f"budget history: skipped a corrupt row {row[0]!r} of {self.path}: {exc}")
-                continue
-            self._add(sample, write=False)
+        self._add_many(samples, write=False)
 
     def close(self) -> None:
         """Write what is pending and close the file. Called by ``Integration.stop()``."""
@@ -497,12 +496,12 @@ class BudgetHistory:
             self._now(),
         )
         try:
-            _row_sample((0, *attrs.astuple(sample)))  # the checks a row read back gets
+            _row_sample((0, *sample))  # the checks a row read back gets
         except (ValueError, TypeError) as exc:
             raise InvalidArgument("sample", sample, str(exc)) from None
         self._pending.append(sample)
 
-    def _convert(self, item: Any) -> Sample | None:
+    def _convert(self, item: Any) -> Sample:
         """A pending record as a sample. Records are a :class:`Sample`, or a fast-path tuple
         ``(entry, end_state, end_time)`` where ``entry`` is the budget engine's
         ``[tracker, settings, integration, start_state, start_time]`` list, or
@@ -543,18 +542,18 @@ class BudgetHistory:
             return
         with self._lock:
             pop = pending.popleft
+            convert = self._convert
+            samples = []
             while True:
                 try:
                     item = pop()
                 except IndexError:
                     break
                 try:
-                    sample = self._convert(item)
+                    samples.append(convert(item))
                 except Exception as exc:  # a bug must not stop the beat thread or raise into users
                     self._error(f"budget history: a run could not be recorded: {type(exc).__name__}: {exc}")
-                    continue
-                if sample is not None:
-                    self._add(sample, write=True)
+            self._add_many(samples, write=True)
 
     def add_listener(self, listener: Callable[[Sample], Any]) -> Callable[[], None]:
         """Call ``listener(sample)`` for each run of this process as the history takes it in.
@@ -574,32 +573,51 @@ class BudgetHistory:
 
         return remove
 
-    def _add(self, sample: Sample, *, write: bool) -> None:
-        typ = sample.operation_type
-        by_name = self._samples.setdefault(typ, {})
-        q = by_name.get(sample.name)
-        if q is None:
-            q = by_name[sample.name] = deque(maxlen=self.keep)
-        q.append(sample)
-        self._stats_cache.pop(typ, None)
-        self._ordered_cache.pop(typ, None)
-        self._suggest_cache.pop(typ, None)
-        if write and self._db is not None:
-            key = (typ, sample.name)
-            w = self._unwritten.get(key)
-            if w is None:
-                w = self._unwritten[key] = deque(maxlen=self.keep)
-            w.append(sample)
-        if sample.budget_source == "fixed" and (typ, sample.budget) not in self._below_checked:
-            self._candidates.add((typ, sample.budget))
-        if write:
-            for listener in self._listeners:
-                try:
-                    listener(sample)
-                except Exception as exc:  # a listener's bug must not lose the run or stop the drain
-                    self.errors += 1
-                    if self.log is not None:
-                        self.log.warn(f"budget history listener failed: {type(exc).__name__}: {exc}")
+    def _add_many(self, samples: list[Sample], *, write: bool) -> None:
+        """With the lock: keep ``samples`` (``write``: this process's, to be written and observed)."""
+        if not samples:
+            return
+        keep = self.keep
+        store = self._samples
+        unwritten = self._unwritten if write and self._db is not None else None
+        checked = self._below_checked
+        candidates = self._candidates
+        types: set[str] = set()
+        last_key: tuple[str, str] | None = None
+        q: deque[Sample] | None = None
+        w: deque[Sample] | None = None
+        for sample in samples:
+            typ, name = key = sample[0], sample[1]
+            if key != last_key:  # runs come in batches of one budget: look the deques up once a batch
+                last_key = key
+                types.add(typ)
+                by_name = store.setdefault(typ, {})
+                q = by_name.get(name)
+                if q is None:
+                    q = by_name[name] = deque(maxlen=keep)
+                if unwritten is not None:
+                    w = unwritten.get(key)
+                    if w is None:
+                        w = unwritten[key] = deque(maxlen=keep)
+            assert q is not None
+            q.append(sample)
+            if w is not None:
+                w.append(sample)
+            if sample.budget_source == "fixed" and (typ, sample.budget) not in checked:
+                candidates.add((typ, sample.budget))
+        for typ in types:
+            self._stats_cache.pop(typ, None)
+            self._ordered_cache.pop(typ, None)
+            self._suggest_cache.pop(typ, None)
+        if write and self._listeners:
+            for sample in samples:
+                for listener in self._listeners:
+                    try:
+                        listener(sample)
+                    except Exception as exc:  # a listener's bug must not lose the run or stop the drain
+                        self.errors += 1
+                        if self.log is not None:
+                            self.log.warn(f"budget history listener failed: {type(exc).__name__}: {exc}")
 
     def flush(self) -> None:
         """Drain pending runs, write them to the file (if any), read other processes' samples.
@@ -643,23 +661,7 @@ class BudgetHistory:
                     "INSERT INTO samples (operation_type, name, budget, beats_used, outcome, exceeded_kind,"
                     " end_beat, tempo_bpm, budget_source, recorded_at, writer)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            s.operation_type,
-                            s.name,
-                            s.budget,
-                            s.beats_used,
-                            s.outcome,
-                            s.exceeded_kind,
-                            s.end_beat,
-                            s.tempo_bpm,
-                            s.budget_source,
-                            s.recorded_at,
-                            w,
-                        )
-                        for samples in batch.values()
-                        for s in samples
-                    ],
+                    [(*s, w) for samples in batch.values() for s in samples],
                 )
                 for typ, name in batch:
                     db.execute(

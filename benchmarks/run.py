@@ -964,7 +964,7 @@ def bench_history(quick: bool) -> list[Row]:
     drains and writes at every beat.
 
     ``history_recording_100000_samples``: 100 decorated functions called 1,000
-    times each (100,000 finished runs); the figure is the time the recording
+    times each (100,000 finished runs); the figure is the CPU time the recording
     thread spends per sample (``flush()``: beats used worked out, samples made,
     written and pruned in one transaction per flush), against a baseline of
     inserting the same number of rows with ``sqlite3.executemany`` alone. The file
@@ -1018,10 +1018,10 @@ def bench_history(quick: bool) -> list[Row]:
         spent = [0.0]
         real_flush = history.flush
 
-        def timed_flush() -> None:
-            t0 = time.perf_counter()
+        def timed_flush() -> None:  # CPU time of the flushing thread (not its waits for the GIL)
+            t0 = time.thread_time()
             real_flush()
-            spent[0] += time.perf_counter() - t0
+            spent[0] += time.thread_time() - t0
 
         history.flush = timed_flush  # type: ignore[method-assign]
         funcs = []
@@ -1056,20 +1056,20 @@ def bench_history(quick: bool) -> list[Row]:
             (f"type{i % 10}", f"f{i % 100}", 1000.0, 0.001, "done", None, 1.0, 120.0, "fixed", 0.0)
             for i in range(total)
         ]
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         raw.execute("BEGIN IMMEDIATE")
         raw.executemany("INSERT INTO t VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", data)
         raw.execute("COMMIT")
-        raw_seconds = time.perf_counter() - t0
+        raw_seconds = time.thread_time() - t0
         raw.close()
         rows.append(
             row(
                 "history_recording_100000_samples",
                 spent[0] / max(1, written) * 1e6,
                 raw_seconds / total * 1e6,
-                max_ratio=10.0,
-                target="ratio <= 10 (the recording thread's whole work vs a bare sqlite3 insert)",
-                unit="µs/sample on the recording thread",
+                max_ratio=5.0,
+                target="ratio <= 5 (the recording thread's whole work vs a bare sqlite3 insert)",
+                unit="µs/sample of CPU on the recording thread",
                 detail={
                     "samples_recorded": written,
                     "rows_in_file": rows_in_file,
