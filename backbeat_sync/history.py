@@ -87,28 +87,34 @@ class RunLog(deque):  # type: ignore[type-arg]
     __eq__ = object.__eq__
 
 
-_logs: weakref.WeakSet[RunLog] = weakref.WeakSet()
+#: Every run log, by the operation type of its budget (so ``suggest(type)`` drains only that type's).
+_logs: dict[str, weakref.WeakSet[RunLog]] = {}
 _logs_lock = threading.Lock()
 
 
-def new_run_log() -> RunLog:
-    """A fresh run log, drained by every :class:`BudgetHistory` (the budget engine makes one per settings)."""
+def new_run_log(operation_type: str) -> RunLog:
+    """A fresh run log for a budget of ``operation_type``, drained by every :class:`BudgetHistory`."""
     log = RunLog(maxlen=RUN_LOG_LIMIT)
     with _logs_lock:
-        _logs.add(log)
+        logs = _logs.get(operation_type)
+        if logs is None:
+            logs = _logs[operation_type] = weakref.WeakSet()
+        logs.add(log)
     return log
 
 
-def _drain_logs() -> None:
-    """Move every run waiting in a run log to its integration's history (any thread)."""
-    if not _logs:
-        return
+def _drain_logs(operation_type: str | None = None) -> None:
+    """Move the runs waiting in the run logs (of one type, or all) to their integrations' histories."""
     with _logs_lock:
-        logs = list(_logs)
+        if operation_type is None:
+            logs = [log for group in _logs.values() for log in group if log]
+        else:
+            group = _logs.get(operation_type)
+            logs = [log for log in group if log] if group is not None else []
+    if not logs:
+        return
     routed: dict[int, tuple[BudgetHistory, list[Any]]] = {}
     for log in logs:
-        if not log:
-            continue
         pop = log.popleft
         while True:
             try:
@@ -530,9 +536,10 @@ class BudgetHistory:
             self._now(),
         )
 
-    def _drain(self) -> None:
-        """Take in every finished run: the engine's run logs, then this history's queue (any thread)."""
-        _drain_logs()
+    def _drain(self, operation_type: str | None = None) -> None:
+        """Take in the finished runs (of one type, or all): the engine's run logs, then this
+        history's queue (any thread; cheap when nothing waits)."""
+        _drain_logs(operation_type)
         self._drain_own()
 
     def _drain_own(self) -> None:
@@ -706,13 +713,13 @@ class BudgetHistory:
 
     def names(self, operation_type: str) -> list[str]:
         """The names recorded under ``operation_type``, sorted."""
-        self._drain()
+        self._drain(operation_type)
         with self._lock:
             return sorted(n for n, q in self._samples.get(operation_type, {}).items() if q)
 
     def samples(self, operation_type: str, name: str | None = None) -> list[Sample]:
         """The kept samples of a type (or of one name of it), oldest first per name."""
-        self._drain()
+        self._drain(operation_type)
         with self._lock:
             by_name = self._samples.get(operation_type, {})
             if name is not None:
@@ -729,7 +736,7 @@ class BudgetHistory:
         Returns:
             An :class:`OperationStats` (all zero for a type with no runs).
         """
-        self._drain()
+        self._drain(operation_type)
         with self._lock:
             if name is None:
                 cached = self._stats_cache.get(operation_type)
@@ -801,7 +808,7 @@ class BudgetHistory:
         Raises:
             InvalidArgument: the type has no profile and too little history.
         """
-        self._drain()
+        self._drain(operation_type)
         if name is None:
             hit = self._suggest_cache.get(operation_type)
             if hit is not None:
