@@ -78,39 +78,44 @@ class RunLog(deque):  # type: ignore[type-arg]
     finishes more than :data:`RUN_LOG_LIMIT` runs between two drains, the oldest
     are dropped in C (the history keeps only the newest per (type, name) anyway).
     Every history's drain empties every log, routing each run to the history of the
-    integration it ran under.
+    integration it ran under. The registry holds each log strongly, so runs still
+    waiting survive their budget (a function, or an ``execute_with_beat_budget``
+    call, that is gone); a drain forgets a log once it is empty and its budget gone.
     """
 
-    __slots__ = ()
-    # Held in a WeakSet: by identity (a deque compares and hashes by content, or not at all).
+    __slots__ = ("owner",)
+    owner: Callable[[], Any]  #: a weak reference to the budget's settings
+
+    # Held in sets: by identity (a deque compares and hashes by content, or not at all).
     __hash__ = object.__hash__  # type: ignore[assignment]
     __eq__ = object.__eq__
 
 
 #: Every run log, by the operation type of its budget (so ``suggest(type)`` drains only that type's).
-_logs: dict[str, weakref.WeakSet[RunLog]] = {}
+_logs: dict[str, set[RunLog]] = {}
 _logs_lock = threading.Lock()
 
 
-def new_run_log(operation_type: str) -> RunLog:
-    """A fresh run log for a budget of ``operation_type``, drained by every :class:`BudgetHistory`."""
+def new_run_log(operation_type: str, owner: Any) -> RunLog:
+    """A fresh run log for the budget ``owner`` (its settings) of ``operation_type``."""
     log = RunLog(maxlen=RUN_LOG_LIMIT)
+    log.owner = weakref.ref(owner)
     with _logs_lock:
-        logs = _logs.get(operation_type)
-        if logs is None:
-            logs = _logs[operation_type] = weakref.WeakSet()
-        logs.add(log)
+        _logs.setdefault(operation_type, set()).add(log)
     return log
 
 
 def _drain_logs(operation_type: str | None = None) -> None:
     """Move the runs waiting in the run logs (of one type, or all) to their integrations' histories."""
     with _logs_lock:
-        if operation_type is None:
-            logs = [log for group in _logs.values() for log in group if log]
-        else:
-            group = _logs.get(operation_type)
-            logs = [log for log in group if log] if group is not None else []
+        groups = list(_logs.values()) if operation_type is None else [_logs.get(operation_type, set())]
+        logs = []
+        for group in groups:
+            for log in list(group):
+                if log:
+                    logs.append(log)
+                elif log.owner() is None:  # empty, and its budget is gone: forget it
+                    group.discard(log)
     if not logs:
         return
     routed: dict[int, tuple[BudgetHistory, list[Any]]] = {}

@@ -135,6 +135,28 @@ def test_execute_with_beat_budget_is_recorded_with_its_type() -> None:
         assert (s.name, s.beats_used) == (work.__qualname__, pytest.approx(0.25))
 
 
+def test_runs_of_a_budget_that_is_gone_are_kept() -> None:
+    """A decorated function (or an execute_with_beat_budget call) collected before the drain loses no run."""
+    import gc
+
+    with manual() as (integration, _):
+
+        def make() -> Any:
+            @bb.beat_budget(4, operation_type="gone", integration=integration)
+            def f() -> None:
+                pass
+
+            return f
+
+        f = make()
+        f()
+        f()
+        integration.execute_with_beat_budget(3, lambda: None, operation_type="gone")
+        del f
+        gc.collect()
+        assert integration.history.stats("gone").count == 3
+
+
 def test_exceeded_runs_are_recorded_interrupted_or_late() -> None:
     """A spinning call stopped in Python is exceeded/interrupted; raise_after is exceeded/late."""
     with fast(tempo=1200) as integration:
@@ -187,6 +209,40 @@ def test_recording_writes_only_from_the_beat_thread(tmp_path: Path) -> None:
         wait_until(lambda: history.written == 50, what="the beat thread wrote the runs")
     assert writers
     assert set(writers) == {"backbeat-beat"}
+
+
+def test_threads_record_while_others_read() -> None:
+    """8 threads finish 500 runs each while another thread reads stats: every run is counted once."""
+    with fast(tempo=1200, history_keep=10_000) as integration:
+        barrier = threading.Barrier(9)
+        done = threading.Event()
+        counts: list[int] = []
+
+        def worker(i: int) -> None:
+            @bb.beat_budget(100, operation_type="conc", name=f"w{i}", integration=integration)
+            def work() -> None:
+                pass
+
+            barrier.wait(30)
+            for _ in range(500):
+                work()
+
+        def reader() -> None:
+            barrier.wait(30)
+            while not done.is_set():
+                counts.append(integration.history.stats("conc").count)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        watcher = threading.Thread(target=reader)
+        for t in [*threads, watcher]:
+            t.start()
+        for t in threads:
+            t.join(60)
+        done.set()
+        watcher.join(60)
+        assert integration.history.stats("conc").count == 4000
+        assert counts == sorted(counts)  # never went back
+        assert {integration.history.stats("conc", f"w{i}").count for i in range(8)} == {500}
 
 
 # -- "auto" -----------------------------------------------------------------------------------
@@ -435,9 +491,14 @@ def test_two_processes_writing_one_file_lose_no_sample(tmp_path: Path) -> None:
     procs = [ctx.Process(target=_writer, args=(path, 700, f"w{i}", barrier)) for i in range(2)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0]
+    try:
+        for p in procs:
+            p.join(120)
+        assert [p.exitcode for p in procs] == [0, 0]  # None: hung (killed below)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     with sqlite3.connect(path) as db:
         rows = dict(db.execute("SELECT name, count(*) FROM samples GROUP BY name").fetchall())
     assert rows == {"w0": 700, "w1": 700}
