@@ -17,6 +17,7 @@ the profile's min (or 0.25 without a profile).
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import sqlite3
@@ -312,6 +313,48 @@ def _row_sample(row: tuple[Any, ...]) -> Sample:
     return Sample(typ, name, float(budget), float(used), outcome, kind, float(end), float(tempo), source, at)
 
 
+class _Figures:
+    """A type's figures, kept up to date as samples come and go (so ``stats``/``suggest`` are O(1)).
+
+    ``timed`` is the sorted beats used of the done and exceeded runs kept.
+    """
+
+    __slots__ = ("done", "exceeded", "failed", "late", "timed")
+
+    def __init__(self) -> None:
+        self.done = self.failed = self.exceeded = self.late = 0
+        self.timed: list[float] = []
+
+    def add(self, s: Sample) -> None:
+        outcome = s.outcome
+        if outcome == "failed":
+            self.failed += 1
+            return
+        if outcome == "done":
+            self.done += 1
+        else:
+            self.exceeded += 1
+            if s.exceeded_kind == "late":
+                self.late += 1
+        bisect.insort(self.timed, s.beats_used)
+
+    def remove(self, s: Sample) -> None:
+        outcome = s.outcome
+        if outcome == "failed":
+            self.failed -= 1
+            return
+        if outcome == "done":
+            self.done -= 1
+        else:
+            self.exceeded -= 1
+            if s.exceeded_kind == "late":
+                self.late -= 1
+        timed = self.timed
+        i = bisect.bisect_left(timed, s.beats_used)
+        if i < len(timed) and timed[i] == s.beats_used:
+            del timed[i]
+
+
 class BudgetHistory:
     """The finished budgeted runs of an integration, and the budgets they suggest.
 
@@ -383,7 +426,7 @@ class BudgetHistory:
         self._samples: dict[str, dict[str, deque[Sample]]] = {}
         self._unwritten: dict[tuple[str, str], deque[Sample]] = {}
         self._stats_cache: dict[str, OperationStats] = {}
-        self._ordered_cache: dict[str, list[float]] = {}
+        self._figures: dict[str, _Figures] = {}
         self._suggest_cache: dict[str, tuple[float, str]] = {}
         self._outside_reported: set[str] = set()
         self._below_checked: set[tuple[str, float]] = set()
@@ -598,6 +641,7 @@ class BudgetHistory:
         last_key: tuple[str, str] | None = None
         q: deque[Sample] | None = None
         w: deque[Sample] | None = None
+        figures: _Figures | None = None
         for sample in samples:
             typ, name = key = sample[0], sample[1]
             if key != last_key:  # runs come in batches of one budget: look the deques up once a batch
@@ -607,19 +651,25 @@ class BudgetHistory:
                 q = by_name.get(name)
                 if q is None:
                     q = by_name[name] = deque(maxlen=keep)
+                figures = self._figures.get(typ)
+                if figures is None:
+                    figures = self._figures[typ] = _Figures()
                 if unwritten is not None:
                     w = unwritten.get(key)
                     if w is None:
                         w = unwritten[key] = deque(maxlen=keep)
             assert q is not None
+            assert figures is not None
+            if len(q) == keep:  # the oldest is about to be dropped: it leaves the figures too
+                figures.remove(q[0])
             q.append(sample)
+            figures.add(sample)
             if w is not None:
                 w.append(sample)
             if sample.budget_source == "fixed" and (typ, sample.budget) not in checked:
                 candidates.add((typ, sample.budget))
         for typ in types:
             self._stats_cache.pop(typ, None)
-            self._ordered_cache.pop(typ, None)
             self._suggest_cache.pop(typ, None)
         if write and self._listeners:
             for sample in samples:
@@ -753,6 +803,26 @@ class BudgetHistory:
             return result
 
     def _compute(self, typ: str, name: str | None) -> OperationStats:
+        if name is None:
+            f = self._figures.get(typ)
+            if f is None:
+                f = _Figures()
+            timed_ = f.timed
+            n_timed = f.done + f.exceeded
+            return OperationStats(
+                operation_type=typ,
+                name=None,
+                count=n_timed + f.failed,
+                done=f.done,
+                failed=f.failed,
+                exceeded=f.exceeded,
+                interrupted=f.exceeded - f.late,
+                late=f.late,
+                p50=_quantile(timed_, 0.5) if timed_ else 0.0,
+                p95=_quantile(timed_, 0.95) if timed_ else 0.0,
+                max=timed_[-1] if timed_ else 0.0,
+                on_time_rate=f.done / n_timed if n_timed else 0.0,
+            )
         samples = self.samples(typ, name)
         done = failed = exceeded = interrupted = late = 0
         used: list[float] = []
@@ -770,8 +840,6 @@ class BudgetHistory:
             else:
                 failed += 1
         used.sort()
-        if name is None:
-            self._ordered_cache[typ] = used
         timed = done + exceeded
         return OperationStats(
             operation_type=typ,
@@ -819,7 +887,9 @@ class BudgetHistory:
             if hit is not None:
                 return hit
         with self._lock:
-            st = self.stats(operation_type, name)
+            st = self._stats_cache.get(operation_type) if name is None else None
+            if st is None:
+                st = self._compute(operation_type, name)  # drained above: no second drain
             prof = self.profiles.get(operation_type)
             if st.timed < self.min_samples:
                 if prof is None:
@@ -885,7 +955,7 @@ class BudgetHistory:
             self._samples.clear()
             self._unwritten.clear()
             self._stats_cache.clear()
-            self._ordered_cache.clear()
+            self._figures.clear()
             self._suggest_cache.clear()
             self._outside_reported.clear()
             self._below_checked.clear()
