@@ -433,6 +433,7 @@ class BudgetHistory:
         self._below: set[tuple[str, float]] = set()
         self._candidates: set[tuple[str, float]] = set()  #: (type, fixed budget) to check
         self._db: sqlite3.Connection | None = None
+        self._pid = 0  #: the process that opened the file (a forked child never touches it)
         self._writer = uuid.uuid4().hex
         self._last_id = 0
         self.errors = 0  #: corrupt rows skipped and writes that failed
@@ -471,6 +472,7 @@ class BudgetHistory:
             raise
         with self._lock:
             self._db = db
+            self._pid = os.getpid()
             self._load(rows)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -503,8 +505,18 @@ class BudgetHistory:
         self.flush()
         with self._db_lock:
             db, self._db = self._db, None
-            if db is not None:
+            if db is not None and os.getpid() == self._pid:
                 db.close()
+
+    def _owned(self) -> bool:
+        """Whether this process opened the file. A connection must not cross a fork (SQLite's
+        rule): a forked child forgets it, unused, and keeps its history in memory."""
+        if os.getpid() == self._pid:
+            return True
+        with self._db_lock:
+            self._db = None
+            self._unwritten.clear()
+        return False
 
     # -- recording ---------------------------------------------------------------
 
@@ -690,7 +702,7 @@ class BudgetHistory:
         """
         self._drain()
         self._check_below()
-        if self._db is None:
+        if self._db is None or not self._owned():
             return
         with self._lock:
             batch = self._unwritten
@@ -962,7 +974,7 @@ class BudgetHistory:
             self._below.clear()
             self._candidates.clear()
         with self._db_lock:
-            if self._db is not None:
+            if self._db is not None and os.getpid() == self._pid:
                 try:
                     self._db.execute("DELETE FROM samples")
                 except sqlite3.Error as exc:

@@ -354,3 +354,40 @@ def test_two_histories_on_one_file_see_each_other(tmp_path: Path) -> None:
     assert b.stats("t").count == 5
     a.close()
     b.close()
+
+
+def test_a_forked_child_never_touches_the_file(tmp_path: Path) -> None:
+    """After fork the child keeps its history in memory; the parent's file stays whole and its own."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "fork.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import os, sqlite3
+        from backbeat_sync.history import BudgetHistory
+        h = BudgetHistory({str(path)!r})
+        h.open()
+        h.record("t", "parent", budget=1, beats_used=0.5)
+        h.flush()
+        pid = os.fork()
+        if pid == 0:
+            h.record("t", "child", budget=1, beats_used=0.5)
+            h.flush()
+            h.close()
+            assert h.stats("t").count == 2  # the child still sees both, in memory
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        h.record("t", "parent", budget=1, beats_used=0.5)
+        h.close()
+        db = sqlite3.connect({str(path)!r})
+        rows = db.execute("SELECT name, count(*) FROM samples GROUP BY name").fetchall()
+        assert rows == [("parent", 2)], rows
+        print("ok")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
