@@ -1,358 +1,36 @@
-"""Budget history: what budgeted runs really took, the seed's budget profiles, and ``"auto"``.
-
-Every finished budgeted run (a ``@beat_budget`` call, a ``track_operation``
-block, a ``start_p2p_operation`` ... complete/fail, ``execute_with_beat_budget``)
-becomes a :class:`Sample`. The caller's thread only appends a small record to
-an in-memory queue; a library thread (the integration's beat thread) turns the
-records into samples and, with ``BackbeatConfig(history_path=...)``, writes
-them to a SQLite file. :meth:`BudgetHistory.stats` and
-:meth:`BudgetHistory.suggest` drain the queue first, so they see every run that
-has finished, written or not.
-
-The rule for ``"auto"`` (see ``docs/learning.md``): with fewer than
-``min_samples`` runs of a type that ended done or exceeded, the budget is the
-profile's max; else ``p95 * margin`` rounded up to a quarter beat, never below
-the profile's min (or 0.25 without a profile).
-"""
+"""The :class:`BudgetHistory`: the finished runs of an integration and the budgets they suggest."""
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import sqlite3
 import threading
 import time
 import uuid
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, NamedTuple
+from typing import Any
 
-import attrs
-
-from .errors import ConfigError, InvalidArgument
-
-__all__ = [
-    "DEFAULT_PROFILES",
-    "SCHEMA_VERSION",
-    "BudgetHistory",
-    "OperationStats",
-    "Sample",
-    "check_profiles",
-    "name_of",
-    "new_run_log",
-    "round_up_quarter",
-]
-
-#: The seed's "Beat Budget Guidelines", as ``(min, max)`` beats per operation type.
-DEFAULT_PROFILES: Final[Mapping[str, tuple[float, float]]] = {
-    "peer_discovery": (2.0, 5.0),
-    "dht_store": (2.0, 4.0),
-    "dht_retrieve": (1.0, 3.0),
-    "pubsub_sync": (1.0, 2.0),
-    "election": (3.0, 10.0),
-    "task_coordination": (5.0, 20.0),
-}
-#: Runs (done or exceeded) of a type needed before ``"auto"`` learns from them.
-DEFAULT_MIN_SAMPLES: Final = 20
-#: ``"auto"`` gives ``p95 * margin`` once it has learned.
-DEFAULT_MARGIN: Final = 1.25
-#: Samples kept per (type, name), in memory and on disk: the newest win.
-DEFAULT_KEEP: Final = 1000
-#: The smallest budget ``"auto"`` gives a type without a profile.
-FLOOR_BEATS: Final = 0.25
-#: The on-disk schema version (``PRAGMA user_version``); see ``docs/learning.md``.
-SCHEMA_VERSION: Final = 1
-#: How long a writer waits for another process's lock on the file (SQLite busy timeout).
-BUSY_TIMEOUT_SECONDS: Final = 10.0
-#: Finished runs (of the slower paths) that may wait between two drains; past this the oldest are dropped.
-PENDING_LIMIT: Final = 1_000_000
-#: Fast-path runs one budget's settings keep between two drains: the newest win (see :class:`RunLog`).
-RUN_LOG_LIMIT: Final = 1024
-
-
-class RunLog(deque):  # type: ignore[type-arg]
-    """The finished runs of one budget (one ``BudgetSettings``), appended by the callers' threads.
-
-    A bounded deque: a caller's ``append`` is one C call, and when a function
-    finishes more than :data:`RUN_LOG_LIMIT` runs between two drains, the oldest
-    are dropped in C (the history keeps only the newest per (type, name) anyway).
-    Every history's drain empties every log, routing each run to the history of the
-    integration it ran under. The registry holds each log strongly, so runs still
-    waiting survive their budget (a function, or an ``execute_with_beat_budget``
-    call, that is gone); a drain forgets a log once it is empty and its budget gone.
-    """
-
-    __slots__ = ("owner",)
-    owner: Callable[[], Any]  #: a weak reference to the budget's settings
-
-    # Held in sets: by identity (a deque compares and hashes by content, or not at all).
-    __hash__ = object.__hash__  # type: ignore[assignment]
-    __eq__ = object.__eq__
-
-
-#: Every run log, by the operation type of its budget (so ``suggest(type)`` drains only that type's).
-_logs: dict[str, set[RunLog]] = {}
-_logs_lock = threading.Lock()
-
-
-def new_run_log(operation_type: str, owner: Any) -> RunLog:
-    """A fresh run log for the budget ``owner`` (its settings) of ``operation_type``."""
-    log = RunLog(maxlen=RUN_LOG_LIMIT)
-    log.owner = weakref.ref(owner)
-    with _logs_lock:
-        _logs.setdefault(operation_type, set()).add(log)
-    return log
-
-
-def _drain_logs(operation_type: str | None = None) -> None:
-    """Move the runs waiting in the run logs (of one type, or all) to their integrations' histories."""
-    with _logs_lock:
-        groups = list(_logs.values()) if operation_type is None else [_logs.get(operation_type, set())]
-        logs = []
-        for group in groups:
-            for log in list(group):
-                if log:
-                    logs.append(log)
-                elif log.owner() is None:  # empty, and its budget is gone: forget it
-                    group.discard(log)
-    if not logs:
-        return
-    routed: dict[int, tuple[BudgetHistory, list[Any]]] = {}
-    for log in logs:
-        pop = log.popleft
-        while True:
-            try:
-                item = pop()
-            except IndexError:
-                break
-            head = item[0]
-            integration = head[2] if type(head) is list else head.integration
-            history = integration._history
-            slot = routed.get(id(history))
-            if slot is None:
-                slot = routed[id(history)] = (history, [])
-            slot[1].append(item)
-    for history, items in routed.values():
-        history._pending.extend(items)
-        history._drain_own()
-
-
-OUTCOMES: Final = ("done", "failed", "exceeded")
-EXCEEDED_KINDS: Final = ("interrupted", "late")
-SOURCES: Final = ("fixed", "profile", "history")
-
-
-def round_up_quarter(beats: float) -> float:
-    """``beats`` rounded up to the next quarter beat (1.3 -> 1.5; 1.5 stays 1.5)."""
-    return math.ceil(beats * 4.0 - 1e-9) / 4.0
-
-
-def check_profiles(value: Any, field: str = "budget_profiles") -> dict[str, tuple[float, float]]:
-    """Validate a mapping of ``operation type -> (min, max)`` beats.
-
-    Args:
-        value: the mapping to check.
-        field: the name used in the error.
-
-    Returns:
-        A plain dict of floats.
-
-    Raises:
-        ConfigError: not a mapping of non-empty strings to pairs with ``0 < min <= max``.
-    """
-    if not isinstance(value, Mapping):
-        raise ConfigError(field, value, "must be a mapping of operation type to (min, max) beats")
-    out: dict[str, tuple[float, float]] = {}
-    for key, pair in value.items():
-        if not isinstance(key, str) or not key:
-            raise ConfigError(field, value, f"operation type {key!r} must be a non-empty string")
-        try:
-            lo, hi = pair
-        except (TypeError, ValueError):
-            raise ConfigError(field, value, f"profile of {key!r} must be a (min, max) pair") from None
-        for x in (lo, hi):
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-                raise ConfigError(field, value, f"profile of {key!r} must hold finite numbers")
-        if not 0 < lo <= hi:
-            raise ConfigError(field, value, f"profile of {key!r} needs 0 < min <= max, got ({lo}, {hi})")
-        out[key] = (float(lo), float(hi))
-    return out
-
-
-_SEPARATORS: Final = "-_:./"
-
-
-def name_of(operation_id: str) -> str:
-    """The history name of an operation id: the id without a trailing part that holds a digit.
-
-    ``"election-17"`` -> ``"election"``, ``"upload:3f2a"`` -> ``"upload"``,
-    ``"dht-store-k"`` stays. So the runs of one kind of operation share a name.
-    """
-    cut = max(operation_id.rfind(c) for c in _SEPARATORS)
-    if cut > 0 and any(ch.isdigit() for ch in operation_id[cut + 1 :]):
-        return operation_id[:cut]
-    return operation_id
-
-
-def _quantile(ordered: list[float], q: float) -> float:
-    """Nearest-rank quantile of a sorted, non-empty list (the smallest value with ``q`` at or below)."""
-    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
-    return ordered[rank - 1]
-
-
-class Sample(NamedTuple):
-    """One finished budgeted run (a named tuple: the recording thread makes many).
-
-    Attributes:
-        operation_type: the claims' ``operation_type``.
-        name: the function's qualified name (decorated calls) or the operation id.
-        budget: the budget it ran with, in beats.
-        beats_used: beats from its start to its end.
-        outcome: ``"done"``, ``"failed"`` or ``"exceeded"``.
-        exceeded_kind: for ``exceeded``: ``"interrupted"`` (stopped in Python) or ``"late"``
-            (it ended after its budget: a blocking C call, ``raise_after``, ``warn``); else None.
-        end_beat: the budget position (beats) when it ended.
-        tempo_bpm: the tempo when it ended.
-        budget_source: ``"fixed"`` (a number), ``"profile"`` or ``"history"`` (``"auto"``).
-        recorded_at: when it ended (epoch seconds).
-    """
-
-    operation_type: str
-    name: str
-    budget: float
-    beats_used: float
-    outcome: str
-    exceeded_kind: str | None = None
-    end_beat: float = 0.0
-    tempo_bpm: float = 0.0
-    budget_source: str = "fixed"
-    recorded_at: float = 0.0
-
-
-@attrs.frozen
-class OperationStats:
-    """What the history says about one operation type (or one name of it).
-
-    Attributes:
-        operation_type: the type.
-        name: the name the figures are restricted to, or None for every name of the type.
-        count: runs recorded (done + failed + exceeded).
-        done: runs that finished within their budget.
-        failed: runs that raised (anything but their budget running out).
-        exceeded: runs whose budget ran out.
-        interrupted: exceeded runs stopped in Python.
-        late: exceeded runs that ended after their budget (blocked in C, or not interrupting).
-        p50: median beats used over done and exceeded runs (nearest rank; 0.0 without any).
-        p95: 95th percentile of the same (nearest rank).
-        max: the most beats used by a done or exceeded run.
-        on_time_rate: done / (done + exceeded); 0.0 without any.
-    """
-
-    operation_type: str
-    name: str | None
-    count: int
-    done: int
-    failed: int
-    exceeded: int
-    interrupted: int
-    late: int
-    p50: float
-    p95: float
-    max: float
-    on_time_rate: float
-
-    @property
-    def timed(self) -> int:
-        """Runs that say how long the work takes: done + exceeded (``"auto"`` counts these)."""
-        return self.done + self.exceeded
-
-
-_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS samples (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    operation_type TEXT NOT NULL,
-    name TEXT NOT NULL,
-    budget REAL NOT NULL,
-    beats_used REAL NOT NULL,
-    outcome TEXT NOT NULL,
-    exceeded_kind TEXT,
-    end_beat REAL NOT NULL,
-    tempo_bpm REAL NOT NULL,
-    budget_source TEXT NOT NULL,
-    recorded_at REAL NOT NULL,
-    writer TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS samples_by_key ON samples (operation_type, name, id);
-"""
-_COLUMNS: Final = (
-    "id, operation_type, name, budget, beats_used, outcome, exceeded_kind,"
-    " end_beat, tempo_bpm, budget_source, recorded_at"
+from ..errors import ConfigError, InvalidArgument
+from .records import Figures, OperationStats, Sample, drain_logs
+from .rules import (
+    BUSY_TIMEOUT_SECONDS,
+    DEFAULT_KEEP,
+    DEFAULT_MARGIN,
+    DEFAULT_MIN_SAMPLES,
+    DEFAULT_PROFILES,
+    FLOOR_BEATS,
+    PENDING_LIMIT,
+    SCHEMA_VERSION,
+    check_profiles,
+    name_of,
+    quantile,
+    round_up_quarter,
 )
-#: Migrations: ``_MIGRATIONS[v]`` takes a file from version ``v`` to ``v + 1`` (in one transaction).
-_MIGRATIONS: Final[dict[int, str]] = {0: _SCHEMA}
+from .store import COLUMNS, MIGRATIONS, row_sample
 
-
-def _row_sample(row: tuple[Any, ...]) -> Sample:
-    """A row as a Sample; ValueError/TypeError for a row this library could not have written."""
-    _, typ, name, budget, used, outcome, kind, end, tempo, source, at = row
-    if not isinstance(typ, str) or not typ or not isinstance(name, str) or not name:
-        raise ValueError("operation_type and name must be non-empty text")
-    nums = (budget, used, end, tempo, at)
-    if not all(isinstance(x, (int, float)) and math.isfinite(x) for x in nums):
-        raise ValueError("budget, beats_used, end_beat, tempo_bpm, recorded_at must be finite numbers")
-    if budget <= 0 or used < 0:
-        raise ValueError("budget must be > 0 and beats_used >= 0")
-    if outcome not in OUTCOMES:
-        raise ValueError(f"unknown outcome {outcome!r}")
-    if kind not in ((None, *EXCEEDED_KINDS) if outcome == "exceeded" else (None,)):
-        raise ValueError(f"exceeded_kind {kind!r} does not fit outcome {outcome!r}")
-    if source not in SOURCES:
-        raise ValueError(f"unknown budget_source {source!r}")
-    return Sample(typ, name, float(budget), float(used), outcome, kind, float(end), float(tempo), source, at)
-
-
-class _Figures:
-    """A type's figures, kept up to date as samples come and go (so ``stats``/``suggest`` are O(1)).
-
-    ``timed`` is the sorted beats used of the done and exceeded runs kept.
-    """
-
-    __slots__ = ("done", "exceeded", "failed", "late", "timed")
-
-    def __init__(self) -> None:
-        self.done = self.failed = self.exceeded = self.late = 0
-        self.timed: list[float] = []
-
-    def add(self, s: Sample) -> None:
-        outcome = s.outcome
-        if outcome == "failed":
-            self.failed += 1
-            return
-        if outcome == "done":
-            self.done += 1
-        else:
-            self.exceeded += 1
-            if s.exceeded_kind == "late":
-                self.late += 1
-        bisect.insort(self.timed, s.beats_used)
-
-    def remove(self, s: Sample) -> None:
-        outcome = s.outcome
-        if outcome == "failed":
-            self.failed -= 1
-            return
-        if outcome == "done":
-            self.done -= 1
-        else:
-            self.exceeded -= 1
-            if s.exceeded_kind == "late":
-                self.late -= 1
-        timed = self.timed
-        i = bisect.bisect_left(timed, s.beats_used)
-        if i < len(timed) and timed[i] == s.beats_used:
-            del timed[i]
+__all__ = ["BudgetHistory"]
 
 
 class BudgetHistory:
@@ -426,7 +104,7 @@ class BudgetHistory:
         self._samples: dict[str, dict[str, deque[Sample]]] = {}
         self._unwritten: dict[tuple[str, str], deque[Sample]] = {}
         self._stats_cache: dict[str, OperationStats] = {}
-        self._figures: dict[str, _Figures] = {}
+        self._figures: dict[str, Figures] = {}
         self._suggest_cache: dict[str, tuple[float, str]] = {}
         self._outside_reported: set[str] = set()
         self._below_checked: set[tuple[str, float]] = set()
@@ -463,7 +141,7 @@ class BudgetHistory:
             db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
             self._migrate(db)
-            rows = db.execute(f"SELECT {_COLUMNS} FROM samples ORDER BY id").fetchall()
+            rows = db.execute(f"SELECT {COLUMNS} FROM samples ORDER BY id").fetchall()
         except sqlite3.Error as exc:
             db.close()
             raise ConfigError("history_path", path, f"not a usable history file: {exc}") from None
@@ -486,7 +164,7 @@ class BudgetHistory:
             )
         while version < SCHEMA_VERSION:
             # Each step is idempotent (IF NOT EXISTS), so two processes migrating at once are safe.
-            db.executescript(_MIGRATIONS[version] + f"PRAGMA user_version = {version + 1};")
+            db.executescript(MIGRATIONS[version] + f"PRAGMA user_version = {version + 1};")
             (version,) = db.execute("PRAGMA user_version").fetchone()
 
     def _load(self, rows: Iterable[tuple[Any, ...]]) -> None:
@@ -495,7 +173,7 @@ class BudgetHistory:
         for row in rows:
             self._last_id = max(self._last_id, int(row[0]) if isinstance(row[0], int) else self._last_id)
             try:
-                samples.append(_row_sample(tuple(row)))
+                samples.append(row_sample(tuple(row)))
             except (ValueError, TypeError) as exc:
                 self._error(f"budget history: skipped a corrupt row {row[0]!r} of {self.path}: {exc}")
         self._add_many(samples, write=False)
@@ -562,7 +240,7 @@ class BudgetHistory:
             self._now(),
         )
         try:
-            _row_sample((0, *sample))  # the checks a row read back gets
+            row_sample((0, *sample))  # the checks a row read back gets
         except (ValueError, TypeError) as exc:
             raise InvalidArgument("sample", sample, str(exc)) from None
         self._pending.append(sample)
@@ -599,7 +277,7 @@ class BudgetHistory:
     def _drain(self, operation_type: str | None = None) -> None:
         """Take in the finished runs (of one type, or all): the engine's run logs, then this
         history's queue (any thread; cheap when nothing waits)."""
-        _drain_logs(operation_type)
+        drain_logs(operation_type)
         self._drain_own()
 
     def _drain_own(self) -> None:
@@ -653,7 +331,7 @@ class BudgetHistory:
         last_key: tuple[str, str] | None = None
         q: deque[Sample] | None = None
         w: deque[Sample] | None = None
-        figures: _Figures | None = None
+        figures: Figures | None = None
         for sample in samples:
             typ, name = key = sample[0], sample[1]
             if key != last_key:  # runs come in batches of one budget: look the deques up once a batch
@@ -665,7 +343,7 @@ class BudgetHistory:
                     q = by_name[name] = deque(maxlen=keep)
                 figures = self._figures.get(typ)
                 if figures is None:
-                    figures = self._figures[typ] = _Figures()
+                    figures = self._figures[typ] = Figures()
                 if unwritten is not None:
                     w = unwritten.get(key)
                     if w is None:
@@ -746,7 +424,7 @@ class BudgetHistory:
                     )
             # Under the same transaction: what the others wrote, and where the file now ends.
             rows = db.execute(
-                f"SELECT {_COLUMNS} FROM samples WHERE id > ? AND writer != ? ORDER BY id", (self._last_id, w)
+                f"SELECT {COLUMNS} FROM samples WHERE id > ? AND writer != ? ORDER BY id", (self._last_id, w)
             ).fetchall()
             (top,) = db.execute("SELECT COALESCE(max(id), 0) FROM samples").fetchone()
             db.execute("COMMIT")
@@ -818,7 +496,7 @@ class BudgetHistory:
         if name is None:
             f = self._figures.get(typ)
             if f is None:
-                f = _Figures()
+                f = Figures()
             timed_ = f.timed
             n_timed = f.done + f.exceeded
             return OperationStats(
@@ -830,8 +508,8 @@ class BudgetHistory:
                 exceeded=f.exceeded,
                 interrupted=f.exceeded - f.late,
                 late=f.late,
-                p50=_quantile(timed_, 0.5) if timed_ else 0.0,
-                p95=_quantile(timed_, 0.95) if timed_ else 0.0,
+                p50=quantile(timed_, 0.5) if timed_ else 0.0,
+                p95=quantile(timed_, 0.95) if timed_ else 0.0,
                 max=timed_[-1] if timed_ else 0.0,
                 on_time_rate=f.done / n_timed if n_timed else 0.0,
             )
@@ -862,8 +540,8 @@ class BudgetHistory:
             exceeded=exceeded,
             interrupted=interrupted,
             late=late,
-            p50=_quantile(used, 0.5) if used else 0.0,
-            p95=_quantile(used, 0.95) if used else 0.0,
+            p50=quantile(used, 0.5) if used else 0.0,
+            p95=quantile(used, 0.95) if used else 0.0,
             max=used[-1] if used else 0.0,
             on_time_rate=done / timed if timed else 0.0,
         )
