@@ -186,7 +186,7 @@ def drain_logs(operation_type: str | None = None) -> None:
                 break
             head = item[0]
             integration = head[2] if type(head) is list else head.integration
-            history = integration._history
+            history = integration.history
             slot = routed.get(id(history))
             if slot is None:
                 slot = routed[id(history)] = (history, [])
