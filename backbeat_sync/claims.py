@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from ._time import TimeSource, format_rfc3339
 from .errors import ConfigError
@@ -42,6 +42,7 @@ class LazyClaim:
         "_claim",
         "_factory",
         "beat",
+        "budget_source",
         "direct",
         "estimated",
         "is_final",
@@ -68,6 +69,8 @@ class LazyClaim:
     notes: str | None
     #: A beat sweep's claim: :meth:`wire` may encode it without making the StatusClaim.
     direct: bool
+    #: Where an automatic budget came from (None: a number given; omitted from the claim).
+    budget_source: str | None
 
     def wire(self) -> bytes:
         """The claim's wire bytes (``StatusClaim.encode`` of :meth:`build`, byte for byte),
@@ -80,24 +83,25 @@ class LazyClaim:
         state, beats_left, progress, line = f.figures(
             self.type, self.phase, self.peers, self.start_beat, self.estimated, self.reason, self.beat
         )
-        return wire_json(
-            {
-                "type": STATUS_CLAIM_TYPE,
-                "cluster_id": f.cluster_id,
-                "agent_id": f.agent_id,
-                "node_id": f.node_id,
-                "task_id": self.task_id,
-                "beat_index": self.beat,
-                "state": state,
-                "beats_left": beats_left,
-                "progress": progress,
-                "notes": line if self.notes is None else self.notes,
-                "sent_at": f.sent_at(),
-                "operation_type": self.type,
-                "phase": self.phase.value,
-                "peer_count": self.peers,
-            }
-        )
+        d: dict[str, Any] = {
+            "type": STATUS_CLAIM_TYPE,
+            "cluster_id": f.cluster_id,
+            "agent_id": f.agent_id,
+            "node_id": f.node_id,
+            "task_id": self.task_id,
+            "beat_index": self.beat,
+            "state": state,
+            "beats_left": beats_left,
+            "progress": progress,
+            "notes": line if self.notes is None else self.notes,
+            "sent_at": f.sent_at(),
+            "operation_type": self.type,
+            "phase": self.phase.value,
+            "peer_count": self.peers,
+        }
+        if self.budget_source is not None:  # optional, last: as StatusClaim.to_dict orders it
+            d["budget_source"] = self.budget_source
+        return wire_json(d)
 
     def build(self) -> StatusClaim:
         """The claim (built on the first call; a race between two threads builds it twice, harmlessly)."""
@@ -113,6 +117,7 @@ class LazyClaim:
                 self.reason,
                 self.beat,
                 self.notes,
+                self.budget_source,
             )
         return claim
 
@@ -192,6 +197,7 @@ class ClaimFactory:
             op.reason,
             current_beat,
             notes,
+            op.budget_source,
         )
 
     def lazy(self, op: P2POperation, current_beat: int, direct: bool = False) -> LazyClaim:
@@ -215,6 +221,7 @@ class ClaimFactory:
         lazy.reason = op.reason
         lazy.beat = current_beat
         lazy.notes = None
+        lazy.budget_source = op.budget_source
         return lazy
 
     def make(
@@ -228,6 +235,7 @@ class ClaimFactory:
         reason: str | None,
         current_beat: int,
         notes: str | None,
+        budget_source: str | None = None,
     ) -> StatusClaim:
         """The claim of an operation with these figures (the maths of PROTOCOL.md, in one place).
 
@@ -241,6 +249,7 @@ class ClaimFactory:
             reason: why it failed (FAILED only).
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
+            budget_source: where an automatic budget came from (None: omitted from the claim).
         """
         state, beats_left, progress, line = self.figures(
             operation_type, phase, peer_count, start_beat, estimated, reason, current_beat
@@ -260,6 +269,7 @@ class ClaimFactory:
             operation_type,
             value,
             peer_count,
+            budget_source=budget_source,
         )
 
     def figures(

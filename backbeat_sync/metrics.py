@@ -2,8 +2,9 @@
 
 Counters and gauges are read from :meth:`Integration.get_health` when the
 registry is scraped, so nothing is counted twice and an idle agent costs
-nothing. One histogram, ``backbeat_beat_handling_seconds``, is fed after each
-beat the integration handles. Every series carries the labels ``cluster_id``
+nothing. Two histograms are fed as things happen: ``backbeat_beat_handling_seconds``
+after each beat the integration handles, ``backbeat_operation_beats_used`` as its
+budget history takes in finished runs. Every series carries the labels ``cluster_id``
 and ``agent_id``, so several integrations can share one registry.
 
 Example:
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .integration import Integration
 
 __all__ = [
+    "BEATS_USED_BUCKETS",
     "BEAT_HANDLING_BUCKETS",
     "COUNTERS",
     "DRIFT_STATES",
@@ -67,6 +69,25 @@ BEAT_HANDLING_BUCKETS: Final = (
     1.0,
     2.5,
     5.0,
+)
+
+#: Histogram buckets (beats) for ``backbeat_operation_beats_used``: a quarter beat to 100 beats.
+BEATS_USED_BUCKETS: Final = (
+    0.25,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    5.0,
+    7.5,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    50.0,
+    100.0,
 )
 
 #: Health key -> (counter name without ``_total``, help text): the counters of the one health
@@ -149,6 +170,13 @@ class BackbeatMetrics:
             buckets=BEAT_HANDLING_BUCKETS,
             registry=registry,
         )
+        self.beats_used = pc.Histogram(
+            "backbeat_operation_beats_used",
+            "Beats each finished budgeted run used, by operation type and outcome (done, failed, exceeded).",
+            [*_LABELS, "operation_type", "outcome"],
+            buckets=BEATS_USED_BUCKETS,
+            registry=registry,
+        )
         registry.register(self)
 
     @classmethod
@@ -196,7 +224,25 @@ class BackbeatMetrics:
             if current is None:
                 child = self.beat_handling.labels(*key)
                 unlisten = integration.on_beat_handled(lambda _frame, seconds: child.observe(seconds))
-                self._members[key] = (integration, unlisten)
+                used = self.beats_used
+                seen: set[tuple[str, str]] = set()
+
+                def observe(sample: Any) -> None:
+                    seen.add((sample.operation_type, sample.outcome))
+                    used.labels(*key, sample.operation_type, sample.outcome).observe(sample.beats_used)
+
+                unrecord = integration.history.add_listener(observe)
+
+                def unlisten_all() -> None:
+                    unlisten()
+                    unrecord()
+                    for labels in list(seen):
+                        try:
+                            used.remove(*key, *labels)
+                        except KeyError:
+                            pass
+
+                self._members[key] = (integration, unlisten_all)
         return lambda: self._remove(key, integration)
 
     def _remove(self, key: tuple[str, str], integration: Integration) -> None:
@@ -218,11 +264,31 @@ class BackbeatMetrics:
     def describe(self) -> Iterator[Any]:
         """The fixed metric families (for the registry's duplicate check); budget ones are dynamic."""
         yield from self._families([])
+        yield self._suggested([])
 
     def collect(self) -> Iterator[Any]:
         """Read every instrumented integration's health and yield the metric families."""
-        samples = [(key, integration.get_health()) for key, integration in self._live()]
+        live = self._live()
+        samples = [(key, integration.get_health()) for key, integration in live]
         yield from self._families(samples)
+        yield self._suggested(live)
+
+    def _suggested(self, live: list[tuple[tuple[str, str], Integration]]) -> Any:
+        """``backbeat_budget_suggested_beats{operation_type}``: what ``"auto"`` would give each type now."""
+        gauge = self._core.GaugeMetricFamily(
+            "backbeat_budget_suggested_beats",
+            'The budget "auto" would give a run of this operation type now, in beats.',
+            labels=[*_LABELS, "operation_type"],
+        )
+        for key, integration in live:
+            history = integration.history
+            for typ in history.types():
+                try:
+                    beats = history.suggest(typ)
+                except InvalidArgument:  # no profile and too little history: no suggestion yet
+                    continue
+                gauge.add_metric([*key, typ], beats)
+        return gauge
 
     def _families(self, samples: Sequence[tuple[tuple[str, str], Mapping[str, Any]]]) -> Iterator[Any]:
         core = self._core

@@ -11,7 +11,7 @@ import inspect
 import time
 from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, ParamSpec, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
 
 import attrs
 import wrapt
@@ -145,6 +145,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     name = settings.name
     first = settings.first_beats
     runtime = RUNTIME
+    rec = settings.log.append
 
     def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         integration = fixed if fixed is not None else runtime.default
@@ -204,6 +205,9 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             err = materialize(slot, seq, e).leave(slot, None, result)
         else:
             if e[0] is None and not live:
+                # History: one deque append; the beat thread works out the beats used.
+                # ``t_in is now`` (one float read for both) is the system clock's case.
+                rec((e, clock.anchor, _monotonic() if t_in is now else source.monotonic()))
                 return result
             slot.shield += 1
             err = materialize(slot, seq, e).leave(slot, None, result, won=True)
@@ -215,15 +219,23 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
 
 
 def execute_with_beat_budget(
-    integration: BudgetHost | None, beats: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+    integration: BudgetHost | None,
+    beats: float | Literal["auto"],
+    fn: Callable[..., R],
+    *args: Any,
+    operation_type: str | None = None,
+    **kwargs: Any,
 ) -> R:
     """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
 
     Args:
         integration: the integration (None: the process default).
-        beats: the budget, in beats (> 0).
+        beats: the budget, in beats (> 0), or ``"auto"`` (learned from the history of
+            ``operation_type``; see ``docs/learning.md``).
         fn: what to run.
         *args: positional arguments for ``fn``.
+        operation_type: the claims' and the history's operation type (needed for ``"auto"``;
+            default ``"budget"``). Not passed on to ``fn``.
         **kwargs: keyword arguments for ``fn``.
 
     Returns:
@@ -231,20 +243,98 @@ def execute_with_beat_budget(
 
     Raises:
         BeatBudgetExceeded: the budget ran out while ``fn`` ran.
-        InvalidArgument: ``beats`` is not a number > 0, or ``fn`` is not callable.
+        InvalidArgument: ``beats`` is not a number > 0 or ``"auto"``, ``"auto"`` without an
+            ``operation_type``, an ``"auto"`` type with no profile and too little history,
+            or ``fn`` is not callable.
     """
     if not callable(fn):
         raise InvalidArgument("fn", fn, "must be callable")
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
-    settings = BudgetSettings(beats, name=name, integration=integration)
+    if isinstance(beats, str):
+        if beats != AUTO:
+            raise InvalidArgument("beats", beats, 'must be a finite number of beats > 0 or "auto"')
+        if operation_type is None:
+            raise InvalidArgument("operation_type", None, 'execute_with_beat_budget("auto", ...) needs one')
+        base = BudgetSettings(_PLACEHOLDER, operation_type=operation_type, name=name, integration=integration)
+        return cast(R, _auto_runner(base, None)(fn, None, args, kwargs))
+    settings = BudgetSettings(
+        beats,
+        operation_type="budget" if operation_type is None else operation_type,
+        name=name,
+        integration=integration,
+    )
     return cast(R, _runner(settings)(fn, None, args, kwargs))
+
+
+#: ``"auto"``: the budget is resolved from the history at each run (``docs/learning.md``).
+AUTO: Final = "auto"
+#: The beats of an ``"auto"`` decoration's base settings (replaced at each call; never a budget).
+_PLACEHOLDER: Final = 1.0
+#: Runners of resolved ``"auto"`` budgets kept per decoration (cleared when full).
+_AUTO_RUNNERS_MAX: Final = 64
+
+
+def _auto_beats(integration: BudgetHost, operation_type: str, profile: str | None) -> tuple[float, str]:
+    """The budget of an automatic run now and its source (``"profile"`` or ``"history"``)."""
+    history = integration.history
+    if profile is None:
+        return history.resolve(operation_type)
+    prof = history.profile(profile)
+    if prof is None:
+        known = ", ".join(sorted(history.profiles))
+        raise InvalidArgument("profile", profile, f"no budget profile of that name (known: {known})")
+    return prof[1], "profile"
+
+
+def _auto_runner(
+    base: BudgetSettings, profile: str | None
+) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
+    """The engine behind ``@beat_budget("auto")`` and ``@beat_budget(profile=...)``.
+
+    At each call it resolves the budget (from the integration's history, or the
+    profile's max) and runs the call in the fixed-budget runner of that budget:
+    the same engine, with settings made once per distinct budget.
+    """
+    fixed = base.integration
+    typ = base.operation_type
+    runtime = RUNTIME
+    plain = _runner(base)  # no integration running: the fallback (or strict's refusal)
+    runners: dict[tuple[Any, float, str], Callable[[Callable[..., Any], Any, Any, Any], Any]] = {}
+
+    def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
+        integration = fixed if fixed is not None else runtime.default
+        if integration is None or integration.budget_clock is None:
+            return plain(wrapped, instance, args, kwargs)
+        beats, source = _auto_beats(integration, typ, profile)
+        key = (integration, beats, source)
+        runner = runners.get(key)
+        if runner is None:
+            if len(runners) >= _AUTO_RUNNERS_MAX:
+                runners.clear()
+            settings = attrs.evolve(base, beats=beats, budget_source=source, integration=integration)
+            runner = runners[key] = _runner(settings)
+        return runner(wrapped, instance, args, kwargs)
+
+    return run
+
+
+def _block_auto(beats: str, operation_type: Any, integration: BudgetHost | None) -> tuple[float, str]:
+    """``track_operation(beats="auto")``: the budget now, from the history of the integration to run it."""
+    if beats != AUTO:
+        raise InvalidArgument("beats", beats, 'must be a finite number of beats > 0 or "auto"')
+    if not isinstance(operation_type, str) or not operation_type:
+        raise InvalidArgument("operation_type", operation_type, "must be a non-empty string")
+    resolved = integration if integration is not None else RUNTIME.default
+    if resolved is None or resolved.budget_clock is None:
+        return _PLACEHOLDER, "fixed"  # runs plainly (or strict refuses): no budget is used
+    return resolved.history.resolve(operation_type)
 
 
 def track_operation(
     operation_id: str,
     operation_type: str,
     *,
-    beats: float,
+    beats: float | Literal["auto"],
     peers: int = 0,
     integration: BudgetHost | None = None,
     on_exhaust: OnExhaust = "interrupt",
@@ -265,7 +355,8 @@ def track_operation(
     Args:
         operation_id: unique id (the claims' ``task_id``).
         operation_type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery`` or a user type.
-        beats: the budget, in beats (> 0).
+        beats: the budget, in beats (> 0), or ``"auto"`` (from the type's history, resolved
+            now; see ``docs/learning.md``).
         peers: initial peer count.
         integration: the integration (None: the process default).
         on_exhaust: ``"interrupt"`` (raise :class:`BeatBudgetExceeded` inside the block),
@@ -280,9 +371,13 @@ def track_operation(
         The tracker, a context manager (``with track_operation(...) as op:``).
 
     Raises:
-        InvalidArgument: an argument is out of range.
+        InvalidArgument: an argument is out of range; ``"auto"`` for a type with no profile
+            and too little history.
         IntegrationNotStarted: ``strict`` and no started integration.
     """
+    source = "fixed"
+    if type(beats) is str:  # cheaper than isinstance on this hot path; mypy does not narrow it
+        beats, source = _block_auto(beats, operation_type, integration)  # type: ignore[unreachable]
     if type(operation_id) is not str or not operation_id or len(operation_id) > 64:  # 64 chars fit 256 bytes
         check_wire_id("operation_id", operation_id)
         operation_id = str(operation_id)
@@ -294,13 +389,15 @@ def track_operation(
     key: tuple[Any, ...] | None = None
     if on_warning is None and type(beats) in CACHED_NUMBERS:
         key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
+        if source != "fixed":
+            key = (*key, source)
         try:
             settings = RUNTIME.block_settings.get(key)
         except TypeError:  # an unhashable warn_at (a list): checked every time
             key = None
     if settings is None:
         settings = block_settings(
-            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases
+            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases, source
         )
     resolved = integration if integration is not None else RUNTIME.default
     if resolved is None or resolved.budget_clock is None:
@@ -314,10 +411,11 @@ def track_operation(
 
 
 def beat_budget(
-    beats: float,
+    beats: float | Literal["auto"] | None = None,
     *,
+    profile: str | None = None,
     integration: BudgetHost | None = None,
-    operation_type: str = "budget",
+    operation_type: str | None = None,
     on_exhaust: OnExhaust = "interrupt",
     warn_at: Iterable[float] | None = DEFAULT_WARN_AT,
     name: str | None = None,
@@ -333,9 +431,13 @@ def beat_budget(
     plainly (logged once), or raises with ``strict=True``.
 
     Args:
-        beats: the budget, in beats (> 0).
+        beats: the budget, in beats (> 0), or ``"auto"``: resolved at each call from the
+            history of ``operation_type`` (its profile's max until it has 20 runs; see
+            ``docs/learning.md``).
+        profile: instead of ``beats``: the max of this budget profile (resolved at each call,
+            so ``BackbeatConfig(budget_profiles=...)`` counts); ``operation_type`` defaults to it.
         integration: the integration (None: the process default).
-        operation_type: the claims' ``operation_type``.
+        operation_type: the claims' ``operation_type`` (default ``"budget"``, or ``profile``).
         on_exhaust: ``"interrupt"``, ``"raise_after"`` or ``"warn"`` (see :func:`track_operation`).
         warn_at: fractions of the budget at which a warning is claimed.
         name: operation id prefix (default: the function's qualified name); ids are ``{name}-{n}``.
@@ -347,7 +449,9 @@ def beat_budget(
 
     Raises:
         TypeError: (at decoration) the target is an ``async def`` or generator function.
-        InvalidArgument: an argument is out of range.
+        InvalidArgument: an argument is out of range; neither or both of ``beats`` and
+            ``profile``; (at a call) ``"auto"`` for a type with no profile and too little
+            history, or an unknown ``profile``.
 
     Example:
         >>> from backbeat_sync import beat_budget
@@ -357,9 +461,22 @@ def beat_budget(
         >>> store("k", b"abc")   # no integration started: runs plainly
         3
     """
+    automatic = beats == AUTO if isinstance(beats, str) else False
+    if isinstance(beats, str) and not automatic:
+        raise InvalidArgument("beats", beats, 'must be a finite number of beats > 0 or "auto"')
+    if profile is not None:
+        if beats is not None:
+            raise InvalidArgument("profile", profile, "give beats or a profile, not both")
+        if not isinstance(profile, str) or not profile:
+            raise InvalidArgument("profile", profile, "must be the name of a budget profile")
+        automatic = True
+        if operation_type is None:
+            operation_type = profile
+    elif beats is None:
+        raise InvalidArgument("beats", None, 'give a number of beats, "auto", or profile=')
     base = BudgetSettings(
-        beats,
-        operation_type=operation_type,
+        _PLACEHOLDER if automatic else beats,
+        operation_type="budget" if operation_type is None else operation_type,
         on_exhaust=on_exhaust,
         warn_at=warn_at,
         on_warning=on_warning,
@@ -386,6 +503,7 @@ def beat_budget(
         # strict must always check (and raise); wrapt tests a list's truth in C (its stubs
         # only name bool-like objects, hence Any)
         gate: Any = None if settings.strict else RUNTIME.budgets_on
-        return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(_runner(settings))(func))
+        engine = _auto_runner(settings, profile) if automatic else _runner(settings)
+        return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(engine)(func))
 
     return decorate

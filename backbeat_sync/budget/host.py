@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Final, Protocol
 if TYPE_CHECKING:
     from .._logging import LoggerAdapter
     from ..clock import BeatClock
+    from ..history import BudgetHistory
     from ..operations import OperationRegistry
     from ..protocol import StatusClaim
 
@@ -45,6 +46,11 @@ class BudgetHost(Protocol):
     @property
     def log(self) -> LoggerAdapter:
         """Where budget warnings and exhaustions are logged."""
+        ...
+
+    @property
+    def history(self) -> BudgetHistory:
+        """Where finished runs are recorded, and what ``"auto"`` budgets are learned from."""
         ...
 
     def count(self, key: str, n: int = 1) -> None:

@@ -11,6 +11,7 @@ import attrs
 from .._runtime import RUNTIME
 from .._watchdog import ThreadSlot
 from ..errors import InvalidArgument
+from ..history import RunLog, new_run_log
 from ..protocol import check_wire_id
 from .tracker import materialize
 
@@ -76,6 +77,7 @@ class BudgetSettings:
         manual_phases: do not move to EXECUTING on entry.
         peers: initial peer count.
         data: attached to the operation.
+        budget_source: ``"fixed"`` (a number given), ``"profile"`` or ``"history"`` (``"auto"``).
     """
 
     beats: float = attrs.field(converter=_check_beats)
@@ -90,13 +92,27 @@ class BudgetSettings:
     manual_phases: bool = False
     peers: int = 0
     data: Any = None
+    budget_source: str = "fixed"
     estimated: int = attrs.field(init=False)
+    #: The claims' ``budget_source``: None for a fixed budget (nothing added on the wire).
+    claim_source: str | None = attrs.field(init=False)
+    #: Where callers append this budget's finished runs for the history (a bounded deque).
+    log: RunLog = attrs.field(init=False, eq=False, repr=False)
     first_fraction: float = attrs.field(init=False)
     first_beats: float = attrs.field(init=False)  #: beats from the start to the first event
 
     @estimated.default
     def _estimated(self) -> int:
         return max(1, math.ceil(self.beats - 1e-9))
+
+    @log.default
+    def _log(self) -> RunLog:
+        typ = self.operation_type  # checked after the defaults: a bad one is refused there
+        return new_run_log(typ if isinstance(typ, str) else "", self)
+
+    @claim_source.default
+    def _claim_source(self) -> str | None:
+        return None if self.budget_source == "fixed" else self.budget_source
 
     @first_fraction.default
     def _first(self) -> float:
@@ -140,6 +156,7 @@ def block_settings(
     on_warning: Any,
     strict: bool,
     manual_phases: bool,
+    budget_source: str = "fixed",
 ) -> BudgetSettings:
     """The checked settings of a ``track_operation`` block (its id, peers and data aside).
 
@@ -154,6 +171,7 @@ def block_settings(
         strict=strict,
         explicit=True,
         manual_phases=manual_phases,
+        budget_source=budget_source,
     )
     if key is not None:
         cache = RUNTIME.block_settings

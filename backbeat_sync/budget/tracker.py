@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from .._time import SYSTEM_TIME
 from .._watchdog import ARMED, OWNER, SYNC, Fired, ThreadSlot, all_slots, current_slot, thread_state
 from ..errors import BeatBudgetExceeded, BudgetLeftUnexited, InvalidArgument, OperationNotFound
+from ..history import Sample, name_of
 from ..operations import OperationPhase, P2POperation
 from . import events
 from .arming import (
@@ -315,7 +316,7 @@ class Tracker:
                 clock = integration.clock
                 start_beat, epoch = clock.beat_and_epoch
                 # id, type, start_beat, estimated_beats, phase, peer_count, start_time, data,
-                # reason, announced, epoch (positional: keywords cost a third more here)
+                # reason, announced, epoch, budget_source (positional: keywords cost a third more here)
                 op = P2POperation(
                     self.op_id,
                     s.operation_type,
@@ -328,6 +329,7 @@ class Tracker:
                     None,
                     True,
                     epoch,
+                    s.claim_source,
                 )
                 integration.registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
@@ -372,6 +374,11 @@ class Tracker:
             # was not spent, nothing is nested in this thread and nothing is unwinding.
             self.done = True
             self.finished = True
+            clock = integration.clock
+            source = clock.time_source
+            self.settings.log.append(  # history: the beat thread works out the beats used
+                (self, clock.anchor, _monotonic() if source is SYSTEM_TIME else source.monotonic())
+            )
             try:
                 integration.registry.finish(self.op_id, _COMPLETED, self.peers)
             except OperationNotFound:  # stop() failed it meanwhile
@@ -505,6 +512,10 @@ class Tracker:
         s = self.settings
         spent_ours = exc is not None and exc is self.exc
         if exc is None and self.fired is ARMED and not (self.exhausted and s.on_exhaust != "warn"):
+            if self.exhausted:  # on_exhaust="warn": it ran on past its budget and returned
+                self._remember("exceeded", "late", None)
+            else:
+                self._remember("done", None, None)
             if self.announced:
                 with ops_lock:
                     self._finish(OperationPhase.COMPLETED, None)
@@ -512,13 +523,47 @@ class Tracker:
         if spent_ours or (self.fired is not ARMED and exc is None):
             reason = self._spent_reason(self.exc)
             self._count_spent(self.exc)
+            spent = self.exc
+            if isinstance(spent, BeatBudgetExceeded):
+                on_time = s.on_exhaust == "interrupt" and not spent.late
+                self._remember("exceeded", "interrupted" if on_time else "late", spent.beats_used)
+            else:
+                self._remember("exceeded", "late", None)
         elif exc is not None:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._remember("failed", None, None)
         else:
             reason = self._spent_reason(None)
+            self._remember("exceeded", "late", None)
         with ops_lock:
             self._announce()
             self._finish(OperationPhase.FAILED, reason)
+
+    def _remember(self, outcome: str, kind: str | None, used: float | None) -> None:
+        """Record the finished run in the integration's budget history (a deque append)."""
+        integration = self.integration
+        if integration is None:
+            return
+        clock = integration.clock
+        s = self.settings
+        pos = clock.budget_position()
+        if used is None:
+            used = max(0.0, pos - self.start_pos)
+        name = name_of(self.op_id) if s.explicit else s.name
+        integration.history.push(
+            Sample(
+                s.operation_type,
+                name or s.operation_type,
+                s.beats,
+                used,
+                outcome,
+                kind,
+                pos,
+                60.0 / clock.beat_duration,
+                s.budget_source,
+                clock.time_source.time(),
+            )
+        )
 
     def _spent_reason(self, exc: BaseException | None) -> str:
         if isinstance(exc, BeatBudgetExceeded):
@@ -594,6 +639,7 @@ class Tracker:
             peer_count=self.peers,
             start_time=clock.time_source.time(),
             data=data,
+            budget_source=s.claim_source,
         )
         if self.t_in:  # when the call started, not when it was first claimed (spans start there)
             op.start_time -= max(0.0, clock.time_source.monotonic() - self.t_in)

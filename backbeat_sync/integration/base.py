@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ..claims import ClaimFactory
     from ..clock import BeatClock
     from ..config import BackbeatConfig
+    from ..history import BudgetHistory
     from ..operations import OperationRegistry, P2POperation
     from ..protocol import BeatFrame, StatusClaim
     from ..signing import Verifier
@@ -95,6 +96,9 @@ class IntegrationCore:
     _beat_seen: threading.Event
     #: The clock budgets count on while this integration runs; None otherwise (BudgetHost).
     budget_clock: BeatClock | None
+    #: The budget history (``docs/learning.md``); flushed by the beat thread.
+    history: BudgetHistory
+    _history_flushed_at: float
 
     if TYPE_CHECKING:  # defined by the parts; declared here so each part type-checks alone
 

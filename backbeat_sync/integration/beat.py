@@ -4,6 +4,7 @@ clean-up, the health claim, and how long it all took (``local_degradation``)."""
 from __future__ import annotations
 
 import queue
+import time
 from typing import Final
 
 from ..budget import announce_running
@@ -12,15 +13,24 @@ from .base import STOP, IntegrationCore
 
 #: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
 LOG_NAME: Final = "backbeat_sync.integration"
-__all__ = ["BeatMixin"]
+__all__ = ["HISTORY_FLUSH_SECONDS", "BeatMixin"]
+
+#: The beat thread writes budget history about this often (seconds; at a beat, or without one).
+HISTORY_FLUSH_SECONDS: Final = 0.25
+_real_monotonic: Final = time.monotonic
 
 
 class BeatMixin(IntegrationCore):
     """``Integration``'s beat thread."""
 
     def _beat_loop(self) -> None:
+        flush = self._flush_history
         while True:
-            item = self._beat_queue.get()
+            try:
+                item = self._beat_queue.get(timeout=HISTORY_FLUSH_SECONDS)
+            except queue.Empty:  # no beat for a while (a slow tempo, a silent pulse)
+                flush(True)
+                continue
             frames: list[BeatFrame] = []
             while item is not STOP:
                 assert isinstance(item, BeatFrame)
@@ -31,8 +41,24 @@ class BeatMixin(IntegrationCore):
                     break
             if frames:
                 self._handle_frames(frames)
+                flush(False)
             if item is STOP:
                 return
+
+    def _flush_history(self, due: bool) -> None:
+        """Beat thread: write the budget runs finished since the last flush (never raises).
+
+        At most every HISTORY_FLUSH_SECONDS (real time) unless ``due``: at a fast
+        tempo, writing at every beat would cost more than it tells.
+        """
+        now = _real_monotonic()
+        if not due and now - self._history_flushed_at < HISTORY_FLUSH_SECONDS:
+            return
+        self._history_flushed_at = now
+        try:
+            self.history.flush()
+        except Exception as exc:
+            self.record_error(f"budget history flush failed: {type(exc).__name__}: {exc}")
 
     def _handle_frames(self, frames: list[BeatFrame]) -> None:
         t0 = self._time.monotonic()

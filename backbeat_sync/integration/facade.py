@@ -19,13 +19,14 @@ integration emits; health is :mod:`.health`.
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import threading
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, ParamSpec, TypeVar
+from typing import Any, Final, Literal, ParamSpec, TypeVar
 
 from .._logging import LoggerAdapter, RateLimitedLog
 from .._runtime import RUNTIME
@@ -42,6 +43,7 @@ from ..errors import (
     IntegrationNotStarted,
     InvalidArgument,
 )
+from ..history import BudgetHistory, Sample, name_of
 from ..operations import OperationPhase, OperationRegistry, P2POperation
 from ..protocol import BeatFrame, StatusClaim, check_wire_id
 from ..signing import SigningKey, Verifier
@@ -160,6 +162,21 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         self._cb_blocked_reported = False
         self._threads: list[threading.Thread] = []
         self._metrics_servers: list[Any] = []
+        #: The budget history: what this integration's budgeted runs took (``docs/learning.md``).
+        #: A plain attribute (the budget engine reads it); do not rebind it.
+        self.history = BudgetHistory(
+            config.history_path,
+            keep=config.history_keep,
+            profiles=config.budget_profiles,
+            min_samples=config.history_min_samples,
+            margin=config.history_margin,
+            log=self._log,
+            on_error=self.record_error,
+            time_source=self._time.time,
+        )
+        self._history_flushed_at = 0.0
+        #: start_p2p_operation runs not yet finished: id -> (start position, budget, source, type).
+        self._p2p_runs: dict[str, tuple[float, float, str, str]] = {}
 
     # -- properties ----------------------------------------------------------
 
@@ -215,6 +232,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
             BackbeatConnectionError: the first NATS connection failed (nothing is
                 left running; ``start()`` may be tried again).
             InvalidArgument: ``wait_for_beat`` is negative or not a number.
+            ConfigError: ``history_path`` cannot be opened as a history file (named).
         """
         timeout = _wait_timeout(wait_for_beat)
         self.refuse_if_forked()
@@ -226,6 +244,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         try:
             if self._config.otel:
                 self._otel = _instrument_otel(self)
+            self.history.open()
             transport = self._given_transport or make_transport(self._config, self._encode, self._time)
             self._transport = transport
             self._threads = [
@@ -249,6 +268,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
             if self._otel is not None:
                 self._otel.uninstrument()
                 self._otel = None
+            self.history.close()  # a start() tried again opens it again
             with self._state_lock:
                 self._state = IntegrationState.NEW
             raise
@@ -307,6 +327,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
                 self._transport.stop(self._config.flush_timeout)
         finally:
             self._stop_threads()
+            self.history.close()
             for server in self._metrics_servers:
                 server.close()
             self._metrics_servers.clear()
@@ -379,26 +400,73 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         self,
         operation_id: str,
         operation_type: str,
-        estimated_beats: int,
+        estimated_beats: int | Literal["auto"],
         data: Any = None,
     ) -> None:
         """Register an operation and claim its start.
+
+        Its run is recorded in :attr:`history` when it completes or fails
+        (``exceeded`` if it completed after its estimate ran out).
 
         Args:
             operation_id: unique id (the claims' ``task_id``).
             operation_type: ``election``, ``dht_store``, ``pubsub_sync``, ``peer_discovery``
                 (see :class:`OperationType`) or a user type.
-            estimated_beats: beats it should take (>= 1).
+            estimated_beats: beats it should take (>= 1), or ``"auto"``: the budget the
+                type's history suggests now (claimed rounded up to whole beats).
             data: anything to keep with it.
 
         Raises:
             IntegrationNotStarted: not running.
             ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
             DuplicateOperation: an active operation has this id.
-            InvalidArgument: an argument is empty or out of range, or the id or type is over 256 bytes.
+            InvalidArgument: an argument is empty or out of range, or the id or type is over 256 bytes;
+                ``"auto"`` for a type with no profile and too little history.
         """
         self._require_running()
-        self._registry.add(self._new_operation(operation_id, operation_type, estimated_beats, data))
+        estimated: Any = estimated_beats
+        budget: float | None = None
+        source = "fixed"
+        if isinstance(estimated_beats, str):
+            if estimated_beats != "auto":
+                raise InvalidArgument("estimated_beats", estimated_beats, 'must be an integer >= 1 or "auto"')
+            check_wire_id("operation_type", operation_type)
+            budget, source = self.history.resolve(operation_type)
+            estimated = max(1, math.ceil(budget - 1e-9))
+        op = self._new_operation(operation_id, operation_type, estimated, data)
+        if source != "fixed":
+            op.budget_source = source
+        start = self._clock.budget_position()
+        self._registry.add(op)
+        budget = float(estimated if budget is None else budget)
+        self._p2p_runs[operation_id] = (start, budget, source, op.type)
+
+    def _p2p_finished(self, operation_id: str, outcome: str) -> None:
+        """Record a finished ``start_p2p_operation`` run in the history (a deque append)."""
+        run = self._p2p_runs.pop(operation_id, None)
+        if run is None:
+            return
+        start, budget, source, typ = run
+        clock = self._clock
+        end = clock.budget_position()
+        used = max(0.0, end - start)
+        kind = None
+        if outcome == "done" and used > budget:
+            outcome, kind = "exceeded", "late"
+        self.history.push(
+            Sample(
+                typ,
+                name_of(operation_id),
+                budget,
+                used,
+                outcome,
+                kind,
+                end,
+                clock.tempo_bpm,
+                source,
+                self._time.time(),
+            )
+        )
 
     def _new_operation(
         self,
@@ -445,6 +513,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         self._check_peers(peer_count)
         if target is OperationPhase.FAILED:
             self._registry.finish(operation_id, target, peer_count=peer_count, reason="failed")
+            self._p2p_finished(operation_id, "failed")
         else:
             self._registry.set_phase(operation_id, target, peer_count)
 
@@ -459,6 +528,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         self.refuse_if_forked()
         self._check_peers(peer_count)
         self._registry.finish(operation_id, OperationPhase.COMPLETED, peer_count=peer_count)
+        self._p2p_finished(operation_id, "done")
 
     def fail_p2p_operation(self, operation_id: str, reason: str) -> None:
         """Mark an operation failed and claim ``failed`` at once.
@@ -469,19 +539,33 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         """
         self.refuse_if_forked()
         self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
+        self._p2p_finished(operation_id, "failed")
 
     def execute_with_beat_budget(
-        self, beats: float, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+        self,
+        beats: float | Literal["auto"],
+        fn: Callable[..., R],
+        *args: Any,
+        operation_type: str | None = None,
+        **kwargs: Any,
     ) -> R:
         """Run ``fn(*args, **kwargs)`` within a budget of ``beats`` beats (the seed's call).
 
         If the integration is not running, ``fn`` runs plainly (the seed's fallback).
 
+        Args:
+            beats: the budget in beats, or ``"auto"`` (needs ``operation_type``).
+            fn: what to run.
+            *args: positional arguments for ``fn``.
+            operation_type: the claims' and the history's type (not passed on to ``fn``).
+            **kwargs: keyword arguments for ``fn``.
+
         Raises:
             BeatBudgetExceeded: the budget ran out (see :func:`beat_budget`).
             ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
+            InvalidArgument: see :func:`~backbeat_sync.budget.execute_with_beat_budget`.
         """
-        return execute_with_beat_budget(self, beats, fn, *args, **kwargs)
+        return execute_with_beat_budget(self, beats, fn, *args, operation_type=operation_type, **kwargs)
 
     @staticmethod
     def _phase(phase: OperationPhase | str) -> OperationPhase:

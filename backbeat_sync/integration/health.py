@@ -113,6 +113,11 @@ HEALTH_FIELDS: Final[tuple[HealthField, ...]] = (
     _g("claims_queued", int, "Status claims waiting in the outbox."),
     _f("blocked_callback", str | None, "The user callback running for more than a beat, if any."),
     _f("beat_handling_seconds", float, "How long the last beat's handling took (see the histogram)."),
+    _g(
+        "budgets_below_history",
+        int,
+        "(operation type, fixed budget) pairs found below the p50 of their type's history.",
+    ),
     _c("claims_emitted", "Status claims emitted (operations and health).", counted=True),
     _c(
         "rejected_frames",
@@ -165,6 +170,7 @@ class _HealthRequired(TypedDict):
     claims_queued: int
     blocked_callback: str | None
     beat_handling_seconds: float
+    budgets_below_history: int
     claims_emitted: int
     rejected_frames: int
     foreign_frames: int
@@ -243,7 +249,7 @@ class HealthMixin(IntegrationCore):
             ``stale_frames``, ``duplicate_frames``, ``pulse_resets``,
             ``claims_published``, ``claims_dropped``, ``claims_coalesced``,
             ``claims_queued``, ``blocked_callback``, ``beat_handling_seconds``,
-            ``claims_emitted``, ``rejected_frames``, ``foreign_frames``,
+            ``budgets_below_history``, ``claims_emitted``, ``rejected_frames``, ``foreign_frames``,
             ``unsigned_frames``, ``forged_frames``, ``callback_errors``,
             ``callbacks_dropped``; and, once they count something, ``budget_warnings``,
             ``budget_exhausted_interrupt_interrupted``, ``budget_exhausted_interrupt_late``,
@@ -288,6 +294,7 @@ class HealthMixin(IntegrationCore):
             "claims_queued": tstats.get("claims_queued", 0),
             "blocked_callback": self._blocked_callback(),
             "beat_handling_seconds": self._last_handling,
+            "budgets_below_history": self.history.budgets_below_history,
         }
         health.update(self._health.counts())
         health["claims_emitted"] += self._registry.unheard
