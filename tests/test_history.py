@@ -391,3 +391,19 @@ def test_a_forked_child_never_touches_the_file(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_a_bad_record_in_a_run_log_is_dropped_not_raised() -> None:
+    """Something in a run log that is not an engine record is dropped; stats and close go on."""
+    from backbeat_sync.history import new_run_log
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    log = new_run_log("junk-type", owner)
+    log.append((None, None, 0.0))
+    h = BudgetHistory()
+    assert h.stats("junk-type").count == 0
+    assert not log
+    h.close()

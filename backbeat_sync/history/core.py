@@ -179,8 +179,11 @@ class BudgetHistory:
         self._add_many(samples, write=False)
 
     def close(self) -> None:
-        """Write what is pending and close the file. Called by ``Integration.stop()``."""
-        self.flush()
+        """Write what is pending and close the file. Called by ``Integration.stop()``; never raises."""
+        try:
+            self.flush()
+        except Exception as exc:  # a bug must not break stop(): say so, and close anyway
+            self._error(f"budget history: the last flush failed: {type(exc).__name__}: {exc}")
         with self._db_lock:
             db, self._db = self._db, None
             if db is not None and os.getpid() == self._pid:

@@ -184,9 +184,12 @@ def drain_logs(operation_type: str | None = None) -> None:
                 item = pop()
             except IndexError:
                 break
-            head = item[0]
-            integration = head[2] if type(head) is list else head.integration
-            history = integration.history
+            try:
+                head = item[0]
+                integration = head[2] if type(head) is list else head.integration
+                history = integration.history
+            except Exception:  # not a run the engine appended (a bug): dropped, never raised here
+                continue
             slot = routed.get(id(history))
             if slot is None:
                 slot = routed[id(history)] = (history, [])
