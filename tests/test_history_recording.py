@@ -170,7 +170,9 @@ def test_exceeded_runs_are_recorded_interrupted_or_late() -> None:
             1, operation_type="slow", integration=integration, warn_at=None, on_exhaust="raise_after"
         )
         def slow() -> None:
-            time.sleep(0.1)  # 2 beats at 1200 BPM
+            # 8 beats at 1200 BPM: a loaded machine's late frames snap the position back, so a
+            # sleep of 2 beats could count under 1 (it did once in a full run).
+            time.sleep(0.4)
 
         with pytest.raises(bb.BeatBudgetExceeded):
             spin()
@@ -182,7 +184,7 @@ def test_exceeded_runs_are_recorded_interrupted_or_late() -> None:
         assert b.exceeded_kind == "late"
         assert a.exceeded_kind in ("interrupted", "late")  # late only if the GIL hand-over was slow
         assert a.beats_used >= 1.0
-        assert b.beats_used >= 1.9
+        assert b.beats_used >= 1.0
 
 
 def test_recording_writes_only_from_the_beat_thread(tmp_path: Path) -> None:
