@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from backbeat_sync.cli import ClusterView, main, render_view
 from backbeat_sync.pulse import Pulse
 
 from .natsserver import TOKEN, NatsServer, free_port
-from .support import PATIENCE, unique_bus, wait_until
+from .support import PATIENCE, ManualPulse, unique_bus, wait_until
 
 COMMANDS = ("demo", "pulse", "monitor", "status")
 SENT_AT = "2026-11-28T01:00:00.000Z"
@@ -197,33 +199,139 @@ def test_a_bad_environment_variable_is_named(
     assert_one_line_error(err, "CHORUS_BACKBEAT_TEMPO_BPM", "fast")
 
 
+def status_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any], str]:
+    """main(["status", "--json", *argv]) -> (exit code, the verdict, stderr)."""
+    code, out, err = run(["status", "--json", *argv], capsys)
+    assert out.count("\n") == 1, out  # one JSON object, one line
+    return code, json.loads(out), err
+
+
 def test_status_disabled_prints_the_hap_line_and_exits_1(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """CHORUS_BACKBEAT_ENABLED=false: the seed's '❌ Disabled' line, exit code 1."""
+    """CHORUS_BACKBEAT_ENABLED=false: the seed's '❌ Disabled' line, exit 1; JSON reason 'disabled'."""
     monkeypatch.setenv("CHORUS_BACKBEAT_ENABLED", "false")
     code, out, _ = run(["status"], capsys)
     assert code == 1
     assert out.splitlines()[0] == "BACKBEAT: ❌ Disabled"
+    code, report, _ = status_json([], capsys)
+    assert (code, report["ok"], report["reason"], report["status"]) == (1, False, "disabled", "disabled")
 
 
-def test_status_on_the_in_process_pulse_is_connected(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """status on local:// sees beats: '✅ Connected', the health fields, exit 0; JSON on request."""
-    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "3000")
+def test_status_on_the_in_process_pulse_is_ok_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """status on local:// joins the in-process pulse, whose first beat is immediate: ok, exit 0.
+
+    At the default 2 BPM: the probe must not wait for a second beat (30 s later).
+    """
     code, out, err = run(["status", "--nats", f"local://{unique_bus()}", "--cluster", "st"], capsys)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "BACKBEAT: ✅ Connected"
-    assert "  connected: true" in lines
+    assert "  ok: true" in lines
     assert "  cluster_id: st" in lines
-    assert "  tempo_drift: unknown" not in lines
-    code, out, _ = run(["status", "--json", "--nats", f"local://{unique_bus()}"], capsys)
-    report = json.loads(out)
+    assert "  current_tempo: 2" in lines
+    code, report, _ = status_json(["--nats", f"local://{unique_bus()}"], capsys)
     assert code == 0
-    assert report["status"] == "connected"
-    assert report["health"]["beats_received"] >= 2
+    assert (report["ok"], report["reason"], report["status"]) == (True, None, "connected")
+    assert report["beat"]["tempo_bpm"] == 2
+    assert report["waited_seconds"] < 25  # the next beat at 2 BPM would be 30 s away
+
+
+def manual_bus_status(
+    argv: list[str], publish: Callable[[ManualPulse], None], monkeypatch: pytest.MonkeyPatch
+) -> tuple[int, dict[str, Any], str, bool]:
+    """``status --json`` on a hand-driven bus at 1 BPM (a 2-minute wait); ``publish`` once it listens.
+
+    Returns (exit code, verdict, stderr, whether it was still waiting when ``publish`` was called).
+    """
+    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "1")
+    pulse = ManualPulse(unique_bus(), "mb", tempo_bpm=600)
+    result: dict[str, Any] = {}
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def probe() -> None:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            result["code"] = main(
+                [
+                    "status",
+                    "--json",
+                    "--nats",
+                    f"local://{pulse.bus.name}?pulse=manual",
+                    "--cluster",
+                    "mb",
+                    *argv,
+                ]
+            )
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    wait_until(lambda: pulse.bus.has_subscribers(pulse.subject), what="the probe's subscription")
+    waiting = thread.is_alive()
+    publish(pulse)
+    thread.join(PATIENCE)
+    assert not thread.is_alive(), "status did not return after the beat"
+    return result["code"], json.loads(stdout.getvalue()), stderr.getvalue(), waiting
+
+
+def test_status_returns_as_soon_as_one_beat_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe waits (up to 2 beats at 1 BPM: 120 s) and returns at the first beat: ok, exit 0."""
+
+    def beat(pulse: ManualPulse) -> None:
+        sent = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        pulse.bus.publish(pulse.subject, pulse.frame(7, sent_at=sent).encode())
+
+    code, report, err, waiting = manual_bus_status([], beat, monkeypatch)
+    assert waiting
+    assert code == 0, err
+    assert report["ok"] is True
+    assert report["beat"]["beat_index"] == 7
+    assert report["max_age_beats"] == 2.0
+    assert report["beat_age_seconds"] < PATIENCE
+
+
+def test_status_a_beat_older_than_max_age_is_degraded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame sent 60 s before it arrived, at 600 BPM (600 beats), with --max-age 3: degraded, exit 1."""
+
+    def old_beat(pulse: ManualPulse) -> None:
+        sent = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() - 60))
+        pulse.bus.publish(pulse.subject, pulse.frame(9, sent_at=sent).encode())
+
+    code, report, err, _ = manual_bus_status(["--max-age", "3"], old_beat, monkeypatch)
+    assert code == 1
+    assert (report["ok"], report["reason"]) == (False, "degraded")
+    assert report["beat_age_beats"] > 500
+    assert_one_line_error(err, "beat 9 arrived", "more than 3 beats at 600 BPM")
+
+
+def test_status_only_rejected_frames_is_degraded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames arrive but break the protocol: not 'no_beat' but 'degraded', with the count and the cause."""
+
+    def junk(pulse: ManualPulse) -> None:
+        pulse.bus.publish(pulse.subject, b'{"type": "backbeat.beatframe.v1"}')
+
+    code, report, err, _ = manual_bus_status(["--timeout", "0.5"], junk, monkeypatch)
+    assert code == 1
+    assert (report["reason"], report["rejected_frames"]) == ("degraded", 1)
+    assert_one_line_error(err, "1 frame(s) on backbeat.beat.mb rejected", "missing required field")
+
+
+def test_status_no_beat_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing on the subject within --timeout: reason no_beat, exit 1, one line on stderr."""
+    code, report, err, _ = manual_bus_status(["--timeout", "0.2"], lambda p: None, monkeypatch)
+    assert code == 1
+    assert (report["ok"], report["reason"], report["beat"]) == (False, "no_beat", None)
+    assert_one_line_error(err, "no beat on backbeat.beat.mb within 0.2 s")
+
+
+def test_status_frames_of_another_cluster_do_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame for another cluster on the subject is ignored (no_beat), not a verdict on ours."""
+
+    def foreign(pulse: ManualPulse) -> None:
+        other = ManualPulse(pulse.bus.name, "other", tempo_bpm=600)
+        pulse.bus.publish(pulse.subject, other.frame(3).encode())
+
+    code, report, _, _ = manual_bus_status(["--timeout", "0.3"], foreign, monkeypatch)
+    assert (code, report["reason"], report["rejected_frames"]) == (1, "no_beat", 0)
 
 
 def test_verbose_logs_to_stderr_and_logging_is_restored_after_main(
@@ -236,7 +344,7 @@ def test_verbose_logs_to_stderr_and_logging_is_restored_after_main(
 
     code, _, err = run(["status", "-v", "--nats", f"local://{unique_bus()}"], capsys)
     assert code == 0
-    assert "CHORUS BACKBEAT integration started" in err
+    assert "status: listening on backbeat.beat.chorus-production" in err
     seen: list[str] = []
     sink = logger.add(seen.append, level="DEBUG")
     try:
@@ -481,16 +589,19 @@ def running_pulse(nats_server: NatsServer) -> Iterator[Pulse]:
 
 
 @pytest.mark.nats
-def test_status_against_a_server_with_a_pulse(
+def test_status_against_a_server_with_a_pulse_publishes_nothing(
     nats_server: NatsServer, running_pulse: Pulse, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Connected and beats arriving: exit 0, measured tempo near the pulse's."""
-    code, out, err = run(["status", "--nats", nats_server.url, "--cluster", "c", "--json"], capsys)
+    """A pulse beats: ok, exit 0, the pulse's tempo; the server saw no message from the probe."""
+    code, report, err = status_json(["--nats", nats_server.url, "--cluster", "c"], capsys)
     assert code == 0, err
-    health = json.loads(out)["health"]
-    assert health["connected"] is True
-    assert health["current_tempo"] == 1200
-    assert health["beats_received"] >= 2
+    assert (report["ok"], report["reason"], report["status"]) == (True, None, "connected")
+    assert report["beat"]["tempo_bpm"] == 1200
+    closed = nats_server.monitor("connz?state=closed")["connections"]
+    probes = [c for c in closed if c.get("name") == "backbeat-sync-status"]
+    assert len(probes) == 1, closed
+    assert probes[0]["in_msgs"] == 0  # messages the client published: none
+    assert probes[0]["out_msgs"] >= 1  # the beat it received
 
 
 @pytest.mark.nats
@@ -502,7 +613,12 @@ def test_status_connected_but_no_beat_exits_1(
         ["status", "--nats", nats_server.url, "--cluster", "quiet", "--timeout", "0.3"], capsys
     )
     assert code == 1
-    assert out.splitlines()[0] == "BACKBEAT: ✅ Connected"
+    assert out.splitlines()[:4] == [
+        "BACKBEAT: ✅ Connected",
+        "  ok: false",
+        "  reason: no_beat",
+        "  detail: no beat on backbeat.beat.quiet within 0.3 s",
+    ]
     assert_one_line_error(err, "no beat on backbeat.beat.quiet")
 
 
@@ -512,7 +628,10 @@ def test_status_unreachable_server_exits_2(capsys: pytest.CaptureFixture[str]) -
     url = f"nats://127.0.0.1:{free_port()}"
     code, out, err = run(["status", "--nats", url, "--connect-timeout", "0.5"], capsys)
     assert code == 2
-    assert out.splitlines()[0] == "BACKBEAT: ⚠️ Disconnected"
+    assert out.splitlines()[:3] == ["BACKBEAT: ⚠️ Disconnected", "  ok: false", "  reason: unreachable"]
+    assert_one_line_error(err, url, "cannot connect")
+    code, report, err = status_json(["--nats", url, "--connect-timeout", "0.5"], capsys)
+    assert (code, report["ok"], report["reason"]) == (2, False, "unreachable")
     assert_one_line_error(err, url, "cannot connect")
 
 
