@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -175,7 +176,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         (["status", "--connect-timeout", "0", "--nats", "nats://127.0.0.1:1"], ("connect_timeout",)),
         (["pulse", "--nats", "local://"], ("--nats nats://",)),
         (["monitor", "--nats", "local://"], ("--nats nats://",)),
-        (["monitor", "--json", "--nats", "nats://127.0.0.1:1"], ("--once",)),
+        (["monitor", "--state", "zombie", "--nats", "nats://127.0.0.1:1"], ("--state", "'zombie'", "stale")),
+        (["monitor", "--stale-beats", "0"], ("--stale-beats",)),
+        (["status", "--max-age", "0"], ("--max-age",)),
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(
@@ -440,6 +443,151 @@ def test_rich_view_renders_beat_tasks_and_progress() -> None:
     text = console.file.getvalue()  # type: ignore[attr-defined]
     for needle in ("beat 41", "bar 10", "tempo 600 BPM", "dht-store-k", "executing", "the footer", "██░"):
         assert needle in text
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_tasks_and_agents_sort_naturally() -> None:
+    """Numbers inside ids sort by value: peer-discovery-8 before -12, worker-2 before worker-10."""
+    view = ClusterView()
+    view.frame(frame(1))
+    for agent, task in [
+        ("worker-10", "t"),
+        ("worker-2", "peer-discovery-12"),
+        ("worker-2", "peer-discovery-8"),
+    ]:
+        view.claim(claim(task, 1, agent_id=agent))
+    snap = view.snapshot()
+    assert [(t["agent_id"], t["task_id"]) for t in snap["tasks"]] == [
+        ("worker-2", "peer-discovery-8"),
+        ("worker-2", "peer-discovery-12"),
+        ("worker-10", "t"),
+    ]
+    assert [a["agent_id"] for a in snap["agents"]] == ["worker-2", "worker-10"]
+
+
+def test_a_silent_agent_goes_stale_then_is_dropped() -> None:
+    """No claim for --stale-beats beats: stale (its tasks too); at twice that: dropped with its tasks."""
+    clock = FakeClock()
+    view = ClusterView(stale_beats=16, clock=clock)
+    view.frame(frame(1, tempo=60))
+    view.claim(claim("election-1", 1))
+    view.claim(claim("e2", 1, agent_id="a2"))
+    clock.now += 15.5  # 15.5 beats at 60 BPM
+    view.claim(claim("e2", 16, agent_id="a2"))  # a2 keeps talking
+    assert view.sweep() == []
+    clock.now += 0.5
+    events = view.sweep()
+    assert [(e["change"], e["agent_id"]) for e in events] == [("stale", "a1")]
+    assert view.sweep() == []  # said once
+    snap = view.snapshot()
+    assert [(a["agent_id"], a["stale"]) for a in snap["agents"]] == [("a1", True), ("a2", False)]
+    assert [(t["task_id"], t["state"], t["stale"]) for t in snap["tasks"]] == [
+        ("election-1", "executing", True),
+        ("e2", "executing", False),
+    ]
+    assert snap["task_counts"] == {"executing": 1, "stale": 1}
+    clock.now += 16.0
+    lines = view.frame(frame(2, tempo=60))  # a frame sweeps too; a2 has been silent 16.5 beats: stale
+    assert lines == ["c/a1: dropped, no claim for 32 beats", "c/a2: stale, no claim for 16.5 beats"]
+    snap = view.snapshot()
+    assert [a["agent_id"] for a in snap["agents"]] == ["a2"]
+    assert [t["task_id"] for t in snap["tasks"]] == ["e2"]
+    assert view.claim(claim("e2", 40, agent_id="a2")) == ["c/a2: back after 16.5 silent beats"]
+
+
+def test_silence_is_counted_at_the_default_tempo_before_any_frame() -> None:
+    """Without a beat frame (claims only), beats of silence use default_tempo."""
+    clock = FakeClock()
+    view = ClusterView(stale_beats=4, default_tempo=2.0, clock=clock)
+    view.claim(claim("x", 1))
+    clock.now += 119.0  # 3.97 beats at 2 BPM
+    assert view.sweep() == []
+    clock.now += 1.0
+    assert [e["change"] for e in view.sweep()] == ["stale"]
+
+
+def test_view_filters_agents_types_states_and_done() -> None:
+    """--agent globs, --type, --state (stale included) and --hide-done; the rest is counted as hidden."""
+    from backbeat_sync.cli._view import ViewFilter
+
+    clock = FakeClock()
+    view = ClusterView(stale_beats=4, clock=clock)
+    view.frame(frame(1, tempo=60))
+    view.claim(claim("old", 1, agent_id="ghost-1"))
+    clock.now += 5
+    view.sweep()
+    view.claim(claim("e1", 5, agent_id="worker-1"))
+    view.claim(
+        claim("d1", 5, agent_id="worker-1", operation_type="dht_store", state="done", phase="completed")
+    )
+    view.claim(claim("f1", 5, agent_id="worker-2", state="failed", phase="failed"))
+
+    def shown(**kw: Any) -> list[str]:
+        snap = view.snapshot(ViewFilter(**kw))
+        assert snap["hidden_tasks"] == 4 - len(snap["tasks"])
+        return [t["task_id"] for t in snap["tasks"]]
+
+    assert shown() == ["old", "d1", "e1", "f1"]
+    assert shown(agents=("worker-*",)) == ["d1", "e1", "f1"]
+    assert shown(types=("dht_store",)) == ["d1"]
+    assert shown(states=("stale", "failed")) == ["old", "f1"]
+    assert shown(states=("executing",)) == ["e1"]  # a stale agent's executing task is 'stale'
+    assert shown(hide_done=True) == ["old", "e1", "f1"]
+    agents = view.snapshot(ViewFilter(agents=("worker-2",)))["agents"]
+    assert [a["agent_id"] for a in agents] == ["worker-2"]
+
+
+def test_events_are_json_with_a_kind_and_a_change() -> None:
+    """feed_events: a beat event per accepted frame, task events with their change, agent health events."""
+    view = ClusterView()
+    events = view.feed_events(frame(5).encode())
+    assert [(e["event"], e["current_beat"], e["downbeat"]) for e in events] == [("beat", 5, False)]
+    assert view.feed_events(frame(5).encode()) == []  # stale frame: nothing happened
+    (task,) = view.feed_events(claim("e", 5).encode())
+    assert (task["event"], task["change"], task["task_id"], task["stale"]) == ("task", "new", "e", False)
+    (task,) = view.feed_events(claim("e", 6, phase="negotiating").encode())
+    assert task["change"] == "phase"
+    health = claim("chorus-p2p-health", 6, state="waiting", phase=None, notes="CHORUS P2P healthy: ...")
+    (agent,) = view.feed_events(health.encode())
+    assert (agent["event"], agent["change"], agent["health"]) == ("agent", "health", "waiting")
+    assert view.feed_events(b"junk") == []
+    for event in [*events, task, agent]:
+        assert json.loads(json.dumps(event)) == event
+
+
+def test_a_cropped_view_says_how_many_more_and_keeps_the_agents() -> None:
+    """60 tasks in a 24-line terminal: rows that fit, '… N more', a summary line, the agents table."""
+    view = ClusterView()
+    view.frame(frame(41), arrival=1.0)
+    for n in range(60):
+        view.claim(
+            claim(f"task-{n}", 41, agent_id=f"worker-{n % 3}", state="done" if n % 10 == 0 else "executing")
+        )
+    for n in range(3):
+        view.claim(claim("chorus-p2p-health", 41, agent_id=f"worker-{n}", state="executing", phase=None))
+    console = Console(file=io.StringIO(), force_terminal=True, width=140, height=24, color_system=None)
+    console.print(render_view(view.snapshot(), title="T", footer="the footer", height=24))
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    lines = text.splitlines()
+    assert len(lines) <= 24, text
+    more = [line for line in lines if "more" in line and "…" in line]
+    assert len(more) == 1, text
+    shown = sum(1 for line in lines if " task-" in line)
+    assert f"… {60 - shown} more" in more[0]
+    assert "60 tasks: 54 executing, 6 done" in text
+    assert "--hide-done" in text
+    for n in range(3):
+        assert f"worker-{n}  " in text  # the agents table is still there
+    assert "the footer" in text
 
 
 # -- the demo ---------------------------------------------------------------------------------
@@ -807,6 +955,112 @@ def test_monitor_live_plain_lines_and_sigterm(nats_server: NatsServer, running_p
     reader.join(PATIENCE)
     assert proc.returncode == 0
     assert "tempo 1200 BPM" in "".join(lines)
+
+
+@pytest.mark.nats
+def test_monitor_json_streams_one_event_per_line(nats_server: NatsServer, running_pulse: Pulse) -> None:
+    """monitor --json (no --once): NDJSON, beat events and the agent's task events, filtered by --type."""
+    proc = subprocess.Popen(
+        cli("monitor", "--json", "--nats", nats_server.url, "--cluster", "c", "--type", "election"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    events: list[dict[str, Any]] = []
+    raw: list[str] = []
+    got = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            raw.append(line)
+            event = json.loads(line)
+            events.append(event)
+            if event["event"] == "task" and event["phase"] == "negotiating":
+                got.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    cfg = BackbeatConfig(cluster_id="c", agent_id="worker-1", nats_url=nats_server.url)
+    try:
+        with Integration(cfg, node_id="12D3KooWAbc") as agent:
+            wait_until(lambda: any(e["event"] == "beat" for e in events), what="a beat event")
+            agent.start_p2p_operation("dht-1", "dht_store", 5)
+            agent.start_p2p_operation("election-1", "election", 5)
+            agent.update_p2p_operation_phase("election-1", OperationPhase.NEGOTIATING, 3)
+            assert got.wait(PATIENCE), raw
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(PATIENCE)
+    assert proc.returncode == 0
+    tasks = [e for e in events if e["event"] == "task"]
+    assert {e["task_id"] for e in tasks} == {"election-1"}  # --type election
+    assert [e["change"] for e in tasks][:2] == ["new", "phase"]
+    beats = [e for e in events if e["event"] == "beat"]
+    assert all(b["cluster_id"] == "c" and b["tempo_bpm"] == 1200 for b in beats)
+    assert all(line.endswith("\n") and line.count("{") >= 1 for line in raw)
+
+
+@pytest.mark.nats
+def test_monitor_once_waits_for_the_agents_health(nats_server: NatsServer, running_pulse: Pulse) -> None:
+    """--once includes each agent's health claim (every 8 beats), not health: null after one beat."""
+    cfg = BackbeatConfig(cluster_id="c", agent_id="idle-1", nats_url=nats_server.url)
+    with Integration(cfg, node_id="n-idle") as agent:
+        wait_until(lambda: agent.get_health()["beats_received"] >= 1, what="a beat")
+        agent.start_p2p_operation("e-1", "election", 50)  # a claim every beat: known at once
+        proc = subprocess.run(
+            cli(
+                "monitor", "--once", "--json", "--nats", nats_server.url, "--cluster", "c", "--timeout", "20"
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=cli_env(),
+        )
+    assert proc.returncode == 0, proc.stderr
+    snap = json.loads(proc.stdout)
+    agents = {a["agent_id"]: a for a in snap["agents"]}
+    assert agents["idle-1"]["health"] == "executing"
+    assert snap["health_pending"] == []
+    assert proc.stderr == ""
+
+
+@pytest.mark.nats
+def test_monitor_once_says_which_agents_health_it_did_not_see(
+    nats_server: NatsServer, running_pulse: Pulse, nats_runner: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent that never sends a health claim: --once names it (health_pending, and a line on stderr)."""
+    import nats as nats_py
+
+    ghost = claim("g-1", 1, cluster_id="c", agent_id="ghost").encode()
+    done = threading.Event()
+
+    async def chatter() -> None:
+        nc = await nats_py.connect(nats_server.url)
+        try:
+            while not done.is_set():
+                await nc.publish("backbeat.status.c.ghost", ghost)
+                await asyncio.sleep(0.02)
+        finally:
+            await nc.close()
+
+    future = nats_runner.spawn(chatter())
+    try:
+        code, out, err = run(
+            ["monitor", "--once", "--json", "--nats", nats_server.url, "--cluster", "c", "--timeout", "1"],
+            capsys,
+        )
+    finally:
+        done.set()
+        future.result(PATIENCE)
+    assert code == 0, err
+    snap = json.loads(out)
+    assert snap["health_pending"] == ["ghost"]
+    assert_one_line_error(err, "no health claim yet from 1 agent(s) (ghost)", "every 8 beats", "--timeout")
 
 
 @needs_budget

@@ -7,16 +7,36 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ._base import Out
-from ._view import ClusterView
+from ._view import NO_FILTER, STATES, ClusterView, ViewFilter
 
-__all__ = ["Screen", "plain_table", "print_table", "render_view"]
+__all__ = ["Screen", "plain_table", "print_table", "render_view", "summary_line"]
 
 _DRIFT_STYLE: Final = {"acceptable": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
-_STATE_STYLE: Final = {"executing": "cyan", "waiting": "dim", "done": "green", "failed": "red"}
+_STATE_STYLE: Final = {
+    "executing": "cyan",
+    "waiting": "dim",
+    "done": "green",
+    "failed": "red",
+    "stale": "yellow",
+}
 
 
-def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: str = "") -> Any:
-    """A rich renderable of a :meth:`ClusterView.snapshot` (header, agents, tasks)."""
+def render_view(
+    snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: str = "", height: int | None = None
+) -> Any:
+    """A rich renderable of a :meth:`ClusterView.snapshot` (header, tasks, agents, footer).
+
+    Args:
+        snapshot: what :meth:`ClusterView.snapshot` returned.
+        title: the panel's title.
+        footer: a dim line at the bottom.
+        height: the lines the panel may take (a terminal's height). When the rows do
+            not fit, the agents table keeps a share, the tasks table shows what fits,
+            then a "N more" row and a summary line (counts by state, and how to filter).
+
+    Returns:
+        A ``rich.panel.Panel``.
+    """
     from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
@@ -39,8 +59,19 @@ def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: st
             line.append(f"  tempo {c['tempo_bpm']:g} BPM  measured {c['measured_bpm']:.1f} BPM  drift ")
             line.append(c["tempo_drift"], style=_DRIFT_STYLE.get(c["tempo_drift"], ""))
         parts.append(line)
+    all_tasks = snapshot["tasks"]
+    agents_shown = [a for a in snapshot["agents"] if a["health"] is not None or a["stale"]]
+    task_rows, agent_rows = len(all_tasks), len(agents_shown)
+    if height is not None:
+        # panel borders, the cluster lines, the footer, the tasks' header, one line of slack
+        room = height - 2 - len(parts) - (1 if footer else 0) - 1 - 1
+        agent_rows = min(agent_rows, max(1, room // 3)) if agent_rows else 0
+        room -= agent_rows + 1 if agent_rows else 0
+        if task_rows > room:
+            task_rows = max(0, room - 2)  # the "N more" row and the summary line
+    cropped = task_rows < len(all_tasks)
     tasks = Table(expand=True, box=None, pad_edge=False, header_style="bold")
-    several_agents = len({(t["cluster_id"], t["agent_id"]) for t in snapshot["tasks"]}) > 1
+    several_agents = len({(t["cluster_id"], t["agent_id"]) for t in all_tasks}) > 1
     columns: list[tuple[str, dict[str, Any]]] = [
         ("task", {"no_wrap": True}),
         ("type", {"no_wrap": True}),
@@ -55,13 +86,14 @@ def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: st
         columns.insert(0, ("agent", {"no_wrap": True}))
     for name, kw in columns:
         tasks.add_column(name, **kw)
-    for t in snapshot["tasks"]:
-        state = t["state"]
+    for t in all_tasks[:task_rows]:
+        state = "stale" if t["stale"] else t["state"]
         filled = round(10 * t["progress"])
         bar = Text("█" * filled, style=_STATE_STYLE.get(state, "cyan"))
         bar.append("░" * (10 - filled), style="dim")
         bar.append(f" {t['progress']:4.0%}")
         cells: list[Any] = [t["agent_id"]] if several_agents else []
+        notes = f"last claimed {t['state']}: {t['notes']}" if t["stale"] else t["notes"]
         tasks.add_row(
             *cells,
             t["task_id"],
@@ -71,28 +103,49 @@ def render_view(snapshot: dict[str, Any], *, title: str = "BACKBEAT", footer: st
             bar,
             str(t["beats_left"]),
             str(t["last_beat"]),
-            Text(t["notes"], style="red" if state == "failed" else "dim"),
-            style="dim" if state == "done" else "",
+            Text(notes, style="red" if state == "failed" else "dim"),
+            style="dim" if state in ("done", "stale") else "",
         )
-    parts.append(tasks if snapshot["tasks"] else Text("no tasks", style="dim"))
-    health = [a for a in snapshot["agents"] if a["health"] is not None]
-    if health:
+    if cropped:
+        more = [""] if several_agents else []
+        tasks.add_row(*more, Text(f"… {len(all_tasks) - task_rows} more", style="bold"))
+    parts.append(tasks if all_tasks else Text("no tasks", style="dim"))
+    if cropped or snapshot.get("hidden_tasks"):
+        parts.append(Text(summary_line(snapshot), style="bold" if cropped else "dim"))
+    if agent_rows:
         agents = Table(box=None, pad_edge=False, header_style="bold", expand=True)
         for name in ("agent", "node", "health", "beat"):
             agents.add_column(name, no_wrap=True)
         agents.add_column("notes", no_wrap=True, overflow="ellipsis", ratio=1, min_width=8)
-        for a in health:
+        cut = agent_rows < len(agents_shown)
+        for a in agents_shown[: agent_rows - 1 if cut else agent_rows]:
+            health = "stale" if a["stale"] else a["health"]
+            notes = f"no claim for {a['silent_beats']:g} beats" if a["stale"] else a["notes"]
             agents.add_row(
                 a["agent_id"],
                 a["node_id"],
-                Text(a["health"], style=_STATE_STYLE.get(a["health"], "")),
+                Text(health, style=_STATE_STYLE.get(health, "")),
                 str(a["last_beat"]),
-                Text(a["notes"], style="dim"),
+                Text(notes or "", style="dim"),
             )
+        if cut:
+            agents.add_row(Text(f"… {len(agents_shown) - agent_rows + 1} more agents", style="bold"))
         parts.append(agents)
     if footer:
         parts.append(Text(footer, style="dim"))
     return Panel(Group(*parts), title=title, border_style="blue")
+
+
+def summary_line(snapshot: dict[str, Any]) -> str:
+    """``N tasks: 3 executing, 1 failed · M hidden by filters · filter with ...`` for a snapshot."""
+    counts = snapshot.get("task_counts", {})
+    order = [s for s in STATES if s in counts] + sorted(s for s in counts if s not in STATES)
+    by_state = ", ".join(f"{counts[s]} {s}" for s in order)
+    text = f"{len(snapshot['tasks'])} tasks" + (f": {by_state}" if by_state else "")
+    hidden = snapshot.get("hidden_tasks", 0)
+    if hidden:
+        text += f" · {hidden} hidden by filters"
+    return text + " · narrow with --agent, --type, --state, --hide-done"
 
 
 def plain_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -122,8 +175,16 @@ def print_table(out: Out, title: str, headers: Sequence[str], rows: Sequence[Seq
 class Screen:
     """Shows a :class:`ClusterView` live: a rich panel redrawn a few times a second, or plain lines."""
 
-    def __init__(self, out: Out, view: ClusterView, title: str, footer: Callable[[], str] = str) -> None:
+    def __init__(
+        self,
+        out: Out,
+        view: ClusterView,
+        title: str,
+        footer: Callable[[], str] = str,
+        view_filter: ViewFilter = NO_FILTER,
+    ) -> None:
         self._out = out
+        self._filter = view_filter
         self._view = view
         self._title = title
         self._footer = footer
@@ -134,11 +195,15 @@ class Screen:
         if self._out.rich:
             from rich.live import Live
 
+            console = self._out.console()
             self._live = Live(
-                console=self._out.console(),
+                console=console,
                 refresh_per_second=8,
                 get_renderable=lambda: render_view(
-                    self._view.snapshot(), title=self._title, footer=self._footer()
+                    self._view.snapshot(self._filter),
+                    title=self._title,
+                    footer=self._footer(),
+                    height=console.size.height,
                 ),
             )
             self._live.start()
