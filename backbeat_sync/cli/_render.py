@@ -60,7 +60,7 @@ def render_view(
             line.append(c["tempo_drift"], style=_DRIFT_STYLE.get(c["tempo_drift"], ""))
         parts.append(line)
     all_tasks = snapshot["tasks"]
-    agents_shown = [a for a in snapshot["agents"] if a["health"] is not None or a["stale"]]
+    agents_shown = snapshot["agents"]
     task_rows, agent_rows = len(all_tasks), len(agents_shown)
     if height is not None:
         # panel borders, the cluster lines, the footer, the tasks' header, one line of slack
@@ -119,8 +119,11 @@ def render_view(
         agents.add_column("notes", no_wrap=True, overflow="ellipsis", ratio=1, min_width=8)
         cut = agent_rows < len(agents_shown)
         for a in agents_shown[: agent_rows - 1 if cut else agent_rows]:
-            health = "stale" if a["stale"] else a["health"]
-            notes = f"no claim for {a['silent_beats']:g} beats" if a["stale"] else a["notes"]
+            health = "stale" if a["stale"] else a["health"] or "-"
+            if a["stale"]:
+                notes = f"no claim for {a['silent_beats']:g} beats"
+            else:
+                notes = a["notes"] or "no health claim yet (one comes every 8 beats)"
             agents.add_row(
                 a["agent_id"],
                 a["node_id"],
