@@ -823,11 +823,73 @@ def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureF
         wait_until(lambda: agent.get_health()["beats_received"] >= 6, what="6 beats at the agent")
         health = agent.get_health()
     assert code == 0, err
+    assert "another pulse" not in err
     assert health["current_beat"] == 3005
     assert "first beat 3000" in out
+    assert out.splitlines()[0] == (
+        f"backbeat-sync pulse: cluster pc, subject backbeat.beat.pc, server {nats_server.url}"
+    )
     assert "stopped after 6 beat(s)" in out
     assert health["current_tempo"] == 1200
     assert sum(1 for line in out.splitlines() if line.startswith("beat ")) >= 1
+
+
+@pytest.mark.nats
+def test_pulse_refuses_a_cluster_that_already_has_a_pulse(
+    nats_server: NatsServer, running_pulse: Pulse, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pulse beats for 'c': a second one refuses (exit 2, one line); --force starts, with a warning."""
+    argv = ["pulse", "--nats", nats_server.url, "--cluster", "c", "--tempo", "1200", "--beats", "2"]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert "first beat" not in out  # it never started
+    assert_one_line_error(err, "another pulse already beats on backbeat.beat.c", "at 1200 BPM", "--force")
+    code, out, err = run([*argv, "--force"], capsys)
+    assert code == 0, err
+    assert "warning: another pulse already beats on backbeat.beat.c" in err
+    assert "stopped after 2 beat(s)" in out
+    assert "frame(s) from another pulse" in out
+
+
+@pytest.mark.nats
+def test_pulse_warns_when_another_pulse_appears(nats_server: NatsServer) -> None:
+    """A second pulse that starts later (after the check) is reported on stderr while ours runs."""
+    proc = subprocess.Popen(
+        cli("pulse", "--nats", nats_server.url, "--cluster", "late", "--tempo", "600"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        for line in proc.stdout:
+            if "first beat" in line:
+                break
+        cfg = BackbeatConfig(cluster_id="late", agent_id="other", nats_url=nats_server.url)
+        with Pulse(cfg, tempo_bpm=300, bar_length=4):
+            line = proc.stderr.readline()  # blocks until the warning; the test's timeout bounds it
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "warning: another pulse is beating on backbeat.beat.late too" in line
+    assert "at 300 BPM" in line
+    assert proc.returncode == 0
+    assert "frame(s) from another pulse" in out
+
+
+def test_pulse_names_the_default_cluster(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --cluster or CHORUS_BACKBEAT_CLUSTER_ID: it says it beats for the default chorus-production."""
+    url = f"nats://127.0.0.1:{free_port()}"
+    code, out, _ = run(["pulse", "--nats", url, "--connect-timeout", "0.2"], capsys)
+    assert code == 2  # nobody there; the first line was said before connecting
+    assert out.splitlines()[0].startswith("backbeat-sync pulse: cluster chorus-production (the default:")
 
 
 @pytest.mark.nats
