@@ -49,6 +49,8 @@ __all__ = [
     "BackbeatMetrics",
     "MetricsServer",
     "instrument",
+    "liveness",
+    "readiness",
     "serve_metrics",
 ]
 
@@ -439,9 +441,21 @@ class MetricsServer:
 
 
 def serve_metrics(
-    integration: Integration, port: int, *, addr: str = "0.0.0.0", registry: Any = None
+    integration: Integration,
+    port: int,
+    *,
+    addr: str = "0.0.0.0",
+    registry: Any = None,
+    max_age_beats: float = 2.0,
 ) -> MetricsServer:
-    """Export ``integration``'s metrics and serve ``registry`` over HTTP on ``port``.
+    """Export ``integration``'s metrics and serve them over HTTP on ``port``, with health probes.
+
+    Paths: ``/metrics`` (the registry, Prometheus text format); ``/healthz``
+    (liveness: 200 while the integration runs and its beat loop is alive);
+    ``/readyz`` (readiness: 200 when also connected and the last beat is at most
+    ``max_age_beats`` beats old). A failing probe is 503 with a JSON body
+    ``{"ok": false, "reason": ..., "detail": ...}`` (see :func:`readiness`);
+    any other path is 404.
 
     Args:
         integration: the integration to export.
@@ -450,6 +464,7 @@ def serve_metrics(
         registry: the registry to add the metrics to and to serve; default the
             global ``prometheus_client.REGISTRY`` (so your own default-registry
             metrics are served too).
+        max_age_beats: ``/readyz`` fails when the last beat is older than this many beats.
 
     Returns:
         The running server; ``close()`` it (or use ``with``) to stop it. Stopping the
@@ -457,19 +472,153 @@ def serve_metrics(
 
     Raises:
         ImportError: prometheus-client is not installed.
-        InvalidArgument: ``port`` is not an integer in 0..65535.
+        InvalidArgument: ``port`` is not an integer in 0..65535, or ``max_age_beats`` not > 0.
         OSError: the port cannot be bound (already in use, no permission).
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InvalidArgument("port", port, "must be an integer in 0..65535")
+    if (
+        isinstance(max_age_beats, bool)
+        or not isinstance(max_age_beats, (int, float))
+        or not max_age_beats > 0
+    ):
+        raise InvalidArgument("max_age_beats", max_age_beats, "must be a number > 0")
     pc = _prometheus()
     if registry is None:
         registry = pc.REGISTRY
     remove = instrument(integration, registry=registry)
     try:
-        httpd, thread = pc.start_http_server(port, addr=addr, registry=registry)
+        app = _Routes(pc.make_wsgi_app(registry), integration, float(max_age_beats))
+        httpd, thread = _start_http(app, port, addr)
     except BaseException:
         remove()
         raise
     thread.name = "backbeat-metrics"  # prometheus_client names it Thread-N; ours carry the prefix
     return MetricsServer(httpd, thread, addr, remove)
+
+
+# -- the HTTP endpoint: /metrics, /healthz, /readyz ------------------------------------------
+
+#: Paths the metrics server answers; anything else is 404.
+METRICS_PATH: Final = "/metrics"
+LIVE_PATH: Final = "/healthz"
+READY_PATH: Final = "/readyz"
+
+
+def liveness(integration: Integration) -> tuple[bool, str | None, str]:
+    """Whether ``integration`` is live: started, and its threads (the beat loop) still run.
+
+    Returns:
+        ``(ok, reason, detail)``; ``reason`` is None when ok, else ``not_running``
+        or ``loop_stopped``.
+    """
+    if not integration.running:
+        return False, "not_running", f"the integration is {integration.state.value}"
+    threads = getattr(integration, "_threads", None) or ()
+    dead = [t.name for t in threads if not t.is_alive()]
+    if dead:
+        return False, "loop_stopped", f"thread(s) {', '.join(dead)} ended"
+    return True, None, "running"
+
+
+def readiness(integration: Integration, max_age_beats: float = 2.0) -> tuple[bool, str | None, str]:
+    """Whether ``integration`` is ready: live, connected, and a beat within ``max_age_beats`` beats.
+
+    Returns:
+        ``(ok, reason, detail)``; ``reason`` is None when ok, else
+        ``not_running``, ``loop_stopped``, ``unreachable`` (not connected) or ``no_beat``
+        (no beat frame yet, or the last one older than ``max_age_beats`` beats at the tempo).
+    """
+    live, reason, detail = liveness(integration)
+    if not live:
+        return live, reason, detail
+    health = integration.get_health()
+    if not health["connected"]:
+        return False, "unreachable", f"not connected to {integration.config.masked_url}"
+    snap = integration.clock.snapshot()
+    limit = max_age_beats * 60.0 / snap.tempo_bpm
+    if not snap.has_beat:
+        return False, "no_beat", f"no beat frame yet on {integration.config.beat_subject_for()}"
+    if snap.seconds_since_frame > limit:
+        return (
+            False,
+            "no_beat",
+            f"last beat {snap.seconds_since_frame:.3g} s ago, more than {max_age_beats:g} beats"
+            f" ({limit:.3g} s at {snap.tempo_bpm:g} BPM)",
+        )
+    return True, None, f"beat {snap.current_beat} {snap.seconds_since_frame:.3g} s ago"
+
+
+class _Routes:
+    """The WSGI app: metrics on /metrics, JSON verdicts on /healthz and /readyz, 404 elsewhere."""
+
+    def __init__(
+        self, metrics_app: Callable[..., Any], integration: Integration, max_age_beats: float
+    ) -> None:
+        self._metrics = metrics_app
+        self._integration = weakref.ref(integration)
+        self._max_age = max_age_beats
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return self._metrics(environ, start_response)
+        integration = self._integration()
+        if path in (LIVE_PATH, READY_PATH):
+            verdict: tuple[bool, str | None, str]
+            if integration is None:
+                verdict = (False, "not_running", "the integration is gone")
+            elif path == LIVE_PATH:
+                verdict = liveness(integration)
+            else:
+                verdict = readiness(integration, self._max_age)
+            ok, reason, detail = verdict
+            body: dict[str, Any] = {"ok": ok, "reason": reason, "detail": detail}
+            if path == READY_PATH:
+                body["max_age_beats"] = self._max_age
+            return _json(start_response, "200 OK" if ok else "503 Service Unavailable", body)
+        missing = {"ok": False, "reason": "not_found", "detail": f"{path} is not served here"}
+        missing["paths"] = [METRICS_PATH, LIVE_PATH, READY_PATH]
+        return _json(start_response, "404 Not Found", missing)
+
+
+def _json(start_response: Callable[..., Any], status: str, body: dict[str, Any]) -> list[bytes]:
+    import json
+
+    data = json.dumps(body, sort_keys=True).encode()
+    start_response(
+        status,
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
+    return [data]
+
+
+def _start_http(app: Callable[..., Any], port: int, addr: str) -> tuple[Any, threading.Thread]:
+    """Serve ``app`` on a daemon thread (threaded, quiet), as prometheus_client's own server does."""
+    import socket
+    import socketserver
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    family = socket.getaddrinfo(addr or None, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        # Request threads are joined by close() (each ends within the handler's timeout),
+        # so no thread of the server outlives it.
+        daemon_threads = False
+        block_on_close = True
+        address_family = family
+
+    class QuietHandler(WSGIRequestHandler):
+        timeout = 10.0  # a client that connects and sends nothing cannot hold close() longer
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """No access log on stderr."""
+
+    httpd = make_server(addr, port, app, server_class=Server, handler_class=QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="backbeat-metrics", daemon=True)
+    thread.start()
+    return httpd, thread

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from backbeat_sync import BackbeatConfig, Integration, InvalidArgument, ManualTime
-from backbeat_sync.metrics import COUNTERS, DRIFT_STATES, GAUGES, instrument, serve_metrics
+from backbeat_sync.metrics import COUNTERS, DRIFT_STATES, GAUGES, MetricsServer, instrument, serve_metrics
 
 from .support import HandledBeats, ManualPulse, manual_integration, unique_bus, wait_until
 
@@ -317,3 +319,100 @@ def test_the_metrics_server_thread_is_named_like_the_librarys() -> None:
         server = integration.serve_metrics(0, addr="127.0.0.1", registry=CollectorRegistry())
         assert server._thread.name == "backbeat-metrics"
         assert "backbeat-metrics" in {t.name for t in threading.enumerate()}
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    """GET ``url`` -> (status, content type, body), for any status."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+def probe(server: MetricsServer, path: str) -> tuple[int, dict[str, Any]]:
+    """GET a probe path of the server -> (status, JSON body)."""
+    status, ctype, body = get(f"http://127.0.0.1:{server.port}{path}")
+    assert ctype == "application/json"
+    return status, json.loads(body)
+
+
+def test_probes_follow_the_beat(
+    manual_time_integration: tuple[Integration, ManualPulse, ManualTime], registry: CollectorRegistry
+) -> None:
+    """/healthz is 200 while running; /readyz is 503 until a beat, 200 within max_age, 503 after it."""
+    integration, pulse, clock = manual_time_integration
+    with integration.serve_metrics(0, addr="127.0.0.1", registry=registry, max_age_beats=2) as server:
+        assert probe(server, "/healthz") == (200, {"ok": True, "reason": None, "detail": "running"})
+        status, body = probe(server, "/readyz")
+        assert (status, body["ok"], body["reason"]) == (503, False, "no_beat")
+        assert "no beat frame yet on backbeat.beat.test" in body["detail"]
+        pulse.beat(7)
+        clock.advance(1.5)  # 1.5 beats at 60 BPM
+        status, body = probe(server, "/readyz")
+        assert (status, body["ok"], body["reason"], body["max_age_beats"]) == (200, True, None, 2)
+        clock.advance(1.0)  # 2.5 beats: older than max_age
+        status, body = probe(server, "/readyz")
+        assert (status, body["reason"]) == (503, "no_beat")
+        assert "last beat 2.5 s ago, more than 2 beats (2 s at 60 BPM)" in body["detail"]
+        assert probe(server, "/healthz")[0] == 200  # alive, only not ready
+
+
+def test_metrics_only_on_metrics_and_404_elsewhere(registry: CollectorRegistry) -> None:
+    """/metrics serves the Prometheus text; / and any other path are 404 with a JSON body."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="paths", nats_url=f"local://{unique_bus()}?pulse=manual")
+    with (
+        Integration(cfg, node_id="n") as integration,
+        integration.serve_metrics(0, addr="127.0.0.1", registry=registry) as server,
+    ):
+        status, ctype, body = get(server.url)
+        assert status == 200
+        assert ctype.startswith("text/plain")
+        assert b"backbeat_started" in body
+        for path in ("/", "/health", "/metrics/extra", "/favicon.ico"):
+            status, body_json = probe(server, path)
+            assert status == 404, path
+            assert body_json["reason"] == "not_found"
+            assert body_json["paths"] == ["/metrics", "/healthz", "/readyz"]
+
+
+def test_probes_of_an_integration_that_does_not_run(registry: CollectorRegistry) -> None:
+    """Not started, or stopped: /healthz and /readyz are 503 not_running."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="idle", nats_url=f"local://{unique_bus()}?pulse=manual")
+    integration = Integration(cfg, node_id="n")
+    with serve_metrics(integration, 0, addr="127.0.0.1", registry=registry) as server:
+        for path in ("/healthz", "/readyz"):
+            status, body = probe(server, path)
+            assert (status, body["reason"]) == (503, "not_running"), path
+            assert body["detail"] == "the integration is new"
+        with integration:
+            assert probe(server, "/healthz")[0] == 200
+        assert probe(server, "/healthz")[1]["reason"] == "not_running"
+
+
+def test_probes_when_not_connected(registry: CollectorRegistry) -> None:
+    """Started but without a connection (server gone, connecting in the background): /readyz unreachable."""
+    from .natsserver import free_port
+
+    cfg = BackbeatConfig(
+        cluster_id="test",
+        agent_id="nolink",
+        nats_url=f"nats://127.0.0.1:{free_port()}",
+        connect_in_background=True,
+    )
+    with (
+        Integration(cfg, node_id="n") as integration,
+        integration.serve_metrics(0, addr="127.0.0.1", registry=registry) as server,
+    ):
+        assert probe(server, "/healthz")[0] == 200
+        status, body = probe(server, "/readyz")
+        assert (status, body["reason"]) == (503, "unreachable")
+
+
+@pytest.mark.parametrize("age", [0, -1, "2", True])
+def test_serve_metrics_rejects_a_bad_max_age(age: object, registry: CollectorRegistry) -> None:
+    """max_age_beats must be a number > 0."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="age", nats_url=f"local://{unique_bus()}")
+    with pytest.raises(InvalidArgument, match="max_age_beats="):
+        serve_metrics(Integration(cfg, node_id="n"), 0, registry=registry, max_age_beats=age)  # type: ignore[arg-type]

@@ -26,7 +26,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from .._logging import LoggerAdapter, RateLimitedLog
 from .._runtime import RUNTIME
@@ -56,6 +56,10 @@ from .ingest import IngestMixin
 
 #: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
 LOG_NAME: Final = "backbeat_sync.integration"
+
+if TYPE_CHECKING:
+    from ..metrics import MetricsServer
+
 __all__ = ["Integration"]
 
 P = ParamSpec("P")
@@ -687,14 +691,20 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
 
     # -- metrics (optional ``prometheus`` extra) --------------------------------
 
-    def serve_metrics(self, port: int, *, addr: str = "0.0.0.0", registry: Any = None) -> Any:
+    def serve_metrics(
+        self, port: int, *, addr: str = "0.0.0.0", registry: Any = None, max_age_beats: float = 2.0
+    ) -> MetricsServer:
         """Serve this integration's Prometheus metrics on ``port`` (see :mod:`backbeat_sync.metrics`).
+
+        ``/metrics`` serves the metrics, ``/healthz`` and ``/readyz`` the probes (see
+        :func:`backbeat_sync.metrics.serve_metrics`); other paths are 404.
 
         Args:
             port: TCP port (0 picks a free one).
             addr: address to bind.
             registry: a ``prometheus_client`` registry to add the metrics to and serve
                 (default: the global ``REGISTRY``).
+            max_age_beats: ``/readyz`` fails when the last beat is older than this many beats.
 
         Returns:
             A :class:`~backbeat_sync.metrics.MetricsServer`; ``close()`` it to stop serving.
@@ -706,7 +716,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
 
         self.refuse_if_forked()
 
-        server = serve_metrics(self, port, addr=addr, registry=registry)
+        server = serve_metrics(self, port, addr=addr, registry=registry, max_age_beats=max_age_beats)
         self._metrics_servers.append(server)
         return server
 
