@@ -244,6 +244,7 @@ class BackbeatMetrics:
                         except KeyError:
                             pass
 
+                integration.registry.counting = True  # operations by type, from now on
                 self._members[key] = (integration, unlisten_all)
         return lambda: self._remove(key, integration)
 
@@ -267,6 +268,7 @@ class BackbeatMetrics:
         """The fixed metric families (for the registry's duplicate check); budget ones are dynamic."""
         yield from self._families([])
         yield self._suggested([])
+        yield from self._operation_families([])
 
     def collect(self) -> Iterator[Any]:
         """Read every instrumented integration's health and yield the metric families."""
@@ -274,6 +276,7 @@ class BackbeatMetrics:
         samples = [(key, integration.get_health()) for key, integration in live]
         yield from self._families(samples)
         yield self._suggested(live)
+        yield from self._operation_families(live)
 
     def _suggested(self, live: list[tuple[tuple[str, str], Integration]]) -> Any:
         """``backbeat_budget_suggested_beats{operation_type}``: what ``"auto"`` would give each type now."""
@@ -291,6 +294,44 @@ class BackbeatMetrics:
                     continue
                 gauge.add_metric([*key, typ], beats)
         return gauge
+
+    def _operation_families(self, live: list[tuple[tuple[str, str], Integration]]) -> Iterator[Any]:
+        """Operations started and finished, and budget exhaustions, by ``operation_type``.
+
+        The label values are the operation types (the seed's four, ``budget`` for a
+        ``@beat_budget`` call, and up to ``MAX_COUNTED_TYPES`` user types, then
+        ``other``): never operation ids, so the series stay bounded.
+        """
+        core = self._core
+        labels = [*_LABELS, "operation_type"]
+        started = core.CounterMetricFamily(
+            "backbeat_operations_started",
+            "Operations registered (start_p2p_operation, track_operation, budget calls that reached"
+            " the registry), by operation type.",
+            labels=labels,
+        )
+        finished = core.CounterMetricFamily(
+            "backbeat_operations_finished",
+            "Operations finished, by operation type and outcome (completed, failed).",
+            labels=[*labels, "outcome"],
+        )
+        exhausted = core.CounterMetricFamily(
+            "backbeat_operation_budget_exhaustions",
+            "Beat budgets that ran out, by operation type, on_exhaust mode and outcome"
+            " (interrupted, late, ran_on).",
+            labels=[*labels, "mode", "outcome"],
+        )
+        for lv, integration in live:
+            counts = integration.registry.operation_counts()
+            for op_type, n in sorted(counts.started.items()):
+                started.add_metric([*lv, op_type], float(n))
+            for (op_type, outcome), n in sorted(counts.finished.items()):
+                finished.add_metric([*lv, op_type, outcome], float(n))
+            for (op_type, mode, outcome), n in sorted(counts.exhausted.items()):
+                exhausted.add_metric([*lv, op_type, mode, outcome], float(n))
+        yield started
+        yield finished
+        yield exhausted
 
     def _families(self, samples: Sequence[tuple[tuple[str, str], Mapping[str, Any]]]) -> Iterator[Any]:
         core = self._core

@@ -9,15 +9,31 @@ made, whichever threads made them.
 from __future__ import annotations
 
 import enum
+import operator
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, Protocol
 
 import attrs
 
 from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
 
-__all__ = ["OperationListener", "OperationPhase", "OperationRegistry", "OperationType", "P2POperation"]
+__all__ = [
+    "MAX_COUNTED_TYPES",
+    "OTHER_TYPE",
+    "OperationCounts",
+    "OperationListener",
+    "OperationPhase",
+    "OperationRegistry",
+    "OperationType",
+    "P2POperation",
+]
+
+#: Distinct operation types a registry counts under their own name; later new types are
+#: counted as :data:`OTHER_TYPE`, so metric label values stay bounded (types, never ids).
+MAX_COUNTED_TYPES: Final = 32
+OTHER_TYPE: Final = "other"
 
 
 class OperationPhase(enum.Enum):
@@ -129,6 +145,31 @@ class P2POperation:
 
 Emit = Callable[[P2POperation], None]
 
+# ``phase._value_``, a plain attribute: an Enum's own hash is Python code, a str's is not.
+_TYPE_AND_PHASE: Final = operator.attrgetter("type", "phase._value_")
+_TYPE: Final = operator.attrgetter("type")
+_COMPLETED: Final = OperationPhase.COMPLETED.value
+_REUSED_MAX: Final = 64
+#: The seed's types: always counted under their own name.
+OPERATION_TYPES: Final = frozenset(t.value for t in OperationType)
+
+
+@attrs.frozen
+class OperationCounts:
+    """Operations a registry has seen, by type (read by :mod:`backbeat_sync.metrics`).
+
+    Attributes:
+        started: operation type -> operations registered.
+        finished: ``(operation type, outcome)`` -> operations finished; outcome is
+            ``completed`` or ``failed``.
+        exhausted: ``(operation type, mode, outcome)`` -> budgets that ran out, as in
+            the metric ``backbeat_budget_exhaustions_total``.
+    """
+
+    started: dict[str, int]
+    finished: dict[tuple[str, str], int]
+    exhausted: dict[tuple[str, str, str], int]
+
 
 class OperationListener(Protocol):
     """Hears every claimed operation's lifecycle (``OperationRegistry.add_listener``).
@@ -184,6 +225,76 @@ class OperationRegistry:
         #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
         self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
+        #: Whether operations are counted by type (see operation_counts()). Off until an
+        #: exporter asks (metrics.instrument turns it on): counting a reused id costs its
+        #: start ~0.2 us, which the track_operation benchmark's margin cannot spare.
+        self.counting = False
+        # Operations by type (see operation_counts()), kept off the hot paths: a finished
+        # operation is tallied when the downbeat clean-up drops it (or a new one takes its
+        # id); the ones still active or waiting for clean-up are counted when read.
+        self._labels: set[str] = set()  # user types counted under their own name (capped)
+        self._tally: dict[tuple[str, str], int] = {}  # (label, outcome) of dropped finished ops
+        self._exhausted: dict[tuple[str, str, str], int] = {}
+        # (type, phase value) of finished operations whose id a new one took: the hot path
+        # of a reused id (track_operation("k", ...) in a loop) only bumps this; folded into
+        # _tally when read or when it holds too many distinct types.
+        self._reused: dict[tuple[str, str], int] = {}
+
+    def _fold_reused(self) -> None:
+        """Move the reused-id counts into the tally, by label (lock held)."""
+        tally = self._tally
+        for (op_type, phase), n in self._reused.items():
+            key = (self._label(op_type), "completed" if phase == _COMPLETED else "failed")
+            tally[key] = tally.get(key, 0) + n
+        self._reused.clear()
+
+    def _label(self, operation_type: str) -> str:
+        """``operation_type`` as a metric label: itself, or OTHER_TYPE once the cap is full (lock held)."""
+        if operation_type in OPERATION_TYPES or operation_type in self._labels:
+            return operation_type
+        if len(self._labels) < MAX_COUNTED_TYPES:
+            self._labels.add(operation_type)
+            return operation_type
+        return OTHER_TYPE
+
+    def _tally_finished(self, ops: Iterable[P2POperation]) -> None:
+        """Count finished operations about to be dropped (lock held; C-speed over many)."""
+        tally = self._tally
+        for (op_type, phase), n in Counter(map(_TYPE_AND_PHASE, ops)).items():
+            key = (self._label(op_type), "completed" if phase == _COMPLETED else "failed")
+            tally[key] = tally.get(key, 0) + n
+
+    def count_exhaustion(self, operation_type: str, mode: str, outcome: str) -> None:
+        """Count a budget that ran out, by type (the budget engine calls it; any thread)."""
+        with self._lock:
+            key = (self._label(operation_type), mode, outcome)
+            self._exhausted[key] = self._exhausted.get(key, 0) + 1
+
+    def operation_counts(self) -> OperationCounts:
+        """Counts of operations started and finished, and of budgets exhausted, by type.
+
+        Counting starts with the first call (or when :attr:`counting` is set): started
+        = finished + active, so nothing is counted on the hot paths; the registry lock
+        is held while the active and finished operations are read (O(their number)).
+        Budget exhaustions are counted from the start.
+        """
+        with self._lock:
+            self.counting = True
+            self._fold_reused()
+            finished = dict(self._tally)
+            for op in self._finished.values():
+                key = (
+                    self._label(op.type),
+                    "completed" if op.phase is OperationPhase.COMPLETED else "failed",
+                )
+                finished[key] = finished.get(key, 0) + 1
+            started: dict[str, int] = {}
+            for (label, _), n in finished.items():
+                started[label] = started.get(label, 0) + n
+            for op in self._active.values():
+                label = self._label(op.type)
+                started[label] = started.get(label, 0) + 1
+            return OperationCounts(started, finished, dict(self._exhausted))
 
     def set_quiet(self, quiet: bool) -> None:
         """While quiet, changes are only counted in :attr:`unheard`, not passed to ``emit``.
@@ -258,7 +369,13 @@ class OperationRegistry:
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
             self._catch_up(op)
-            self._finished.pop(op.id, None)
+            old = self._finished.pop(op.id, None)
+            if old is not None and self.counting:  # a new one takes a finished one's id: count it
+                key = (old.type, old.phase._value_)
+                reused = self._reused
+                reused[key] = reused.get(key, 0) + 1
+                if len(reused) > _REUSED_MAX:
+                    self._fold_reused()
             self._active[op.id] = op
             if op.announced:
                 self._claim(op)
@@ -282,7 +399,13 @@ class OperationRegistry:
                 raise DuplicateOperation(op.id)
             if op.epoch < len(self._shifts):
                 self._catch_up(op)
-            self._finished.pop(op.id, None)
+            old = self._finished.pop(op.id, None)
+            if old is not None and self.counting:  # a new one takes a finished one's id: count it
+                key = (old.type, old.phase._value_)
+                reused = self._reused
+                reused[key] = reused.get(key, 0) + 1
+                if len(reused) > _REUSED_MAX:
+                    self._fold_reused()
             self._active[op.id] = op
             op.announced = True
             emit = self._emit
@@ -463,6 +586,8 @@ class OperationRegistry:
         """Drop finished operations (done on each downbeat). Returns how many were dropped."""
         with self._lock:
             n = len(self._finished)
+            if self.counting:
+                self._tally_finished(self._finished.values())
             self._finished.clear()
             return n
 

@@ -416,3 +416,152 @@ def test_serve_metrics_rejects_a_bad_max_age(age: object, registry: CollectorReg
     cfg = BackbeatConfig(cluster_id="test", agent_id="age", nats_url=f"local://{unique_bus()}")
     with pytest.raises(InvalidArgument, match="max_age_beats="):
         serve_metrics(Integration(cfg, node_id="n"), 0, registry=registry, max_age_beats=age)  # type: ignore[arg-type]
+
+
+def test_operations_started_and_finished_by_type_and_outcome(registry: CollectorRegistry) -> None:
+    """backbeat_operations_started/finished_total count by operation_type (and outcome), never by id."""
+    with manual_integration() as (integration, _pulse, _log):
+        instrument(integration, registry=registry)
+        for n in range(3):
+            integration.start_p2p_operation(f"election-{n}", "election", 5)
+        integration.start_p2p_operation("dht-1", "dht_store", 3)
+        integration.complete_p2p_operation("election-0", 3)
+        integration.fail_p2p_operation("election-1", "no quorum")
+        integration.complete_p2p_operation("dht-1", 5)
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {**LABELS, **labels})
+
+        assert value("backbeat_operations_started_total", operation_type="election") == 3.0
+        assert value("backbeat_operations_started_total", operation_type="dht_store") == 1.0
+        finished = "backbeat_operations_finished_total"
+        assert value(finished, operation_type="election", outcome="completed") == 1.0
+        assert value(finished, operation_type="election", outcome="failed") == 1.0
+        assert value(finished, operation_type="dht_store", outcome="completed") == 1.0
+        assert value(finished, operation_type="dht_store", outcome="failed") is None
+        text = generate_latest(registry).decode()
+        assert "election-0" not in text  # ids are never label values
+
+
+def test_user_operation_types_are_bounded(registry: CollectorRegistry) -> None:
+    """Past MAX_COUNTED_TYPES user types, new ones are counted as 'other': the series stay bounded."""
+    from backbeat_sync.operations import MAX_COUNTED_TYPES
+
+    with manual_integration() as (integration, _pulse, _log):
+        instrument(integration, registry=registry)
+        for n in range(MAX_COUNTED_TYPES + 5):
+            integration.start_p2p_operation(f"op-{n}", f"type-{n}", 5)
+        integration.start_p2p_operation("e", "election", 5)
+        families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+        types = {s.labels["operation_type"] for s in families["backbeat_operations_started"].samples}
+        assert len(types) == MAX_COUNTED_TYPES + 2  # the user types that fit, 'other', election
+        other = registry.get_sample_value(
+            "backbeat_operations_started_total", {**LABELS, "operation_type": "other"}
+        )
+        assert other == 5.0
+
+
+def test_a_budget_exhaustion_is_counted_by_operation_type(registry: CollectorRegistry) -> None:
+    """An interrupted @beat_budget(operation_type=...) call: backbeat_operation_budget_exhaustions_total."""
+    import time
+
+    from backbeat_sync import BeatBudgetExceeded, beat_budget
+
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id="bytype", nats_url=f"local://{unique_bus()}", tempo_bpm=3000
+    )
+
+    @beat_budget(1, operation_type="pubsub_sync")
+    def spin() -> None:
+        while True:
+            time.sleep(0.001)
+
+    with Integration(cfg, node_id="n") as integration:
+        instrument(integration, registry=registry)
+        with pytest.raises(BeatBudgetExceeded) as info:
+            spin()
+        labels = {
+            "cluster_id": "test",
+            "agent_id": "bytype",
+            "operation_type": "pubsub_sync",
+            "mode": "interrupt",
+            "outcome": "late" if info.value.late else "interrupted",
+        }
+        wait_until(
+            lambda: registry.get_sample_value("backbeat_operation_budget_exhaustions_total", labels) == 1.0,
+            what="the exhaustion counted by type",
+        )
+        started = {"cluster_id": "test", "agent_id": "bytype", "operation_type": "pubsub_sync"}
+        assert registry.get_sample_value("backbeat_operations_started_total", started) == 1.0
+
+
+@pytest.mark.parametrize("mode", ["warn", "raise_after"])
+def test_a_budget_that_runs_on_is_counted_by_operation_type(mode: str, registry: CollectorRegistry) -> None:
+    """on_exhaust warn / raise_after: the overrun is counted as {operation_type, mode, ran_on}."""
+    import time
+
+    from backbeat_sync import BeatBudgetExceeded, beat_budget
+
+    cfg = BackbeatConfig(
+        cluster_id="test", agent_id=f"ro-{mode}", nats_url=f"local://{unique_bus()}", tempo_bpm=3000
+    )
+
+    @beat_budget(1, operation_type="dht_store", on_exhaust=mode)  # type: ignore[arg-type]
+    def slow() -> None:
+        time.sleep(0.2)  # 10 beats at 3000 BPM
+
+    labels = {"cluster_id": "test", "agent_id": f"ro-{mode}", "operation_type": "dht_store"}
+    with Integration(cfg, node_id="n") as integration:
+        instrument(integration, registry=registry)
+        if mode == "raise_after":
+            with pytest.raises(BeatBudgetExceeded):
+                slow()
+        else:
+            slow()
+        wait_until(
+            lambda: (
+                registry.get_sample_value(
+                    "backbeat_operation_budget_exhaustions_total",
+                    {**labels, "mode": mode, "outcome": "ran_on"},
+                )
+                == 1.0
+            ),
+            what="the overrun counted by type",
+        )
+
+
+def test_operation_counts_survive_clean_up_and_reused_ids(registry: CollectorRegistry) -> None:
+    """Finished operations cleaned out on a downbeat, and ids used again, still count once each."""
+    from backbeat_sync import track_operation
+
+    with manual_integration() as (integration, pulse, _log):
+        instrument(integration, registry=registry)
+        pulse.beat(1)
+        for _ in range(5):  # the same id five times: each new one replaces the finished one
+            with track_operation("k", "dht_store", beats=100, integration=integration):
+                pass
+        integration.start_p2p_operation("e-1", "election", 5)
+        integration.fail_p2p_operation("e-1", "gone")
+        assert integration.registry.finished_count == 2
+        pulse.beat(4)  # a downbeat: the finished operations are cleaned out
+        assert integration.registry.finished_count == 0
+        integration.start_p2p_operation("e-2", "election", 5)  # still active
+
+        def value(name: str, **labels: str) -> float | None:
+            return registry.get_sample_value(name, {**LABELS, **labels})
+
+        assert value("backbeat_operations_started_total", operation_type="dht_store") == 5.0
+        assert (
+            value("backbeat_operations_finished_total", operation_type="dht_store", outcome="completed")
+            == 5.0
+        )
+        assert value("backbeat_operations_started_total", operation_type="election") == 2.0
+        assert value("backbeat_operations_finished_total", operation_type="election", outcome="failed") == 1.0
+
+
+def test_operations_are_not_counted_until_an_exporter_asks() -> None:
+    """Without instrument(), the registry counts nothing by type (its hot paths stay as they were)."""
+    with manual_integration() as (integration, _pulse, _log):
+        assert integration.registry.counting is False
+        instrument(integration, registry=CollectorRegistry())
+        assert integration.registry.counting is True

@@ -96,6 +96,7 @@ def _exhaust(t: Tracker, pos_now: float, now: float) -> float | None:
     t.exhausted = True
     if s.on_exhaust == "warn":
         integration.count("budget_exhausted_warn")
+        integration.registry.count_exhaustion(s.operation_type, "warn", "ran_on")
         t._note(f"beat budget exceeded: {used} (warn only)")
     else:
         t._note(f"beat budget exceeded: {used}; raised when the call returns")

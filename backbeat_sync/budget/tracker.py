@@ -588,8 +588,12 @@ class Tracker:
             integration.count(
                 "budget_exhausted_interrupt_late" if late else "budget_exhausted_interrupt_interrupted"
             )
+            integration.registry.count_exhaustion(
+                self.settings.operation_type, mode, "late" if late else "interrupted"
+            )
         elif mode == "raise_after":
             integration.count("budget_exhausted_raise_after")
+            integration.registry.count_exhaustion(self.settings.operation_type, mode, "ran_on")
 
     def _sync_exc(self, result: Any) -> BeatBudgetExceeded:
         """The exception, raised by the owner itself (it could not be, or was not, set asynchronously)."""
