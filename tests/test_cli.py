@@ -192,6 +192,53 @@ def test_user_errors_are_one_line_and_exit_2(
     assert "hunter2" not in err
 
 
+def test_demo_metrics_port_without_prometheus_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """demo --metrics-port without prometheus-client: exit 2, one line naming the extra, no traceback."""
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    code, out, err = run(["demo", "--metrics-port", "0", "--bars", "1", "--tempo", "6000"], capsys)
+    assert code == 2
+    assert out == ""
+    assert_one_line_error(
+        err, "--metrics-port needs prometheus_client", "pip install 'backbeat_sync[prometheus]'"
+    )
+
+
+def test_signing_without_cryptography_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pulse with CHORUS_BACKBEAT_SIGNING_KEY but no cryptography: exit 2, one line naming the extra."""
+    from backbeat_sync.signing import SigningKey, generate_private_key
+
+    private = generate_private_key()
+    SigningKey.load(private)  # cryptography is here; now hide it
+    monkeypatch.setenv("CHORUS_BACKBEAT_SIGNING_KEY", private)
+    for name in [m for m in sys.modules if m == "cryptography" or m.startswith("cryptography.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    code, _, err = run(["pulse", "--nats", "nats://127.0.0.1:1"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "pip install 'backbeat_sync[signing]'")
+
+
+def test_a_library_import_error_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ImportError raised by the library inside a command (an extra it needs) is one line, exit 2."""
+    from backbeat_sync.cli import _registry
+
+    def needs_extra(args: Any, out: Any) -> int:
+        raise ImportError("this needs the frobnicate extra: pip install 'backbeat_sync[frob]'")
+
+    import attrs
+
+    patched = tuple(attrs.evolve(c, run=needs_extra) if c.name == "status" else c for c in _registry.COMMANDS)
+    monkeypatch.setattr("backbeat_sync.cli.COMMANDS", patched)
+    code, _, err = run(["status"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "backbeat-sync status: error: this needs the frobnicate extra")
+
+
 def test_a_bad_environment_variable_is_named(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

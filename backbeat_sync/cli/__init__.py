@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_BEAT
     except BackbeatError as exc:
         print(f"{prefix} {exc}", file=sys.stderr)
+    except ImportError as exc:  # an optional extra is missing: the library's message names it
+        print(f"{prefix} {exc}", file=sys.stderr)
     except OSError as exc:  # e.g. --metrics-port already in use
         print(f"{prefix} {exc.strerror or exc}", file=sys.stderr)
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ from .. import (
     beat_budget,
     track_operation,
 )
-from ._base import EXIT_NO_BEAT, EXIT_OK, PROG, Command, Out, port, positive_int, tempo
+from ._base import EXIT_NO_BEAT, EXIT_OK, PROG, Command, Out, port, positive_int, require_extra, tempo
 from ._render import Screen, print_table
 from ._view import ClusterView
 
@@ -332,6 +332,8 @@ class _Demo:
 
 def _cmd_demo(args: argparse.Namespace, out: Out) -> int:
     """``demo``: a sample agent runs the seed's four flows under budgets, with a live view and a summary."""
+    if args.metrics_port is not None:
+        require_extra("prometheus_client", "prometheus", "--metrics-port")
     demo = _Demo(args, out)
     return demo.run()
 
