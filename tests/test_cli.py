@@ -133,8 +133,9 @@ def test_the_parser_has_exactly_the_registered_commands() -> None:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert list(sub.choices) == [c.name for c in REGISTERED]  # type: ignore[union-attr]
-    assert set(COMMANDS) <= set(sub.choices)  # type: ignore[arg-type]
+    choices = list(sub.choices or ())
+    assert choices == [c.name for c in REGISTERED]
+    assert set(COMMANDS) <= set(choices)
 
 
 def test_cli_modules_are_each_readable_in_one_sitting() -> None:
