@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -38,14 +39,18 @@ RUN_PAGES = (
     "docs/metrics.md",
     "docs/observability.md",
     "docs/troubleshooting.md",
+    "docs/budgets.md",
 )
+#: Pages whose snippets need a NATS server: they run with CHORUS_BACKBEAT_NATS_URL set to
+#: one started by the test fixture (the pages say so).
+SERVER_PAGES = ("docs/nats.md",)
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 
 
-def snippets() -> list[tuple[str, int, str]]:
-    """(file, index, code) of every ``python`` block in :data:`RUN_PAGES`."""
+def snippets(pages: tuple[str, ...] = RUN_PAGES) -> list[tuple[str, int, str]]:
+    """(file, index, code) of every ``python`` block in ``pages``."""
     found = []
-    for path in (ROOT / page for page in RUN_PAGES):
+    for path in (ROOT / page for page in pages):
         if path.exists():
             for i, match in enumerate(FENCE.finditer(path.read_text(encoding="utf-8"))):
                 found.append((path.relative_to(ROOT).as_posix(), i, match.group(1)))
@@ -53,6 +58,7 @@ def snippets() -> list[tuple[str, int, str]]:
 
 
 SNIPPETS = snippets()
+SERVER_SNIPPETS = snippets(SERVER_PAGES)
 
 
 @pytest.fixture(autouse=True)
@@ -65,9 +71,55 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("path", "index", "code"), SNIPPETS, ids=[f"{p}#{i}" for p, i, _ in SNIPPETS])
-def test_snippet_runs(path: str, index: int, code: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """The snippet runs as it is, in a fresh namespace, without raising."""
+def test_snippet_runs(
+    path: str, index: int, code: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The snippet runs as it is, in a fresh namespace, without raising.
+
+    A snippet that sets up logging for the whole process, as an application does
+    (``logger.remove()``), runs as a process of its own, so the suite keeps its sinks.
+    """
+    if "logger.remove()" in code:
+        script = tmp_path / "snippet.py"
+        script.write_text(code, encoding="utf-8")
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+        assert proc.returncode == 0, proc.stderr
+        return
     exec(compile(code, f"{path}[python block {index}]", "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.nats
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("path", "index", "code"), SERVER_SNIPPETS, ids=[f"{p}#{i}" for p, i, _ in SERVER_SNIPPETS]
+)
+def test_server_snippet_runs(
+    path: str, index: int, code: str, nats_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snippet that needs a server runs as it is, against the fixture's (CHORUS_BACKBEAT_NATS_URL)."""
+    monkeypatch.setenv("CHORUS_BACKBEAT_NATS_URL", nats_server.url)
+    exec(compile(code, f"{path}[python block {index}]", "exec"), {"__name__": "__docs__"})
+
+
+def test_every_python_snippet_in_docs_runs_somewhere() -> None:
+    """No page's python block is left out: each page is in RUN_PAGES or SERVER_PAGES."""
+    pages = {p.relative_to(ROOT).as_posix() for p in DOCS.glob("*.md") if "```python" in p.read_text("utf-8")}
+    assert pages - set(RUN_PAGES) - set(SERVER_PAGES) == set()
+
+
+def test_the_logging_snippet_prints_each_line_once_at_its_level(tmp_path: Path) -> None:
+    """troubleshooting.md's logging setup, run as an application would: no line twice, no DEBUG line."""
+    (code,) = [c for p, _, c in SNIPPETS if p == "docs/troubleshooting.md" and "logger.add(" in c]
+    script = tmp_path / "app.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any("CHORUS BACKBEAT integration started" in line for line in lines), proc.stderr
+    assert len(lines) == len(set(lines)), proc.stderr
+    assert not [line for line in lines if "| DEBUG" in line], proc.stderr
 
 
 @pytest.mark.slow
