@@ -9,7 +9,6 @@ the in-process bus, and can join the bus's in-process pulse as an agent would
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from loguru import logger
@@ -18,7 +17,7 @@ from .. import BackbeatConfig
 from .._time import SYSTEM_TIME
 from ..transport.base import TransportEvent
 from ..transport.local import LocalBus
-from ..transport.nats import NatsLink
+from ..transport.nats import SubscriberLink
 from ._base import PROG
 
 __all__ = ["Listener"]
@@ -26,24 +25,14 @@ __all__ = ["Listener"]
 OnMessage = Callable[[bytes], None]
 
 
-class _SubscribeLink(NatsLink):
-    """The NATS link with one subscription, made again on every (re)connect."""
+def _report(name: str) -> Callable[[TransportEvent, str], None]:
+    """Connection events as warnings (an outage, and its end), named by the command."""
 
-    def __init__(self, config: BackbeatConfig, subject: str, on_message: OnMessage, name: str) -> None:
-        super().__init__(config, self._event, client_name=f"{PROG}-{name}", thread_name=f"backbeat-{name}")
-        self._subject = subject
-        self._on_message = on_message
-        self._name = name
-
-    def _event(self, event: TransportEvent, detail: str) -> None:
+    def report(event: TransportEvent, detail: str) -> None:
         if event in (TransportEvent.DISCONNECTED, TransportEvent.ERROR, TransportEvent.RECONNECTED):
-            logger.warning(f"{self._name}: {detail}")
+            logger.warning(f"{name}: {detail}")
 
-    async def _on_connect(self, nc: Any) -> None:
-        async def handler(msg: Any) -> None:
-            self._on_message(msg.data)
-
-        await nc.subscribe(self._subject, cb=handler)
+    return report
 
 
 class Listener:
@@ -71,7 +60,7 @@ class Listener:
         self.config = config
         self.subject = subject
         self._on_message = on_message
-        self._link: _SubscribeLink | None = None
+        self._link: SubscriberLink | None = None
         self._bus: LocalBus | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._pulse = False
@@ -81,7 +70,14 @@ class Listener:
             manual = parse_qs(url.query).get("pulse", [""])[0] == "manual"
             self._pulse = local_pulse and not manual
         else:
-            self._link = _SubscribeLink(config, subject, on_message, name)
+            self._link = SubscriberLink(
+                config,
+                _report(name),
+                subject,
+                on_message,
+                client_name=f"{PROG}-{name}",
+                thread_name=f"backbeat-{name}",
+            )
 
     @property
     def connected(self) -> bool:
