@@ -82,6 +82,12 @@ def test_wheel_metadata_reads_right_on_an_index(dists: tuple[Path, Path]) -> Non
     assert relative == []  # relative links break on the package index
 
 
+def test_readme_links_are_absolute() -> None:
+    """The README is the package's page on the index, where a relative link leads nowhere."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert re.findall(r"\]\((?!https?://|#)([^)]+)\)", text) == []
+
+
 def test_the_all_extra_is_every_runtime_extra() -> None:
     """``all`` holds exactly the requirements of every runtime extra (so a new extra must join it)."""
     declared = extras()
