@@ -88,6 +88,17 @@ def test_readme_links_are_absolute() -> None:
     assert re.findall(r"\]\((?!https?://|#)([^)]+)\)", text) == []
 
 
+def test_the_dev_extra_keeps_the_benchmark_baselines_importable() -> None:
+    """stopit (a baseline of benchmarks/run.py) imports pkg_resources: the dev extra's setuptools has it."""
+    import warnings
+
+    import func_timeout  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "pkg_resources is deprecated as an API"
+        import stopit  # type: ignore[import-untyped]  # noqa: F401
+
+
 def test_the_all_extra_is_every_runtime_extra() -> None:
     """``all`` holds exactly the requirements of every runtime extra (so a new extra must join it)."""
     declared = extras()

@@ -11,7 +11,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
-from .. import BackbeatConfig, BeatFrame, ProtocolError, parse_beat_frame
+from .. import BackbeatConfig, BeatFrame, ProtocolError, Pulse, parse_beat_frame
 from ._base import EXIT_OK, PROG, Command, Out, UsageError, config_from_args, number, positive_int, tempo
 from ._link import Listener
 
@@ -72,8 +72,6 @@ class _OtherPulses:
 
 def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
     """``pulse``: publish beat frames on NATS until interrupted (or ``--beats N``)."""
-    from ..pulse import Pulse
-
     overrides: dict[str, Any] = {}
     if args.tempo is not None:
         overrides["tempo_bpm"] = args.tempo
@@ -112,7 +110,7 @@ def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
         others.listener.stop()
 
 
-def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Any, others: _OtherPulses) -> int:
+def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, others: _OtherPulses) -> int:
     first = pulse.next_index
     pulse.start()
     out.logs_open.set()
@@ -163,7 +161,7 @@ def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Any, ot
     return EXIT_OK
 
 
-def _render_pulse(pulse: Any) -> Any:
+def _render_pulse(pulse: Pulse) -> Any:
     from rich.panel import Panel
     from rich.text import Text
 
