@@ -555,10 +555,8 @@ def liveness(integration: Integration) -> tuple[bool, str | None, str]:
     """
     if not integration.running:
         return False, "not_running", f"the integration is {integration.state.value}"
-    threads = getattr(integration, "_threads", None) or ()
-    dead = [t.name for t in threads if not t.is_alive()]
-    if dead:
-        return False, "loop_stopped", f"thread(s) {', '.join(dead)} ended"
+    if not integration.alive:
+        return False, "loop_stopped", "a thread of the integration (beat handling, callbacks) ended"
     return True, None, "running"
 
 

@@ -565,3 +565,21 @@ def test_operations_are_not_counted_until_an_exporter_asks() -> None:
         assert integration.registry.counting is False
         instrument(integration, registry=CollectorRegistry())
         assert integration.registry.counting is True
+
+
+def test_healthz_fails_when_a_thread_of_the_integration_ended(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Running, but a thread of it gone (``alive`` false): /healthz and /readyz are 503 loop_stopped."""
+    cfg = BackbeatConfig(cluster_id="test", agent_id="dead", nats_url=f"local://{unique_bus()}?pulse=manual")
+    with (
+        Integration(cfg, node_id="n") as integration,
+        integration.serve_metrics(0, addr="127.0.0.1", registry=registry) as server,
+    ):
+        assert integration.alive is True
+        monkeypatch.setattr(Integration, "alive", property(lambda self: False))
+        for path in ("/healthz", "/readyz"):
+            status, body = probe(server, path)
+            assert (status, body["reason"]) == (503, "loop_stopped"), path
+    monkeypatch.undo()
+    assert integration.alive is False  # stopped

@@ -205,6 +205,15 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         return self._state is IntegrationState.RUNNING
 
     @property
+    def alive(self) -> bool:
+        """True while running with every thread it started (beat handling, callbacks) alive.
+
+        What a liveness probe asks (the metrics server's ``/healthz``).
+        """
+        threads = self._threads
+        return self.running and bool(threads) and all(t.is_alive() for t in threads)
+
+    @property
     def transport(self) -> Transport | None:
         """The transport in use (None before ``start()``)."""
         return self._transport
