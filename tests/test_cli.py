@@ -324,6 +324,29 @@ def manual_bus_status(
     return result["code"], json.loads(stdout.getvalue()), stderr.getvalue(), waiting
 
 
+def test_status_waits_at_least_a_second_at_a_fast_tempo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 6000 BPM two beats are 20 ms: the default wait is still 1 s, so a beat 0.3 s late counts."""
+    monkeypatch.setenv("CHORUS_BACKBEAT_TEMPO_BPM", "6000")
+    pulse = ManualPulse(unique_bus(), "fast", tempo_bpm=6000)
+    result: dict[str, Any] = {}
+    stdout = io.StringIO()
+
+    def probe() -> None:
+        with contextlib.redirect_stdout(stdout):
+            url = f"local://{pulse.bus.name}?pulse=manual"
+            result["code"] = main(["status", "--json", "--nats", url, "--cluster", "fast"])
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    wait_until(lambda: pulse.bus.has_subscribers(pulse.subject), what="the probe's subscription")
+    time.sleep(0.3)  # the test's point: a delay longer than two beats, shorter than the floor
+    pulse.beat(1)
+    thread.join(PATIENCE)
+    assert not thread.is_alive()
+    report = json.loads(stdout.getvalue())
+    assert (result["code"], report["ok"]) == (0, True), report
+
+
 def test_status_returns_as_soon_as_one_beat_arrives(monkeypatch: pytest.MonkeyPatch) -> None:
     """The probe waits (up to 2 beats at 1 BPM: 120 s) and returns at the first beat: ok, exit 0."""
 

@@ -34,6 +34,9 @@ from ._link import Listener
 #: Why a probe is not ok (``reason``); ``ok`` has reason None. Exit code 2 for unreachable, else 1.
 REASONS: Final = ("no_beat", "unreachable", "disabled", "degraded")
 DEFAULT_MAX_AGE: Final = 2.0
+#: The shortest default wait: at a fast tempo, max_age beats are less than the time a
+#: subscription takes to be in place on a loaded machine or a remote server.
+MIN_WAIT: Final = 1.0
 #: A beat's age is read against ``sent_at``, the pulse's wall clock: an age within this many
 #: seconds is never held against it (clocks of two hosts differ; at 6000 BPM a beat is 10 ms).
 CLOCK_TOLERANCE: Final = 1.0
@@ -125,7 +128,7 @@ def _cmd_status(args: argparse.Namespace, out: Out) -> int:
         _print(out, args, report)
         return EXIT_NO_BEAT
     # Until a frame tells the cluster's tempo, the wait is max_age beats at the configured one.
-    wait = args.timeout if args.timeout is not None else max_age * cfg.beat_duration
+    wait = args.timeout if args.timeout is not None else max(MIN_WAIT, max_age * cfg.beat_duration)
     probe = _Probe(cfg)
     started = time.monotonic()
     try:
@@ -235,7 +238,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--timeout",
         type=seconds,
         metavar="S",
-        help="wait at most S seconds for a beat (default: --max-age beats at $CHORUS_BACKBEAT_TEMPO_BPM)",
+        help="wait at most S seconds for a beat (default: --max-age beats at the tempo, at least 1 s)",
     )
 
 
