@@ -166,7 +166,7 @@ with Integration(config, node_id="12D3KooWAbc") as integration:
 MISTAKES = [
     ('store("k", "not bytes")', 'incompatible type "str"; expected "bytes"'),
     ('store("k")', 'Missing positional argument "value"'),
-    ('integration.start_p2p_operation("e", "election", "five")', 'incompatible type "str"; expected "int"'),
+    ('integration.start_p2p_operation("e", "election", "five")', 'Argument 3 to "start_p2p_operation"'),
     (
         "integration.serve_metrics(0).no_such_attribute",
         '"MetricsServer" has no attribute "no_such_attribute"',

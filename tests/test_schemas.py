@@ -414,6 +414,12 @@ EXPRESSIBLE: list[tuple[str, str, Any, str]] = [
     ("unknown state", "claim", changed(CLAIM_OK, state="running"), "'state'='running' is not one of"),
     ("unknown phase", "claim", changed(CLAIM_OK, phase="dancing"), "'phase'='dancing' is not one of"),
     (
+        "unknown budget_source",
+        "claim",
+        changed(CLAIM_OK, budget_source="guess"),
+        "field 'budget_source'='guess' is not one of",
+    ),
+    (
         "timestamp without Z",
         "claim",
         changed(CLAIM_OK, sent_at="2026-11-28T01:00:00+00:00"),
