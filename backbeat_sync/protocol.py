@@ -373,9 +373,6 @@ class BeatFrame(_Message):
         if not 0 < tempo <= MAX_TEMPO_BPM:
             raise ProtocolError(k, f"field 'tempo_bpm'={tempo!r} is outside 0 < x <= {MAX_TEMPO_BPM:g}")
         bar = _int(obj, "bar_length", k, minimum=1, required=False)
-        source = _str(obj, "budget_source", k, required=False)
-        if source is not None and source not in BUDGET_SOURCES:
-            raise ProtocolError(k, f"field 'budget_source'={source!r} is not one of {list(BUDGET_SOURCES)}")
         sig, key_id = _signature(obj, k)
         return cls(
             cluster_id=_str(obj, "cluster_id", k),

@@ -96,6 +96,13 @@ def test_unknown_fields_are_ignored() -> None:
     assert claim.task_id == "election-1"
 
 
+def test_a_claim_only_field_on_a_frame_is_unknown_there() -> None:
+    """A frame knows no ``budget_source`` (a claim field): any value is an unknown field, ignored."""
+    for value in ("learned", 7, None):
+        frame = parse_beat_frame(dumps(with_(FRAME, budget_source=value)))
+        assert frame.beat_index == 12344
+
+
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
