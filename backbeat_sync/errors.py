@@ -23,6 +23,7 @@ __all__ = [
     "IntegrationNotStarted",
     "InvalidArgument",
     "InvalidPhaseTransition",
+    "JetStreamUnavailable",
     "OperationNotFound",
     "ProtocolError",
     "PulseAlreadyStarted",
@@ -185,6 +186,28 @@ class BackbeatConnectionError(BackbeatError, ConnectionError):
         self.servers = servers
         self.cause = cause
         super().__init__(f"Failed to start BACKBEAT client: cannot connect to {servers}: {cause}")
+
+
+class JetStreamUnavailable(BackbeatConnectionError):
+    """The NATS server answers, but what a JetStream feature needs is not there.
+
+    Raised by the highly available pulse and the stream tools when the server has no
+    JetStream (``nats-server`` started without ``-js``), or JetStream refuses the bucket
+    or stream they need. A :class:`BackbeatConnectionError`, so code that catches
+    connection failures catches this too.
+
+    Attributes:
+        servers: the server URLs, with any password masked.
+        needed: what was needed (``"JetStream key-value bucket 'backbeat-pulse'"``).
+        cause: why it is not there.
+    """
+
+    def __init__(self, servers: str, needed: str, cause: str) -> None:
+        self.needed = needed
+        BackbeatError.__init__(self)
+        self.servers = servers
+        self.cause = cause
+        ConnectionError.__init__(self, f"{needed} is not available on {servers}: {cause}")
 
 
 class BeatBudgetExceeded(BackbeatError, TimeoutError):

@@ -7,6 +7,7 @@ in-process transport uses too; ``BeatSchedule``, ``PulseThread`` and
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from types import TracebackType
@@ -22,6 +23,7 @@ from .schedule import BeatSchedule, PulseThread, check_tempo, wall_clock_start_i
 from .transport.local import LocalBus
 
 if TYPE_CHECKING:
+    from .ha import HaPulseLink
     from .transport.base import TransportEvent
     from .transport.nats import PulseLink
 
@@ -42,6 +44,11 @@ class Pulse:
     an outage are skipped and counted, never sent late). With ``nats_url="local://..."``
     it drives the in-process bus instead.
 
+    With ``ha=True`` (NATS with JetStream only), run the pulse on several machines:
+    one replica at a time leads and publishes, by a lease in a JetStream key-value
+    bucket; the beat grid and tempo live in the bucket, so a new leader continues the
+    sequence where the old one stopped (see ``docs/ha.md`` and :mod:`backbeat_sync.ha`).
+
     Args:
         config: servers, cluster id, beat subject, auth and TLS (and default tempo/bar length).
         tempo_bpm: beats per minute (default ``config.tempo_bpm``), 0 < x <= 6000.
@@ -50,9 +57,15 @@ class Pulse:
             Unix epoch, so a restarted pulse never goes back).
         sign: optional hook returning a signed copy of each frame (see "Signed messages").
         time_source: where time is read.
+        ha: lead by a lease in a JetStream key-value bucket (several replicas, one publishes).
+            ``tempo_bpm``, ``bar_length`` and ``start_index`` then only seed a bucket that
+            holds no beat grid yet.
+        bucket: with ``ha``: the key-value bucket (created if missing).
+        lease_ttl: with ``ha``: the lease TTL in seconds (default: 3 beats, at least 1 s).
 
     Raises:
-        ConfigError: tempo, bar length or start index out of range.
+        ConfigError: tempo, bar length or start index out of range; ``ha`` with
+            ``local://``; a bad bucket name or lease TTL.
 
     Example:
         >>> from backbeat_sync import BackbeatConfig
@@ -71,12 +84,31 @@ class Pulse:
         start_index: int | None = None,
         sign: FrameSigner | None = None,
         time_source: TimeSource = SYSTEM_TIME,
+        ha: bool = False,
+        bucket: str = "backbeat-pulse",
+        lease_ttl: float | None = None,
     ) -> None:
         if not isinstance(config, BackbeatConfig):
             raise TypeError(f"config must be a BackbeatConfig, not {type(config).__name__}")
         if sign is not None and not callable(sign):
             raise ConfigError("sign", sign, "must be callable or None")
         tempo = check_tempo(config.tempo_bpm if tempo_bpm is None else tempo_bpm)
+        if ha:
+            from .ha import check_bucket_name
+
+            if config.is_local:
+                raise ConfigError("ha", ha, "needs NATS with JetStream, not local://")
+            check_bucket_name(bucket)
+            if lease_ttl is not None and (
+                isinstance(lease_ttl, bool)
+                or not isinstance(lease_ttl, (int, float))
+                or not math.isfinite(lease_ttl)
+                or lease_ttl <= 0
+            ):
+                raise ConfigError("lease_ttl", lease_ttl, "must be a number of seconds > 0, or None")
+        self._ha = bool(ha)
+        self._bucket = bucket
+        self._lease_ttl = lease_ttl
         self._config = config
         self._time = time_source
         self._sign = sign
@@ -94,7 +126,7 @@ class Pulse:
         )
         self._lock = threading.Lock()
         self._state = "new"
-        self._link: PulseLink | None = None
+        self._link: PulseLink | HaPulseLink | None = None
         self._thread: PulseThread | None = None
         self._local_sent = 0
         self._log = logger.bind(pulse=config.cluster_id)
@@ -119,8 +151,20 @@ class Pulse:
 
     @property
     def next_index(self) -> int:
-        """Index of the next beat to be sent."""
+        """Index of the next beat to be sent (with ``ha``: after the last one this replica won)."""
+        link = self._link
+        if self._ha and link is not None:
+            return int(getattr(link, "next_index", self.schedule.next_index))
         return self.schedule.next_index
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this pulse publishes frames now: always while running, unless ``ha``,
+        where only the replica holding the lease does."""
+        link = self._link
+        if self._ha:
+            return link is not None and getattr(link, "leading", False)
+        return self.running
 
     @property
     def running(self) -> bool:
@@ -168,6 +212,24 @@ class Pulse:
             self.schedule.skip_to(self._time.monotonic() - 60.0 / self.tempo_bpm)
             if self._config.is_local:
                 self._start_local()
+            elif self._ha:
+                from .ha import HaPulseLink
+
+                def adopt(schedule: BeatSchedule) -> None:
+                    self.schedule = schedule
+
+                ha_link = HaPulseLink(
+                    self._config,
+                    self.schedule,
+                    self._report,
+                    sign=self._sign,
+                    time_source=self._time,
+                    bucket=self._bucket,
+                    lease_ttl=self._lease_ttl,
+                    on_schedule=adopt,
+                )
+                self._link = ha_link
+                ha_link.start()
             else:
                 from .transport.nats import PulseLink
 
@@ -223,15 +285,62 @@ class Pulse:
             f"🥁 BACKBEAT pulse stopped - cluster={self._config.cluster_id} sent={self.frames_sent}"
         )
 
-    def set_tempo(self, tempo_bpm: float) -> None:
+    def set_tempo(self, tempo_bpm: float, *, bar_length: int | None = None) -> None:
         """Change the tempo; it takes effect from the next beat (due one new beat after the last).
 
+        With ``ha``, the tempo (and ``bar_length``, if given) is written to the bucket
+        (waiting at most ``config.connect_timeout`` for the write), and the leader,
+        whichever replica that is, applies it at the next downbeat (a bar length at the
+        first beat that is a downbeat in it).
+
+        Args:
+            tempo_bpm: beats per minute.
+            bar_length: with ``ha`` only: beats per bar from then on (None: unchanged).
+
         Raises:
-            ConfigError: tempo out of range (0 < x <= 6000).
+            ConfigError: tempo or bar length out of range; ``bar_length`` without ``ha``.
+            RuntimeError: ``ha`` and the pulse is not running.
+            BackbeatConnectionError: ``ha`` and the bucket could not be written.
         """
-        self.schedule.set_tempo(tempo_bpm)
-        if self._link is not None:
-            self._link.tempo_changed()
+        if not self._ha:
+            if bar_length is not None:
+                raise ConfigError(
+                    "bar_length", bar_length, "can only be changed on a running pulse with ha=True"
+                )
+            self.schedule.set_tempo(tempo_bpm)
+            if self._link is not None:
+                self._link.tempo_changed()
+            return
+        from .ha import HaPulseLink, TempoSetting
+
+        tempo = _check_tempo(tempo_bpm)
+        if bar_length is not None and (
+            not isinstance(bar_length, int) or isinstance(bar_length, bool) or bar_length < 1
+        ):
+            raise ConfigError("bar_length", bar_length, "must be an integer >= 1")
+        link = self._link
+        if not isinstance(link, HaPulseLink) or not self.running:
+            raise RuntimeError("Pulse.set_tempo with ha=True needs a running pulse (start() it first)")
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from .errors import BackbeatConnectionError
+        from .transport.nats import describe_error
+
+        fut = link.submit(link.put_tempo(TempoSetting(tempo, bar_length)))
+        try:
+            fut.result(timeout=self._config.connect_timeout)
+        except FutureTimeout:
+            fut.cancel()
+            raise BackbeatConnectionError(
+                self._config.masked_url, f"tempo not written to bucket {self._bucket!r} in time"
+            ) from None
+        except BackbeatConnectionError:
+            raise
+        except Exception as exc:
+            raise BackbeatConnectionError(
+                self._config.masked_url,
+                f"tempo not written to bucket {self._bucket!r}: {describe_error(exc)}",
+            ) from None
 
     def __enter__(self) -> Pulse:
         self.start()
@@ -259,12 +368,20 @@ class Pulse:
         """Counters for monitoring.
 
         Returns:
-            ``frames_sent``, ``frames_skipped``, ``next_index``, ``reconnect_count``, ``connected``.
+            ``frames_sent``, ``frames_skipped``, ``next_index``, ``reconnect_count``, ``connected``;
+            with ``ha`` also ``leader`` (holds the lease now), ``terms`` (times it won the
+            lease) and ``frames_fenced`` (beats won but not sent: the lease was running out).
         """
-        return {
+        stats: dict[str, Any] = {
             "frames_sent": self.frames_sent,
             "frames_skipped": self.frames_skipped,
             "next_index": self.next_index,
             "reconnect_count": self.reconnect_count,
             "connected": self.connected,
         }
+        link = self._link
+        if self._ha:
+            stats["leader"] = self.is_leader
+            stats["terms"] = getattr(link, "terms", 0)
+            stats["frames_fenced"] = getattr(link, "frames_fenced", 0)
+        return stats

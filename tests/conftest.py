@@ -88,3 +88,14 @@ def nats_runner() -> Iterator[AsyncRunner]:
         yield runner
     finally:
         runner.close()
+
+
+@pytest.fixture
+def nats_js_cluster(nats_binary: str, tmp_path: Path) -> Iterator[list[NatsServer]]:
+    """Three routed nats-servers with clustered JetStream (file stores in ``tmp_path``), meta leader up."""
+    servers = start_cluster(nats_binary, tmp_path / "js-cluster", jetstream=True)
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.kill()

@@ -14,6 +14,8 @@ is found):
   ``nats_server_tls.tls_ca`` (see :func:`make_tls_files`).
 - ``nats_cluster``: a list of 3 routed servers on loopback ports (routes are up
   when the fixture returns).
+- ``nats_js_cluster``: the same 3 servers with clustered JetStream (file stores), meta
+  leader up: streams and buckets with 3 replicas can be created.
 - ``nats_runner``: an :class:`AsyncRunner`: a loop thread on which a test runs its own
   raw nats-py coroutines (``nats_runner.run(coro)``), so the "other side" of a
   contract test is plain nats-py, not our classes.
@@ -369,12 +371,26 @@ def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 30.0) -> list[NatsServer]:
-    """Start ``size`` routed servers on loopback and wait until every route is up."""
+def start_cluster(
+    binary: str, workdir: Path, size: int = 3, timeout: float = 30.0, *, jetstream: bool = False
+) -> list[NatsServer]:
+    """Start ``size`` routed servers on loopback and wait until every route is up.
+
+    With ``jetstream=True`` each server has its own file store under ``workdir`` and the
+    function also waits until the JetStream meta group has a leader (a stream or bucket
+    with 3 replicas can be created when it returns).
+    """
     cports = [free_port() for _ in range(size)]
     routes = [f"nats://127.0.0.1:{p}" for p in cports]
     servers = [
-        NatsServer(binary, workdir / f"c{i}", name=f"c{i}", cluster_port=cports[i], routes=routes)
+        NatsServer(
+            binary,
+            workdir / f"c{i}",
+            name=f"c{i}",
+            cluster_port=cports[i],
+            routes=routes,
+            jetstream=jetstream,
+        )
         for i in range(size)
     ]
     try:
@@ -385,11 +401,33 @@ def start_cluster(binary: str, workdir: Path, size: int = 3, timeout: float = 30
             if time.monotonic() > deadline:
                 raise RuntimeError("cluster routes did not form in time")
             time.sleep(0.02)
+        if jetstream:
+            wait_jetstream_ready(servers, deadline)
     except BaseException:
         for s in servers:
             s.kill()
         raise
     return servers
+
+
+def wait_jetstream_ready(servers: Sequence[NatsServer], deadline: float) -> None:
+    """Wait until every running server in ``servers`` sees a JetStream meta leader.
+
+    Raises:
+        RuntimeError: no meta leader by the ``time.monotonic()`` ``deadline``.
+    """
+    while True:
+        try:
+            ready = all(
+                (s.monitor("jsz").get("meta_cluster") or {}).get("leader") for s in servers if s.running
+            )
+        except OSError:
+            ready = False
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError("JetStream meta group has no leader in time")
+        time.sleep(0.05)
 
 
 class AsyncRunner:
