@@ -51,6 +51,7 @@ class LazyClaim:
         "phase",
         "reason",
         "start_beat",
+        "start_time",
         "task_id",
         "type",
     )
@@ -63,6 +64,9 @@ class LazyClaim:
     phase: OperationPhase
     peers: int
     start_beat: int
+    #: The operation's wall-clock start (epoch seconds): with the task id, it names the
+    #: operation (the claims stream's ``Nats-Msg-Id``, see ``backbeat_sync.streams``).
+    start_time: float
     estimated: int
     reason: str | None
     beat: int
@@ -217,6 +221,7 @@ class ClaimFactory:
         lazy.is_final = phase is _COMPLETED or phase is _FAILED
         lazy.peers = op.peer_count
         lazy.start_beat = op.start_beat
+        lazy.start_time = op.start_time
         lazy.estimated = op.estimated_beats
         lazy.reason = op.reason
         lazy.beat = current_beat

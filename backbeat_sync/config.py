@@ -224,6 +224,17 @@ def _profiles(value: Any) -> dict[str, tuple[float, float]]:
     return check_profiles({} if value is None else value)
 
 
+def _stream_name(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not value or re.search(r"[\s.*>/\\]", value):
+        raise ConfigError(
+            attribute.name,
+            value,
+            "must be a JetStream stream name (no whitespace, '.', '*', '>', '/' or '\\') or None",
+        )
+
+
 @attrs.frozen(kw_only=True)
 class BackbeatConfig:
     """How an :class:`~backbeat_sync.Integration` joins a BACKBEAT cluster.
@@ -308,6 +319,12 @@ class BackbeatConfig:
         factory=dict, converter=_profiles, hash=False
     )
 
+    # --- JetStream (see docs/ha.md) ---------------------------------------------
+    #: A JetStream stream capturing this cluster's status subjects: final claims (done,
+    #: failed) are published to it with a ``Nats-Msg-Id`` and leave the outbox only on its
+    #: PubAck, so the stream holds each exactly once. None (default): flush-confirmed core NATS.
+    claims_stream: str | None = attrs.field(default=None, validator=_stream_name)
+
     @property
     def is_local(self) -> bool:
         """True when ``nats_url`` selects the in-process pulse (``local://``)."""
@@ -367,8 +384,8 @@ class BackbeatConfig:
         ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
         ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
         ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
-        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``, each prefixed
-        ``CHORUS_BACKBEAT_``.
+        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``,
+        ``CLAIMS_STREAM``, each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
@@ -444,4 +461,5 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("spool_path", "SPOOL_PATH", _identity),
     ("otel", "OTEL", _parse_bool),
     ("history_path", "HISTORY_PATH", _identity),
+    ("claims_stream", "CLAIMS_STREAM", _identity),
 )

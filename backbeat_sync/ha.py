@@ -52,7 +52,7 @@ from .errors import BackbeatConnectionError, ConfigError, JetStreamUnavailable, 
 from .protocol import MAX_TEMPO_BPM, BeatFrame
 from .schedule import BeatSchedule
 from .transport.base import TransportEvent
-from .transport.nats import EventReporter, NatsLink, connect_options, describe_error
+from .transport.nats import NatsLink, connect_options, describe_error
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -79,6 +79,9 @@ MIN_LEASE_TTL: Final = 1.0
 FENCE_MARGIN: Final = 0.25
 #: A beat whose frame would leave later than this share of a beat after its time is skipped.
 LATE_SHARE: Final = 0.5
+
+#: Receives connection events and HA errors (as :class:`NatsLink` takes it).
+EventReporter = Callable[[TransportEvent, str], None]
 
 _KEY_TOKEN = re.compile(r"\A[-_=A-Za-z0-9]+\Z")
 _BUCKET_NAME = re.compile(r"\A[-_A-Za-z0-9]+\Z")
