@@ -41,7 +41,6 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import attrs
-import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from nats.aio.client import Client
 from nats.js.kv import KeyValue
@@ -51,6 +50,7 @@ from .config import BackbeatConfig
 from .errors import BackbeatConnectionError, ConfigError, JetStreamUnavailable, ProtocolError
 from .protocol import MAX_TEMPO_BPM, BeatFrame
 from .schedule import BeatSchedule
+from .streams import auto_replicas, jetstream_cause
 from .transport.base import TransportEvent
 from .transport.nats import NatsLink, connect_options, describe_error
 
@@ -288,22 +288,6 @@ def check_bucket_name(bucket: str) -> str:
     return bucket
 
 
-def _jetstream_cause(exc: BaseException) -> str | None:
-    """Why JetStream refused, if ``exc`` says it is missing; None for other failures."""
-    if isinstance(exc, (js_errors.ServiceUnavailableError, nats_errors.NoRespondersError)):
-        return "the server has no JetStream (start nats-server with -js, or enable it for the account)"
-    if isinstance(exc, js_errors.APIError):
-        return f"JetStream refused: {exc.description or exc}"
-    return None
-
-
-def _auto_replicas(nc: Client) -> int:
-    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
-    if not info.get("cluster"):
-        return 1
-    return max(1, min(3, len(info.get("connect_urls") or ())))
-
-
 async def open_bucket(
     nc: Client, bucket: str, *, create: bool, replicas: int | None, timeout: float
 ) -> KeyValue:
@@ -332,7 +316,7 @@ async def open_bucket(
                 servers, needed, "no such bucket (the first `backbeat-sync pulse --ha` creates it)"
             ) from None
     except Exception as exc:
-        cause = _jetstream_cause(exc)
+        cause = jetstream_cause(exc)
         if cause is None:
             raise
         raise JetStreamUnavailable(servers, needed, cause) from None
@@ -341,11 +325,11 @@ async def open_bucket(
             bucket=bucket,
             history=1,
             storage="file",
-            replicas=replicas if replicas is not None else _auto_replicas(nc),
+            replicas=replicas if replicas is not None else auto_replicas(nc),
             description="backbeat_sync HA pulse: lease, beat grid and tempo per cluster",
         )
     except Exception as exc:
-        cause = _jetstream_cause(exc)
+        cause = jetstream_cause(exc)
         if cause is None:
             raise
         raise JetStreamUnavailable(servers, needed, cause) from None

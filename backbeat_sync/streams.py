@@ -127,7 +127,8 @@ class StreamSummary:
     messages: int
 
 
-def _jetstream_cause(exc: BaseException) -> str | None:
+def jetstream_cause(exc: BaseException) -> str | None:
+    """Why JetStream refused, if ``exc`` (from nats-py) says it is missing or refused; else None."""
     import nats.errors as nats_errors
     import nats.js.errors as js_errors
 
@@ -136,6 +137,14 @@ def _jetstream_cause(exc: BaseException) -> str | None:
     if isinstance(exc, js_errors.APIError):
         return f"JetStream refused: {exc.description or exc}"
     return None
+
+
+def auto_replicas(nc: Any) -> int:
+    """Replicas for a new bucket or stream: the servers the cluster advertises, at most 3 (1 alone)."""
+    info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
+    if not info.get("cluster"):
+        return 1
+    return max(1, min(3, len(info.get("connect_urls") or ())))
 
 
 async def _connected(config: BackbeatConfig, fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Any:
@@ -218,8 +227,6 @@ def create_claims_stream(
         import nats.js.api as api
         import nats.js.errors as js_errors
 
-        from .ha import _auto_replicas
-
         js = nc.jetstream(timeout=config.connect_timeout)
         cfg = api.StreamConfig(
             name=stream,
@@ -231,7 +238,7 @@ def create_claims_stream(
             max_age=float(max_age),
             max_bytes=max_bytes,
             duplicate_window=float(duplicate_window),
-            num_replicas=replicas if replicas is not None else _auto_replicas(nc),
+            num_replicas=replicas if replicas is not None else auto_replicas(nc),
         )
         created = True
         try:
@@ -243,7 +250,7 @@ def create_claims_stream(
                 created = False
                 info = await js.update_stream(cfg)
         except Exception as exc:
-            cause = _jetstream_cause(exc)
+            cause = jetstream_cause(exc)
             if cause is None:
                 raise
             raise JetStreamUnavailable(config.masked_url, needed, cause) from None
@@ -318,7 +325,7 @@ def replay_claims(
                 config.masked_url, f"JetStream stream {name!r}", "no such stream"
             ) from None
         except Exception as exc:
-            cause = _jetstream_cause(exc)
+            cause = jetstream_cause(exc)
             if cause is None:
                 raise
             raise JetStreamUnavailable(config.masked_url, f"JetStream stream {name!r}", cause) from None

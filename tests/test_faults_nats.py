@@ -630,6 +630,8 @@ BAD_CONFIG = [
     ("history_min_samples", 0),
     ("history_margin", 0),
     ("budget_profiles", {"ingest": (0, 1)}),
+    ("claims_stream", ""),
+    ("claims_stream", "a.b"),
 ]
 
 

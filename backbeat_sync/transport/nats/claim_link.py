@@ -7,6 +7,9 @@ on the same connection confirms that the server has read it. When the
 connection drops, every unconfirmed final claim goes back to the front of the
 outbox and is sent again after the reconnect. A repeated final claim is
 harmless (consumers key claims by task); a missing one is not.
+
+With ``config.claims_stream`` set, final claims go by JetStream publish instead
+and are confirmed by the stream's PubAck (see :mod:`.claims_stream`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ...claims import Claim, resolve
 from ...config import BackbeatConfig
 from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, StatusClaim, shorten_notes
 from ..base import ClaimEncoder, TransportEvent, TransportSink
+from .claims_stream import StreamFinals
 from .link import NatsLink
 from .options import describe_error, flush
 from .outbox import Entry, Outbox
@@ -84,6 +88,24 @@ class ClaimLink(NatsLink):
         self._seq = 0
         self.slow_consumer_drops = 0
         self.publish_errors = 0
+        self.stream: StreamFinals | None = None
+        if config.claims_stream is not None:
+            self.stream = StreamFinals(
+                config.claims_stream, config.agent_id, config.flush_timeout, self._report, self._return
+            )
+
+    def _return(self, entries: list[Entry]) -> None:
+        """Entries the claims stream did not confirm go back to the front of the outbox (loop thread)."""
+        self.outbox.put_back(entries)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _stream_confirmed(self, entries: list[Entry]) -> None:
+        self.published += len(entries)
+        self.confirmed += len(entries)
+        if self._from_spool:
+            for entry in entries:
+                self._spool_settled(entry)
 
     def adopt_spooled(self, claims: list[tuple[str, StatusClaim]], files: list[Path]) -> None:
         """Queue final claims read from ``files`` first; remove the files once all are confirmed.
@@ -125,7 +147,10 @@ class ClaimLink(NatsLink):
         self._confirm = asyncio.Event()
         if len(self.outbox):
             self._wake.set()
-        return [self._drainer(), self._confirmer()]
+        tasks = [self._drainer(), self._confirmer()]
+        if self.stream is not None:
+            tasks.append(self.stream.run(self._stream_confirmed))
+        return tasks
 
     async def _on_connect(self, nc: Client) -> None:
         await nc.subscribe(
@@ -162,6 +187,8 @@ class ClaimLink(NatsLink):
             self.resent += len(self.inflight)
             self.outbox.put_back(list(self.inflight))
             self.inflight.clear()
+        if self.stream is not None:
+            self.stream.disconnected()
 
     def _on_reconnect(self) -> None:
         self.outbox.bounded = False
@@ -180,6 +207,7 @@ class ClaimLink(NatsLink):
         """Publish queued claims in batches while connected."""
         nc = self._nc
         assert self._confirm is not None
+        stream = self.stream
         while nc is not None and self._connected and nc.is_connected:
             batch = self.outbox.take(BATCH_SIZE)
             if not batch:
@@ -199,8 +227,30 @@ class ClaimLink(NatsLink):
                     if self._from_spool:
                         self._spool_settled(entry)
                     continue
+                headers = None
+                if entry.final and stream is not None:
+                    if stream.active():
+                        try:
+                            await stream.send(nc, entry, data)
+                        except (nats_errors.MaxPayloadError, nats_errors.BadSubjectError) as exc:
+                            self.lost += 1
+                            self._report(
+                                TransportEvent.ERROR,
+                                f"claim {entry.claim.task_id} refused: {describe_error(exc)}",
+                            )
+                            if self._from_spool:
+                                self._spool_settled(entry)
+                            continue
+                        except Exception:
+                            self.publish_errors += 1
+                            self.outbox.put_back(batch[i:])
+                            if finals:
+                                self._confirm.set()
+                            return
+                        continue
+                    headers = stream.headers(entry)  # a capturing stream still de-duplicates
                 try:
-                    await nc.publish(entry.subject, data)
+                    await nc.publish(entry.subject, data, headers=headers)
                 except (nats_errors.MaxPayloadError, nats_errors.BadSubjectError) as exc:
                     self.count_lost(1)
                     self._report(
@@ -291,7 +341,12 @@ class ClaimLink(NatsLink):
 
     async def _on_stop(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
-        while len(self.outbox) or self.inflight:
+        stream = self.stream
+
+        def acking() -> int:
+            return len(stream.pending) if stream is not None else 0
+
+        while len(self.outbox) or self.inflight or acking():
             if not await self._wait_connected(deadline):
                 break
             await self._send_queued()
@@ -302,11 +357,11 @@ class ClaimLink(NatsLink):
                 break
             if len(self.outbox) and not self._connected:
                 continue
-            if len(self.outbox) or self.inflight:
+            if len(self.outbox) or self.inflight or acking():
                 await asyncio.sleep(0.01)
-        left = len(self.outbox) + len(self.inflight)
+        left = len(self.outbox) + len(self.inflight) + acking()
         if left:
-            finals = self.outbox.finals() + len(self.inflight)
+            finals = self.outbox.finals() + len(self.inflight) + acking()
             kept, where = self._spool_at_stop()
             self.count_lost(left - kept)
             self._report(
@@ -323,7 +378,8 @@ class ClaimLink(NatsLink):
         """
         if self._spool is None:
             return 0, ""
-        entries = list(self.inflight) + self.outbox.final_entries()
+        pending = [e for e, _, _ in self.stream.pending] if self.stream is not None else []
+        entries = list(self.inflight) + pending + self.outbox.final_entries()
         if not entries:
             return 0, ""
         try:

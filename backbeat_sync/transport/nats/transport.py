@@ -139,8 +139,9 @@ class NatsTransport(Transport):
         Keys: ``claims_published`` (sent; final ones once confirmed), ``claims_dropped``
         (intermediate claims dropped past the outbox bound, plus claims given up at
         stop), ``claims_coalesced``, ``claims_queued`` (waiting or unconfirmed),
-        ``claims_unconfirmed``, ``claims_resent`` (final claims sent again after a
-        reconnect), ``frames_received``, ``frames_dropped`` (slow consumer),
+        ``claims_unconfirmed`` (with a claims stream: also those waiting for its PubAck),
+        ``claims_resent`` (final claims sent again after a reconnect, or after the claims
+        stream did not answer), ``frames_received``, ``frames_dropped`` (slow consumer),
         ``claims_spooled`` (final claims written to the spool at stop, not counted
         as dropped), ``claims_unspooled`` (final claims read from the spool at start).
         """
@@ -160,13 +161,17 @@ class NatsTransport(Transport):
             }
         box = link.outbox
         inflight = len(link.inflight)
+        resent = link.resent
+        if link.stream is not None:  # final claims waiting for the claims stream's PubAck
+            inflight += len(link.stream.pending)
+            resent += link.stream.resent
         return {
             "claims_published": link.published,
             "claims_dropped": box.dropped + link.lost,
             "claims_coalesced": box.coalesced,
             "claims_queued": len(box) + inflight,
             "claims_unconfirmed": inflight,
-            "claims_resent": link.resent,
+            "claims_resent": resent,
             "frames_received": link.frames,
             "frames_dropped": link.slow_consumer_drops,
             "claims_spooled": link.spooled,
