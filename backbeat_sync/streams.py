@@ -240,13 +240,13 @@ def create_claims_stream(
             duplicate_window=float(duplicate_window),
             num_replicas=replicas if replicas is not None else auto_replicas(nc),
         )
-        created = True
         try:
             try:
+                await js.stream_info(stream)
+            except js_errors.NotFoundError:
+                created = True
                 info = await js.add_stream(cfg)
-            except js_errors.BadRequestError as exc:
-                if exc.err_code != 10058:  # name in use with another configuration
-                    raise
+            else:
                 created = False
                 info = await js.update_stream(cfg)
         except Exception as exc:
@@ -258,7 +258,7 @@ def create_claims_stream(
         return StreamSummary(
             name=stream,
             subjects=tuple(c.subjects or ()),
-            created=created and info.state.messages == 0,
+            created=created,
             replicas=int(c.num_replicas or 1),
             duplicate_window=float(c.duplicate_window or 0.0),
             max_age=float(c.max_age or 0.0),

@@ -27,7 +27,7 @@ from backbeat_sync.pulse import Pulse
 from .natsserver import TOKEN, NatsServer, free_port
 from .support import PATIENCE, ManualPulse, unique_bus, wait_until
 
-COMMANDS = ("demo", "pulse", "monitor", "status")
+COMMANDS = ("demo", "pulse", "monitor", "status", "tempo", "streams")
 SENT_AT = "2026-11-28T01:00:00.000Z"
 
 

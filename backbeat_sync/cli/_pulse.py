@@ -91,6 +91,11 @@ def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
         from ..signing import SigningKey
 
         sign = SigningKey.load(cfg.signing_key, cfg.signing_key_id).sign_frame
+    if args.ha:
+        # Replicas of an HA pulse beat on one subject by design (one at a time): no check.
+        return _run(
+            args, out, cfg, Pulse(cfg, start_index=args.start_index, sign=sign, ha=True, bucket=args.bucket)
+        )
     others = _OtherPulses(cfg)
     others.listener.start()
     try:
@@ -110,7 +115,9 @@ def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
         others.listener.stop()
 
 
-def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, others: _OtherPulses) -> int:
+def _run(
+    args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, others: _OtherPulses | None = None
+) -> int:
     first = pulse.next_index
     pulse.start()
     out.logs_open.set()
@@ -118,6 +125,11 @@ def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, 
     out.line(
         f"{PROG} pulse: {pulse.tempo_bpm:g} BPM, {bar} beats per bar, first beat {first}. Ctrl-C stops it."
     )
+    if args.ha:
+        out.line(
+            f"HA: bucket {args.bucket}; one replica leads, the others stand by"
+            " (the bucket's grid and tempo win over --tempo, --bar and --start-index once it has them)."
+        )
     live = None
     if out.rich:
         from rich.live import Live
@@ -125,11 +137,15 @@ def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, 
         live = Live(console=out.console(), refresh_per_second=8, get_renderable=lambda: _render_pulse(pulse))
         live.start()
     seen = pulse.next_index
-    warned_at, warned_frames = float("-inf"), others.frames
+    leading = False
+    warned_at, warned_frames = float("-inf"), others.frames if others is not None else 0
     try:
         while args.beats is None or pulse.frames_sent < args.beats:
             time.sleep(min(0.1, 15.0 / pulse.tempo_bpm))
             now = pulse.next_index
+            if args.ha and live is None and pulse.is_leader != leading:
+                leading = pulse.is_leader
+                out.line(f"HA: {'leading from beat ' + str(now) if leading else 'standing by'}")
             if live is None:
                 for index in range(seen, now):
                     if index % bar == 0:
@@ -139,7 +155,11 @@ def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, 
                             f"{'' if pulse.connected else ' DISCONNECTED'}"
                         )
             seen = now
-            if others.frames > warned_frames and time.monotonic() - warned_at >= WARN_EVERY:
+            if (
+                others is not None
+                and others.frames > warned_frames
+                and time.monotonic() - warned_at >= WARN_EVERY
+            ):
                 warned_at, warned_frames = time.monotonic(), others.frames
                 print(
                     f"{PROG} pulse: warning: another pulse is beating on {cfg.beat_subject_for()} too"
@@ -153,7 +173,7 @@ def _run(args: argparse.Namespace, out: Out, cfg: BackbeatConfig, pulse: Pulse, 
             live.stop()
         out.logs_open.clear()  # what a normal stop logs is not news
         pulse.stop()
-    foreign = f", {others.frames} frame(s) from another pulse" if others.frames else ""
+    foreign = f", {others.frames} frame(s) from another pulse" if others is not None and others.frames else ""
     out.line(
         f"{PROG} pulse: stopped after {pulse.frames_sent} beat(s)"
         f" ({pulse.frames_skipped} skipped while disconnected, {pulse.reconnect_count} reconnect(s){foreign})"
@@ -206,6 +226,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start even when another pulse already beats on the subject (two beat sequences)",
     )
+    p.add_argument(
+        "--ha",
+        action="store_true",
+        help="one of several replicas: lead by a lease in a JetStream key-value bucket (docs/ha.md)",
+    )
+    p.add_argument(
+        "--bucket",
+        default="backbeat-pulse",
+        metavar="NAME",
+        help="with --ha: the key-value bucket (default backbeat-pulse, created if missing)",
+    )
 
 
 COMMAND: Final = Command(
@@ -214,10 +245,12 @@ COMMAND: Final = Command(
     epilog="""examples:
   backbeat-sync pulse --nats nats://localhost:4222 --cluster chorus-dev --tempo 60
   CHORUS_BACKBEAT_CLUSTER_ID=chorus-dev backbeat-sync pulse --tempo 2 --bar 4
+  backbeat-sync pulse --ha --nats nats://n1:4222,nats://n2:4222 --cluster chorus-dev
 
 Without --cluster or CHORUS_BACKBEAT_CLUSTER_ID it beats for chorus-production,
 the seed's default cluster. It refuses to start when another pulse already beats
-on the subject (--force starts a second one), and warns when one appears later.
+on the subject (--force starts a second one), and warns when one appears later;
+with --ha, the replicas beat on one subject by design, one at a time.
 Runs until Ctrl-C (or SIGTERM, or --beats N beats) and stops cleanly.""",
     add_arguments=_arguments,
     run=_cmd_pulse,

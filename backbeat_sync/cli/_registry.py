@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import _dashboard, _demo, _monitor, _pulse, _report, _status
+from . import _dashboard, _demo, _monitor, _pulse, _report, _status, _streams, _tempo
 from ._base import Command
 
 COMMANDS: Final[tuple[Command, ...]] = (
@@ -22,4 +22,6 @@ COMMANDS: Final[tuple[Command, ...]] = (
     _dashboard.COMMAND,
     _status.COMMAND,
     _report.COMMAND,
+    _tempo.COMMAND,
+    _streams.COMMAND,
 )
