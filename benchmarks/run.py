@@ -3,7 +3,8 @@
 Run ``python benchmarks/run.py`` (about 5-8 minutes on a 2-core machine) or
 ``python benchmarks/run.py --quick`` (under a minute); ``--only NAME`` (repeatable)
 runs some groups: ``decorator``, ``track``, ``fallback``, ``throughput``, ``latency``,
-``scale``, ``memory``, ``precision``, ``history``. It prints ONE JSON object::
+``scale``, ``memory``, ``precision``, ``history``, and, only when asked for by name, the
+JetStream groups ``failover`` and ``claims_stream`` (``benchmarks/_ha.py``). It prints ONE JSON object::
 
     {"machine": {...}, "quick": false, "seconds": ...,
      "figures": [{"figure": ..., "value": ..., "baseline": ..., "ratio": ...,
@@ -55,6 +56,8 @@ GROUPS = (
     "precision",
     "history",
 )
+#: Run only with ``--only NAME``: they need JetStream and pulse processes (``benchmarks/_ha.py``).
+EXTRA_GROUPS = ("failover", "claims_stream")
 COUNTER = str(Path(__file__).resolve().parent / "_counter.py")
 
 Row = dict[str, Any]
@@ -1082,6 +1085,20 @@ def bench_history(quick: bool) -> list[Row]:
     return rows
 
 
+def bench_failover(quick: bool) -> list[Row]:
+    """HA pulse failover time in beats (``benchmarks/_ha.py``)."""
+    from benchmarks._ha import bench_failover as run
+
+    return run(quick, row)
+
+
+def bench_claims_stream(quick: bool) -> list[Row]:
+    """Final-claim throughput, claims stream vs flush-confirmed (``benchmarks/_ha.py``)."""
+    from benchmarks._ha import bench_claims_stream as run
+
+    return run(quick, row)
+
+
 BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "decorator": bench_decorator,
     "track": bench_track,
@@ -1092,6 +1109,8 @@ BENCHES: dict[str, Callable[[bool], list[Row]]] = {
     "memory": bench_memory,
     "precision": bench_precision,
     "history": bench_history,
+    "failover": bench_failover,
+    "claims_stream": bench_claims_stream,
 }
 
 
@@ -1154,8 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the options, run the groups, print the JSON object. Exit 0 even when a target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="fewer runs: under a minute, noisier")
-    parser.add_argument("--only", action="append", choices=GROUPS, metavar="NAME", help=f"one of {GROUPS}")
-    parser.add_argument("--child", choices=GROUPS, help=argparse.SUPPRESS)
+    every = GROUPS + EXTRA_GROUPS
+    parser.add_argument("--only", action="append", choices=every, metavar="NAME", help=f"one of {every}")
+    parser.add_argument("--child", choices=every, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(BENCHES[args.child](args.quick)), flush=True)

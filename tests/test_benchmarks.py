@@ -49,3 +49,29 @@ def test_unknown_group_is_refused_by_name() -> None:
     assert proc.returncode == 2
     assert "no-such-group" in proc.stderr
     assert "decorator" in proc.stderr
+
+
+@pytest.mark.nats
+@pytest.mark.slow
+def test_jetstream_groups_run_only_when_asked() -> None:
+    """`--quick --only failover --only claims_stream` prints their two figures; the default has neither."""
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--only", "failover", "--only", "claims_stream"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=str(ROOT),
+    )
+    assert proc.returncode == 0, proc.stderr
+    figures = {f["figure"]: f for f in json.loads(proc.stdout)["figures"]}
+    assert set(figures) == {"ha_failover_beats", "final_claims_stream_vs_flush"}, figures
+    failover = figures["ha_failover_beats"]
+    assert failover["detail"]["kills"] == 3
+    assert failover["detail"]["strictly_increasing"] is True
+    assert all(b > 0 for b in failover["detail"]["beats"])
+    assert figures["final_claims_stream_vs_flush"]["value"] > 0
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.run import GROUPS
+
+    assert "failover" not in GROUPS
+    assert "claims_stream" not in GROUPS

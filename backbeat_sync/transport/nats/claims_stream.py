@@ -102,7 +102,7 @@ class StreamFinals:
             data,
             stream=self.stream,
             headers={MSG_ID: self.msg_id(entry)},
-            wait_stall=self._timeout,
+            wait_stall=None,  # no timer per publish: past the pending limit it waits for PubAcks
         )
         self.pending.append((entry, fut, asyncio.get_running_loop().time()))
         if self._event is not None:
