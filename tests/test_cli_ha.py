@@ -149,3 +149,39 @@ def test_streams_create_without_jetstream(
     code, _, err = run(["streams", "create", "--nats", nats_server.url, "--cluster", "c"], capsys)
     assert code == 2
     assert "JetStream stream 'BACKBEAT_CLAIMS_c' is not available" in err
+
+
+@pytest.mark.nats
+def test_monitor_replay_shows_what_finished_while_away(
+    nats_jetstream: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """monitor --replay N fills the view from the claims stream: tasks that finished before the
+    monitor started are in its snapshot (and are not without --replay)."""
+    import json
+
+    from backbeat_sync import Integration
+    from backbeat_sync.streams import create_claims_stream
+
+    cfg = BackbeatConfig(
+        cluster_id="c", agent_id="away", nats_url=nats_jetstream.url, claims_stream="BACKBEAT_CLAIMS_c"
+    )
+    create_claims_stream(cfg)
+    with Pulse(cfg, tempo_bpm=600):
+        with Integration(cfg, node_id="n-away") as agent:
+            wait_until(lambda: agent.get_health()["beats_received"] > 0, what="a beat")
+            for k in range(5):
+                agent.start_p2p_operation(f"gone-{k}", "election", 3)
+                agent.complete_p2p_operation(f"gone-{k}", 2)
+            wait_until(lambda: agent.get_health()["claims_queued"] == 0, what="finals acknowledged")
+        base = ["monitor", "--nats", nats_jetstream.url, "--cluster", "c", "--once", "--json", "--plain"]
+        code, out, err = run([*base, "--replay", "50"], capsys)
+        assert code == 0, err
+        replayed = {t["task_id"]: t["state"] for t in json.loads(out)["tasks"]}
+        code, out, err = run(base, capsys)
+        assert code == 0, err
+        live = {t["task_id"] for t in json.loads(out)["tasks"]}
+    assert {f"gone-{k}": "done" for k in range(5)}.items() <= replayed.items()
+    assert not {t for t in live if t.startswith("gone-")}
+    code, _, err = run([*base, "--replay", "2", "--stream", "NOPE"], capsys)
+    assert code == 2
+    assert "no such stream" in err

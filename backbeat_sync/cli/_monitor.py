@@ -15,7 +15,18 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._base import EXIT_NO_BEAT, EXIT_OK, PROG, Command, Out, UsageError, config_from_args, number, seconds
+from ._base import (
+    EXIT_NO_BEAT,
+    EXIT_OK,
+    PROG,
+    Command,
+    Out,
+    UsageError,
+    config_from_args,
+    number,
+    positive_int,
+    seconds,
+)
 from ._link import Listener
 from ._render import Screen, plain_table, render_view, summary_line
 from ._view import DEFAULT_STALE_BEATS, STATES, ClusterView, Event, ViewFilter, event_line
@@ -44,7 +55,14 @@ def _cmd_monitor(args: argparse.Namespace, out: Out) -> int:
     if cfg.is_local:
         raise UsageError("monitor watches a NATS server: give one with --nats nats://HOST:4222")
     view_filter = _filter(args)
-    view = ClusterView(args.cluster, stale_beats=args.stale_beats, default_tempo=cfg.tempo_bpm)
+    view = ClusterView(
+        args.cluster, stale_beats=args.stale_beats, default_tempo=cfg.tempo_bpm, fade_bars=args.replay or 1
+    )
+    if args.replay:
+        from ..streams import replay_claims
+
+        for data in replay_claims(cfg, args.replay, stream=args.stream):  # what finished while away
+            view.feed(data)
     emit: Callable[[list[Event]], None] = lambda events: None  # noqa: E731 - replaced below
 
     def on_message(data: bytes) -> None:
@@ -211,6 +229,18 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         help=f"only tasks in this state: {', '.join(STATES)} (repeatable, or comma-separated)",
     )
     p.add_argument("--hide-done", action="store_true", help="leave out tasks that are done")
+    p.add_argument(
+        "--replay",
+        type=positive_int,
+        metavar="N",
+        help="first fill the view from the claims stream's last N bars (JetStream)",
+    )
+    p.add_argument(
+        "--stream",
+        metavar="NAME",
+        help="with --replay: the claims stream"
+        " (default $CHORUS_BACKBEAT_CLAIMS_STREAM, else BACKBEAT_CLAIMS_{cluster})",
+    )
 
 
 COMMAND: Final = Command(
@@ -222,6 +252,7 @@ COMMAND: Final = Command(
   backbeat-sync monitor --agent 'worker-*' --state executing,failed
   backbeat-sync monitor --json | jq -c 'select(.event == "task" and .state == "failed")'
   backbeat-sync monitor --once --json | jq '.tasks[] | select(.state == "failed")'
+  backbeat-sync monitor --nats nats://localhost:4222 --cluster chorus-dev --replay 4
 
 --once listens for a full beat and each agent's health claim (every 8 beats),
 at most --timeout, and prints one snapshot; exit code 1 if nothing arrived.""",

@@ -172,7 +172,7 @@ class ClusterView:
 
     Feed it beat frames and status claims (from NATS, or from an integration's
     ``on_beat``/``on_claim``); read :meth:`snapshot`. Finished tasks stay one
-    bar, then fade out. An agent with no claim for ``stale_beats`` beats is
+    bar (``fade_bars``), then fade out. An agent with no claim for ``stale_beats`` beats is
     marked stale (its tasks show ``stale``); after twice that it is dropped with
     its tasks. Thread-safe.
 
@@ -182,6 +182,7 @@ class ClusterView:
         default_tempo: the tempo (BPM) that counts beats of silence for a cluster
             whose beat frames have not been seen.
         clock: monotonic time source (tests pass their own).
+        fade_bars: bars a finished task stays (``monitor --replay N`` keeps N).
     """
 
     def __init__(
@@ -191,8 +192,10 @@ class ClusterView:
         stale_beats: float = DEFAULT_STALE_BEATS,
         default_tempo: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        fade_bars: int = 1,
     ) -> None:
         self.cluster_id = cluster_id
+        self.fade_bars = max(1, fade_bars)
         self.stale_beats = stale_beats
         self.default_tempo = default_tempo
         self._now = clock
@@ -389,7 +392,7 @@ class ClusterView:
         """Drop this cluster's tasks that finished more than a bar ago (lock held)."""
         if c.last_frame is None:
             return
-        now, bar = c.last_frame.beat_index, max(1, c.last_frame.bar_length)
+        now, bar = c.last_frame.beat_index, max(1, c.last_frame.bar_length) * self.fade_bars
         for key, task in list(self._tasks.items()):
             if (
                 task.cluster_id == c.cluster_id
