@@ -28,6 +28,7 @@ from .errors import (
     IntegrationNotStarted,
     InvalidArgument,
     InvalidPhaseTransition,
+    JetStreamUnavailable,
     OperationNotFound,
     ProtocolError,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "IntegrationState",
     "InvalidArgument",
     "InvalidPhaseTransition",
+    "JetStreamUnavailable",
     "ManualTime",
     "OperationNotFound",
     "OperationPhase",
