@@ -693,10 +693,12 @@ class HaPulseLink(NatsLink):
     async def _on_stop(self, deadline: float) -> None:
         self._stopping = True
         loop = asyncio.get_running_loop()
-        task = self._lead_task
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+        # End the campaign and the lead first, so nothing wins the lease after it is released.
+        tasks = [t for t in (*self._tasks, self._lead_task) if t is not None and not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         kv, state = self._kv, self._lease
         if self._leading and kv is not None and state is not None and self._connected:
             # Hand over at once: a standby may take a released lease without waiting for the TTL.

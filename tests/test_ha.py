@@ -108,6 +108,21 @@ class Frames:
         self._runner.run(self._nc.close())
 
 
+def bucket_replicas(url: str, runner: AsyncRunner) -> int:
+    """Replicas of the HA pulse bucket's stream, read with raw nats-py."""
+    import nats
+
+    async def read() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info(f"KV_{DEFAULT_BUCKET}")
+            return int(info.config.num_replicas or 1)
+        finally:
+            await nc.close()
+
+    return runner.run(read())
+
+
 def strictly_increasing(indexes: list[int]) -> bool:
     """Every index greater than the one before (so none is seen twice)."""
     return all(a < b for a, b in itertools.pairwise(indexes))
@@ -376,9 +391,11 @@ def test_failover_after_sigkill_is_prompt(nats_jetstream: NatsServer, nats_runne
     frames = Frames(nats_runner, nats_jetstream.url)
     cfg = config(nats_jetstream.url)
     reps = Replicas(nats_jetstream.url)
+    agent = Integration(config(nats_jetstream.url, agent_id="ha-agent", tempo_bpm=TEMPO), node_id="n-ha")
     try:
         reps.spawn()
         reps.spawn()
+        agent.start()
         frames.wait(lambda got: len(got) >= 5, "frames from the first leader")
         wait_until(lambda: holder_pid(cfg) in reps.procs, what="a live leader in the bucket")
         before = read_lease(cfg)
@@ -400,10 +417,17 @@ def test_failover_after_sigkill_is_prompt(nats_jetstream: NatsServer, nats_runne
         assert after.holder != before.holder
         assert after.grid == before.grid
         assert first["beat_index"] > before.index
+        frames.wait_after(arrival, 3)
+        health = agent.get_health()
     finally:
+        agent.stop()
         reps.close()
         frames.close()
     assert strictly_increasing(frames.indexes())
+    # The agent saw missed beats, and nothing else: no pulse reset, no error about one.
+    assert health["missed_beats"] >= first["beat_index"] - last_before - 1
+    assert health["pulse_resets"] == 0
+    assert not [e for e in health["errors"] if "reset" in e], health["errors"]
 
 
 @pytest.mark.nats
@@ -459,6 +483,7 @@ def test_three_node_cluster_survives_the_leaders_node(
         leader_node = pid_node[holder_pid(cfg) or -1]
         survivor = servers[(leader_node + 1) % 3]
         frames = Frames(nats_runner, survivor.url)
+        assert bucket_replicas(survivor.url, nats_runner) == 3  # no single node holds the lease
         agent = Integration(config(survivor.url, agent_id="ha-agent"), node_id="n-ha")
         agent.start()
         try:
