@@ -397,6 +397,7 @@ def test_failover_after_sigkill_is_prompt(nats_jetstream: NatsServer, nats_runne
         reps.spawn()
         agent.start()
         frames.wait(lambda got: len(got) >= 5, "frames from the first leader")
+        wait_until(lambda: agent.get_health()["beats_received"] >= 3, what="the agent following the beat")
         wait_until(lambda: holder_pid(cfg) in reps.procs, what="a live leader in the bucket")
         before = read_lease(cfg)
         assert before is not None
@@ -417,7 +418,9 @@ def test_failover_after_sigkill_is_prompt(nats_jetstream: NatsServer, nats_runne
         assert after.holder != before.holder
         assert after.grid == before.grid
         assert first["beat_index"] > before.index
-        frames.wait_after(arrival, 3)
+        wait_until(
+            lambda: agent.get_health()["current_beat"] >= first["beat_index"], what="the agent past it"
+        )
         health = agent.get_health()
     finally:
         agent.stop()
