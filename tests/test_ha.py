@@ -6,6 +6,7 @@ Frames are read by a raw nats-py subscriber that records arrival times, and the 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -431,6 +432,71 @@ def test_failover_after_sigkill_is_prompt(nats_jetstream: NatsServer, nats_runne
     assert health["missed_beats"] >= first["beat_index"] - last_before - 1
     assert health["pulse_resets"] == 0
     assert not [e for e in health["errors"] if "reset" in e], health["errors"]
+
+
+@pytest.mark.nats
+def test_a_paused_leader_is_fenced(nats_jetstream: NatsServer, nats_runner: AsyncRunner) -> None:
+    """SIGSTOP the leader until a standby has taken over, then SIGCONT it: the old leader never
+    publishes again out of turn (one strictly increasing sequence), and the new one keeps the lease."""
+    frames = Frames(nats_runner, nats_jetstream.url)
+    cfg = config(nats_jetstream.url)
+    reps = Replicas(nats_jetstream.url)
+    try:
+        reps.spawn()
+        reps.spawn()
+        wait_until(lambda: holder_pid(cfg) in reps.procs, what="a live leader")
+        frames.wait(lambda got: len(got) >= 5, "frames from the first leader")
+        old = holder_pid(cfg)
+        assert old is not None
+        reps.procs[old].send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: holder_pid(cfg) not in (None, old), what="a new leader")
+            frames.wait_after(time.monotonic(), 5)
+        finally:
+            reps.procs[old].send_signal(signal.SIGCONT)
+        resumed = time.monotonic()
+        frames.wait_after(resumed, 10)
+        new = holder_pid(cfg)
+    finally:
+        reps.close()
+        frames.close()
+    assert new not in (None, old)
+    idx = frames.indexes()
+    assert strictly_increasing(idx), idx
+
+
+@pytest.mark.nats
+def test_a_slow_renewal_is_fenced(nats_jetstream: NatsServer, nats_runner: AsyncRunner) -> None:
+    """A renewal that lands but is answered too late (after half the TTL): the leader does not
+    publish the beat it won, finds its own write in the key and leads on from the next beat."""
+    frames = Frames(nats_runner, nats_jetstream.url)
+    cfg = config(nats_jetstream.url)
+    slow = threading.Event()
+    with Pulse(cfg, tempo_bpm=TEMPO, ha=True, lease_ttl=1.0) as pulse:
+        wait_until(lambda: pulse.is_leader and pulse.frames_sent >= 3, what="leading")
+        link: Any = pulse._link
+        kv = link._kv
+        update = kv.update
+        won: list[int] = []
+
+        async def slow_update(key: str, value: bytes, last: int | None = None) -> int:
+            rev = int(await update(key, value, last=last))
+            if slow.is_set():
+                slow.clear()
+                won.append(json.loads(value)["index"])
+                await asyncio.sleep(0.8)  # the answer comes after half the TTL: too late
+            return rev
+
+        kv.update = slow_update
+        slow.set()
+        wait_until(lambda: bool(won) and pulse.frames_sent >= 8, what="frames after the slow renewal")
+        stats = pulse.stats()
+        assert pulse.is_leader
+    frames.close()
+    assert stats["terms"] == 1  # it found its own write: the same term, not a new election
+    idx = frames.indexes()
+    assert won[0] not in idx
+    assert strictly_increasing(idx)
 
 
 @pytest.mark.nats
