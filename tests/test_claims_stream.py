@@ -7,6 +7,7 @@ The outside witness is the stream itself, read back with raw nats-py
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -257,3 +258,35 @@ def test_claims_stream_on_a_server_without_jetstream_loses_nothing(
     witness.close()
     assert len(errors) == 1, errors
     assert "no acknowledgement" in errors[0]
+
+
+@pytest.mark.nats
+def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
+    nats_jetstream: NatsServer, tmp_path: Any
+) -> None:
+    """The server freezes (SIGSTOP) with finals waiting for their PubAck: stop() spools them; the
+    frozen server dies; the next run sends them from the spool, and the stream holds each once."""
+    server = nats_jetstream
+    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=0.5)
+    create_claims_stream(cfg)
+    integration = Integration(cfg, node_id=NODE)
+    integration.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        for k in range(10):
+            integration.start_p2p_operation(f"s-{k}", "election", 3)
+            integration.complete_p2p_operation(f"s-{k}", 2)
+        finals = stream_of(integration)
+        wait_until(lambda: len(finals.pending) == 10, what="10 finals waiting for a PubAck")
+        integration.stop()
+        spooled = integration.transport.stats()["claims_spooled"]  # type: ignore[union-attr]
+    finally:
+        server.kill()  # never thawed: what it had read and not stored is gone
+    assert spooled == 10
+    server.start()
+    with Integration(cfg.evolve(flush_timeout=3.0), node_id=NODE) as again:
+        wait_until(lambda: again.get_health()["claims_queued"] == 0, what="the spool sent and acknowledged")
+        assert stream_of(again).acked >= 10
+    stored = [json.loads(m) for m in server.stored(STREAM)]
+    assert finals_per_task(stored) == Counter({f"s-{k}": 1 for k in range(10)})
