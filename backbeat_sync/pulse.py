@@ -357,7 +357,9 @@ class Pulse:
     def _report(self, event: TransportEvent, detail: str) -> None:
         from .transport.base import TransportEvent
 
-        if event is TransportEvent.DISCONNECTED or event is TransportEvent.ERROR:
+        if detail.startswith(("HA pulse: leading", "HA pulse: stopped leading")):
+            self._log.info(f"BACKBEAT {detail}")  # leadership changes: news, not trouble
+        elif event is TransportEvent.DISCONNECTED or event is TransportEvent.ERROR:
             self._log.warning(f"BACKBEAT pulse {event.value}: {detail}")
         elif event is TransportEvent.RECONNECTED:
             self._log.info(f"BACKBEAT pulse reconnected: {detail}")
