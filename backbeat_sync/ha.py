@@ -433,6 +433,17 @@ class HaPulseLink(NatsLink):
     def _timeout(self) -> float:
         return max(0.5, min(self._config.connect_timeout, 5.0))
 
+    def _request_timeout(self) -> float:
+        # A lease request that is not answered within half a TTL is asked again: when the
+        # bucket's stream loses its leader, JetStream drops requests until it has elected
+        # another, and waiting 5 s for each would add that to the failover.
+        ttl = (
+            self._lease.ttl
+            if self._lease is not None
+            else lease_ttl_for(self.schedule.tempo_bpm, self._lease_ttl)
+        )
+        return max(0.25, min(ttl / 2, self._timeout()))
+
     async def _ensure_kv(self) -> KeyValue:
         if self._kv is None:
             assert self._nc is not None
@@ -511,14 +522,16 @@ class HaPulseLink(NatsLink):
         clock = self._time
         while not self._stopping and self._connected:
             try:
-                entry = await asyncio.wait_for(kv.get(self._lease_key), self._timeout())
+                entry = await asyncio.wait_for(kv.get(self._lease_key), self._request_timeout())
             except js_errors.KeyNotFoundError:
                 entry = None
             if entry is None:
                 fresh = self._fresh_grid()
                 mine = attrs.evolve(fresh, holder=self.holder_id)
                 try:
-                    rev = await asyncio.wait_for(kv.create(self._lease_key, mine.encode()), self._timeout())
+                    rev = await asyncio.wait_for(
+                        kv.create(self._lease_key, mine.encode()), self._request_timeout()
+                    )
                 except js_errors.KeyWrongLastSequenceError:
                     continue  # another replica created it first
                 self._won(rev, mine)
@@ -544,7 +557,7 @@ class HaPulseLink(NatsLink):
                 )
                 try:
                     new_rev = await asyncio.wait_for(
-                        kv.update(self._lease_key, mine.encode(), last=rev), self._timeout()
+                        kv.update(self._lease_key, mine.encode(), last=rev), self._request_timeout()
                     )
                 except js_errors.KeyWrongLastSequenceError:
                     continue
@@ -669,7 +682,7 @@ class HaPulseLink(NatsLink):
             kv = self._kv
             if kv is not None and self._connected:
                 try:
-                    entry = await asyncio.wait_for(kv.get(self._tempo_key), self._timeout())
+                    entry = await asyncio.wait_for(kv.get(self._tempo_key), self._request_timeout())
                     self._desired = TempoSetting.decode(entry.value or b"")
                 except js_errors.KeyNotFoundError:
                     self._desired = None
