@@ -77,8 +77,9 @@ LEASE_BEATS: Final = 3
 MIN_LEASE_TTL: Final = 1.0
 #: Share of the TTL a leader gives up at the end of its lease (the fence).
 FENCE_MARGIN: Final = 0.25
-#: A beat whose frame would leave later than this share of a beat after its time is skipped.
-LATE_SHARE: Final = 0.5
+#: A beat whose frame would leave later than this share of a beat after its time is skipped
+#: (as the plain pulse does: a frame a whole beat late is worse than none).
+LATE_SHARE: Final = 1.0
 
 #: Receives connection events and HA errors (as :class:`NatsLink` takes it).
 EventReporter = Callable[[TransportEvent, str], None]

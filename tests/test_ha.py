@@ -518,7 +518,9 @@ def test_a_slow_renewal_is_fenced(nats_jetstream: NatsServer, nats_runner: Async
 @pytest.mark.timeout(240)
 def test_five_leader_kills_keep_one_sequence(nats_jetstream: NatsServer, nats_runner: AsyncRunner) -> None:
     """Over 5 SIGKILLed leaders an outside subscriber sees indexes strictly increasing, no index
-    twice, and gaps only across a kill."""
+    twice, and the failover gaps only across a kill. (Elsewhere a loaded machine may make a
+    leader skip a beat that would leave a beat late, as the plain pulse does: a beat or two,
+    never a failover's worth.)"""
     frames = Frames(nats_runner, nats_jetstream.url)
     cfg = config(nats_jetstream.url)
     reps = Replicas(nats_jetstream.url)
@@ -541,10 +543,16 @@ def test_five_leader_kills_keep_one_sequence(nats_jetstream: NatsServer, nats_ru
     got = frames.frames()
     idx = [int(d["beat_index"]) for _, d in got]
     assert strictly_increasing(idx), idx
-    gaps = [(got[i][0], got[i + 1][0]) for i in range(len(got) - 1) if idx[i + 1] > idx[i] + 1]
-    stray = [g for g in gaps if not any(g[0] <= k + SPB and k < g[1] for k in kills)]
-    assert not stray, f"gaps not at a failover: {stray} (kills at {kills})"
-    assert len(gaps) >= len(kills)  # a kill always costs the lease TTL
+    gaps = [
+        (got[i][0], got[i + 1][0], idx[i + 1] - idx[i] - 1)
+        for i in range(len(got) - 1)
+        if idx[i + 1] > idx[i] + 1
+    ]
+    at_kill = [g for g in gaps if any(g[0] <= k + SPB and k < g[1] for k in kills)]
+    stray = [g for g in gaps if g not in at_kill]
+    assert [g for g in stray if g[2] > 2] == [], f"failover-sized gaps away from a kill (kills at {kills})"
+    # Each kill costs about the lease TTL (1 s = 10 beats): one such gap per kill.
+    assert len([g for g in at_kill if g[2] >= 5]) == len(kills), (at_kill, kills)
 
 
 @pytest.mark.nats
