@@ -295,6 +295,26 @@ def test_server_without_jetstream_is_a_clear_error(nats_server: NatsServer) -> N
 
 
 @pytest.mark.nats
+def test_background_connect_opens_the_bucket_in_the_campaign(
+    nats_jetstream: NatsServer, nats_server: NatsServer
+) -> None:
+    """With connect_in_background, start() returns at once: on JetStream the replica then leads;
+    without JetStream it keeps trying (never leads, raises nothing) until stopped."""
+    with Pulse(config(nats_jetstream.url, connect_in_background=True), tempo_bpm=TEMPO, ha=True) as pulse:
+        wait_until(lambda: pulse.is_leader and pulse.frames_sent >= 2, what="leading")
+    plain = Pulse(config(nats_server.url, connect_in_background=True), tempo_bpm=TEMPO, ha=True)
+    plain.start()
+    try:
+        wait_until(lambda: plain.connected, what="connected")
+        time.sleep(0.3)  # several campaign attempts (one every poll): none may escape
+        assert not plain.is_leader
+        assert plain.frames_sent == 0
+    finally:
+        plain.stop()
+    assert not [t for t in threading.enumerate() if t.name == "backbeat-pulse"]
+
+
+@pytest.mark.nats
 def test_tempo_needs_the_bucket(nats_jetstream: NatsServer) -> None:
     """write_tempo before any HA pulse ran: the error says the bucket is missing and who creates it."""
     with pytest.raises(JetStreamUnavailable, match=r"no such bucket.*pulse --ha"):
