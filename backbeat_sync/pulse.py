@@ -313,7 +313,7 @@ class Pulse:
             return
         from .ha import HaPulseLink, TempoSetting
 
-        tempo = _check_tempo(tempo_bpm)
+        tempo = check_tempo(tempo_bpm)
         if bar_length is not None and (
             not isinstance(bar_length, int) or isinstance(bar_length, bool) or bar_length < 1
         ):
