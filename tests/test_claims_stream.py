@@ -267,7 +267,7 @@ def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
     """The server freezes (SIGSTOP) with finals waiting for their PubAck: stop() spools them; the
     frozen server dies; the next run sends them from the spool, and the stream holds each once."""
     server = nats_jetstream
-    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=0.5)
+    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=2.0)
     create_claims_stream(cfg)
     integration = Integration(cfg, node_id=NODE)
     integration.start()
@@ -278,10 +278,13 @@ def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
             integration.start_p2p_operation(f"s-{k}", "election", 3)
             integration.complete_p2p_operation(f"s-{k}", 2)
         finals = stream_of(integration)
-        wait_until(lambda: len(finals.pending) == 10, what="10 finals waiting for a PubAck")
+        # All 10 sent and unanswered (on a slow machine some may already have timed out
+        # and gone the core path: unconfirmed all the same).
+        wait_until(lambda: len(finals.pending) == 10 or finals.fallbacks > 0, what="finals sent, unanswered")
         integration.stop()
         spooled = integration.transport.stats()["claims_spooled"]  # type: ignore[union-attr]
     finally:
+        integration.stop()
         server.kill()  # never thawed: what it had read and not stored is gone
     assert spooled == 10
     server.start()

@@ -507,7 +507,7 @@ def test_a_slow_renewal_is_fenced(nats_jetstream: NatsServer, nats_runner: Async
     frames = Frames(nats_runner, nats_jetstream.url)
     cfg = config(nats_jetstream.url)
     slow = threading.Event()
-    with Pulse(cfg, tempo_bpm=TEMPO, ha=True, lease_ttl=1.0) as pulse:
+    with Pulse(cfg, tempo_bpm=TEMPO, ha=True, lease_ttl=2.0) as pulse:
         wait_until(lambda: pulse.is_leader and pulse.frames_sent >= 3, what="leading")
         link: Any = pulse._link
         kv = link._kv
@@ -519,7 +519,7 @@ def test_a_slow_renewal_is_fenced(nats_jetstream: NatsServer, nats_runner: Async
             if slow.is_set():
                 slow.clear()
                 won.append(json.loads(value)["index"])
-                await asyncio.sleep(0.8)  # the answer comes after half the TTL: too late
+                await asyncio.sleep(1.5)  # the answer comes after half the TTL: too late
             return rev
 
         kv.update = slow_update
