@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, TypeAlias
 
 from ._time import TimeSource, format_rfc3339
@@ -21,7 +22,7 @@ _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
 _new = object.__new__
 
-__all__ = ["Claim", "ClaimFactory", "LazyClaim", "health_notes", "resolve"]
+__all__ = ["Claim", "ClaimFactory", "LazyClaim", "claim_msg_id", "health_notes", "resolve"]
 
 
 class LazyClaim:
@@ -348,3 +349,27 @@ class ClaimFactory:
             notes=health_notes(connected, operations, tempo_bpm, self.node_id),
             sent_at=self.sent_at(),
         )
+
+
+def claim_msg_id(agent_id: str, claim: Claim) -> str:
+    """The ``Nats-Msg-Id`` of a final claim: a digest of (agent, task id, operation start, state).
+
+    The operation's start is its wall-clock start time (for a claim built without its
+    operation, the beat and time it was sent), so two operations that reuse one task id
+    get two ids, and every resend of one claim gets the same one.
+
+    >>> from backbeat_sync.protocol import StatusClaim
+    >>> c = StatusClaim(cluster_id="c", agent_id="a", node_id="n", task_id="t", beat_index=3,
+    ...                 state="done", beats_left=0, progress=1.0, notes="",
+    ...                 sent_at="2026-01-01T00:00:00.000Z")
+    >>> claim_msg_id("a", c) == claim_msg_id("a", c), len(claim_msg_id("a", c))
+    (True, 32)
+    """
+    if isinstance(claim, LazyClaim):
+        start = repr(claim.start_time)
+        state = "done" if claim.phase is _COMPLETED else "failed"
+    else:
+        start = f"{claim.beat_index}@{claim.sent_at}"
+        state = claim.state
+    text = "\x00".join((agent_id, claim.task_id, start, state))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]

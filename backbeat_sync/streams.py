@@ -13,7 +13,6 @@ after an outage carries the same id, so the stream's duplicate window drops it.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import re
@@ -22,7 +21,7 @@ from typing import Any, Final
 
 import attrs
 
-from .claims import Claim, LazyClaim
+from .claims import claim_msg_id
 from .config import BackbeatConfig
 from .errors import BackbeatConnectionError, ConfigError, JetStreamUnavailable
 
@@ -75,31 +74,6 @@ def claims_subjects(config: BackbeatConfig) -> str:
             head = ".".join(tokens[:i]).format(cluster_id=config.cluster_id)
             return f"{head}.>" if head else ">"
     raise ConfigError("status_subject", template, "has no {agent_id} token to put a wildcard in")
-
-
-def claim_msg_id(agent_id: str, claim: Claim) -> str:
-    """The ``Nats-Msg-Id`` of a final claim: a digest of (agent, task id, operation start, state).
-
-    The operation's start is its wall-clock start time (for a claim built without its
-    operation, the beat and time it was sent), so two operations that reuse one task id
-    get two ids, and every resend of one claim gets the same one.
-
-    >>> from backbeat_sync.protocol import StatusClaim
-    >>> c = StatusClaim(cluster_id="c", agent_id="a", node_id="n", task_id="t", beat_index=3,
-    ...                 state="done", beats_left=0, progress=1.0, notes="",
-    ...                 sent_at="2026-01-01T00:00:00.000Z")
-    >>> claim_msg_id("a", c) == claim_msg_id("a", c), len(claim_msg_id("a", c))
-    (True, 32)
-    """
-    if type(claim) is LazyClaim:
-        start = repr(claim.start_time)
-        state = "done" if claim.phase.value == "completed" else "failed"
-    else:
-        built: Any = claim
-        start = f"{built.beat_index}@{built.sent_at}"
-        state = built.state
-    text = "\x00".join((agent_id, claim.task_id, start, state))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @attrs.frozen

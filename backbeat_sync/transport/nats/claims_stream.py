@@ -27,7 +27,7 @@ import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from nats.aio.client import Client
 
-from ...streams import claim_msg_id
+from ...claims import claim_msg_id
 from ..base import TransportEvent
 from .options import describe_error
 from .outbox import Entry
