@@ -197,6 +197,7 @@ class HaPulseLink(NatsLink):
         self._tempo_key = tempo_key(config.cluster_id)
         self.holder_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._kv: KeyValue | None = None
+        self._kv_lock: asyncio.Lock | None = None  # made on the loop (in _background)
         self._rev = 0  # revision of the lease value we wrote last, while leading
         self._lease: LeaseState | None = None
         self._desired: TempoSetting | None = None
@@ -248,12 +249,18 @@ class HaPulseLink(NatsLink):
         return max(0.25, min(ttl / 2, self._timeout()))
 
     async def _ensure_kv(self) -> KeyValue:
-        if self._kv is None:
-            assert self._nc is not None
-            self._kv = await open_bucket(
-                self._nc, self._bucket_name, create=True, replicas=self._replicas, timeout=self._timeout()
-            )
-        return self._kv
+        assert self._kv_lock is not None
+        async with self._kv_lock:  # _on_connect and the campaign may both open it: once
+            if self._kv is None:
+                assert self._nc is not None
+                self._kv = await open_bucket(
+                    self._nc,
+                    self._bucket_name,
+                    create=True,
+                    replicas=self._replicas,
+                    timeout=self._timeout(),
+                )
+            return self._kv
 
     async def _on_connect(self, nc: Client) -> None:
         if self._config.connect_in_background:
@@ -270,6 +277,7 @@ class HaPulseLink(NatsLink):
             ) from None
 
     def _background(self) -> list[Coroutine[Any, Any, None]]:
+        self._kv_lock = asyncio.Lock()
         return [self._run(), self._watch_tempo()]
 
     # -- the loop ---------------------------------------------------------------------

@@ -524,7 +524,13 @@ def test_a_slow_renewal_is_fenced(nats_jetstream: NatsServer, nats_runner: Async
 
         kv.update = slow_update
         slow.set()
-        wait_until(lambda: bool(won) and pulse.frames_sent >= 8, what="frames after the slow renewal")
+        sent = pulse.frames_sent
+        try:
+            wait_until(
+                lambda: bool(won) and pulse.frames_sent >= sent + 5, what="frames after the slow renewal"
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: won={won} stats={pulse.stats()} lost={link.lost_leases}") from None
         stats = pulse.stats()
         assert pulse.is_leader
     frames.close()
