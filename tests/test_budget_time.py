@@ -73,9 +73,14 @@ def test_the_watchdog_fires_warnings_at_the_clocks_manual_time(manual: Any) -> N
         t.advance(1.5)
         WATCHDOG.notify()
         wait_until(lambda: op.exhausted, what="the exhaustion")
-    notes = [c.notes for c in log.for_task("m-3")]
-    assert "beat budget warning: 50% of 2 beats used, 1.00 beats left (type: t)" in notes
-    assert "beat budget exceeded: used 2.50 of 2 beats (warn only)" in notes
+    warning = "beat budget warning: 50% of 2 beats used, 1.00 beats left (type: t)"
+    exceeded = "beat budget exceeded: used 2.50 of 2 beats (warn only)"
+
+    def notes() -> list[str]:
+        return [c.notes for c in log.for_task("m-3")]
+
+    # The claims reach ``log`` through the callback thread: wait for them, then read them.
+    wait_until(lambda: warning in notes() and exceeded in notes(), what="both claims at on_claim")
     assert integration.get_health()["budget_exhausted_warn"] == 1
 
 
