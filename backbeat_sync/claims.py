@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._time import TimeSource, format_rfc3339
 from .errors import ConfigError
@@ -17,6 +17,9 @@ from .protocol import (
     fit_text,
     wire_json,
 )
+
+if TYPE_CHECKING:
+    from .workflow import Flow
 
 _COMPLETED = OperationPhase.COMPLETED
 _FAILED = OperationPhase.FAILED
@@ -46,6 +49,7 @@ class LazyClaim:
         "budget_source",
         "direct",
         "estimated",
+        "flow",
         "is_final",
         "notes",
         "peers",
@@ -76,6 +80,16 @@ class LazyClaim:
     direct: bool
     #: Where an automatic budget came from (None: a number given; omitted from the claim).
     budget_source: str | None
+    #: Its place in a workflow (``P2POperation.flow`` when the snapshot was taken).
+    flow: Flow | None
+
+    @property
+    def priority(self) -> str | None:
+        """The claim's ``priority`` field (None: ``normal``, not sent)."""
+        flow = self.flow
+        if flow is None or flow.priority == "normal":
+            return None
+        return flow.priority
 
     def wire(self) -> bytes:
         """The claim's wire bytes (``StatusClaim.encode`` of :meth:`build`, byte for byte),
@@ -88,7 +102,14 @@ class LazyClaim:
         state, beats_left, progress, line = f.figures(
             self.type, self.phase, self.peers, self.start_beat, self.estimated, self.reason, self.beat
         )
-        d: dict[str, Any] = {
+        flow = self.flow
+        if flow is None:
+            d: dict[str, Any] = {"correlation_id": self.task_id}
+        else:
+            state, line, d = f.workflow_view(
+                flow, self.task_id, self.type, self.phase, state, line, self.beat - self.start_beat, self.notes
+            )
+        d |= {
             "type": STATUS_CLAIM_TYPE,
             "cluster_id": f.cluster_id,
             "agent_id": f.agent_id,
@@ -123,6 +144,7 @@ class LazyClaim:
                 self.beat,
                 self.notes,
                 self.budget_source,
+                self.flow,
             )
         return claim
 
@@ -203,6 +225,7 @@ class ClaimFactory:
             current_beat,
             notes,
             op.budget_source,
+            op.flow,
         )
 
     def lazy(self, op: P2POperation, current_beat: int, direct: bool = False) -> LazyClaim:
@@ -228,6 +251,7 @@ class ClaimFactory:
         lazy.beat = current_beat
         lazy.notes = None
         lazy.budget_source = op.budget_source
+        lazy.flow = op.flow
         return lazy
 
     def make(
@@ -242,6 +266,7 @@ class ClaimFactory:
         current_beat: int,
         notes: str | None,
         budget_source: str | None = None,
+        flow: Flow | None = None,
     ) -> StatusClaim:
         """The claim of an operation with these figures (the maths of PROTOCOL.md, in one place).
 
@@ -256,11 +281,34 @@ class ClaimFactory:
             current_beat: index of the last beat frame received.
             notes: override the notes line (budget warnings use this).
             budget_source: where an automatic budget came from (None: omitted from the claim).
+            flow: its place in a workflow (``P2POperation.flow``): the optional workflow
+                fields, ``waiting`` while dependencies run (see ``docs/workflows.md``).
         """
         state, beats_left, progress, line = self.figures(
             operation_type, phase, peer_count, start_beat, estimated, reason, current_beat
         )
         value = phase.value
+        if flow is None:  # a root with nothing more to say: its own id correlates it
+            return StatusClaim(
+                self.cluster_id,
+                self.agent_id,
+                self.node_id,
+                task_id,
+                current_beat,
+                state,
+                beats_left,
+                progress,
+                line if notes is None else notes,
+                self.sent_at(),
+                operation_type,
+                value,
+                peer_count,
+                budget_source=budget_source,
+                correlation_id=task_id,
+            )
+        state, line, fields = self.workflow_view(
+            flow, task_id, operation_type, phase, state, line, current_beat - start_beat, notes
+        )
         return StatusClaim(
             self.cluster_id,
             self.agent_id,
@@ -270,13 +318,51 @@ class ClaimFactory:
             state,
             beats_left,
             progress,
-            line if notes is None else notes,
+            line,
             self.sent_at(),
             operation_type,
             value,
             peer_count,
             budget_source=budget_source,
+            **fields,
         )
+
+    def workflow_view(
+        self,
+        flow: Flow,
+        task_id: str,
+        operation_type: str,
+        phase: OperationPhase,
+        state: str,
+        line: str,
+        passed: int,
+        notes: str | None,
+    ) -> tuple[str, str, dict[str, Any]]:
+        """``(state, notes, workflow fields)`` of an operation in a workflow (docs/protocol.md):
+        ``waiting`` while a dependency runs, a failed dependency's note once, and the optional
+        fields that have a value (:meth:`make` and :meth:`LazyClaim.wire` both use it)."""
+        active = not (phase is _COMPLETED or phase is _FAILED)
+        if active and flow.pending:
+            state = "waiting"
+            line = f"P2P {operation_type}: waiting for {', '.join(flow.pending)} (node: {self.node_id})"
+        if notes is not None:
+            line = notes
+        elif flow.note is not None:
+            line = f"{line}; {flow.note}"
+        fields: dict[str, Any] = {"correlation_id": flow.correlation_id or task_id}
+        if flow.parent_id is not None:
+            fields["parent_id"] = flow.parent_id
+        if flow.depends_on:
+            fields["depends_on"] = flow.depends_on
+        if flow.priority != "normal":
+            fields["priority"] = flow.priority
+        if flow.work_done is not None:
+            fields["work_done"] = flow.work_done
+        if flow.details is not None:
+            fields["details"] = flow.details
+        if active and flow.projected is not None:
+            fields["eta_beats"] = round(max(0.0, flow.projected - max(0, passed)), 2)
+        return state, line, fields
 
     def figures(
         self,

@@ -12,12 +12,13 @@ import enum
 import operator
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Protocol
 
 import attrs
 
 from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
+from .workflow import NORMAL_RANK, Flow, project, projected_overrun
 
 __all__ = [
     "MAX_COUNTED_TYPES",
@@ -116,6 +117,8 @@ class P2POperation:
         data: whatever the caller attached.
         reason: why it failed (FAILED only).
         announced: whether a claim has gone out for it yet (quiet budget calls start unannounced).
+        flow: its place in a workflow (parent, correlation, dependencies, progress,
+            priority), or None for a root with none of these (see ``backbeat_sync.workflow``).
     """
 
     id: str
@@ -132,6 +135,12 @@ class P2POperation:
     epoch: int = 0
     #: Where an automatic budget came from (``"profile"``, ``"history"``); None for a number given.
     budget_source: str | None = None
+    flow: Flow | None = None
+
+    @property
+    def priority(self) -> str:
+        """``critical``, ``high``, ``normal`` (the default) or ``low``."""
+        return "normal" if self.flow is None else self.flow.priority
 
     @property
     def active(self) -> bool:
@@ -239,6 +248,15 @@ class OperationRegistry:
         # of a reused id (track_operation("k", ...) in a loop) only bumps this; folded into
         # _tally when read or when it holds too many distinct types.
         self._reused: dict[tuple[str, str], int] = {}
+        #: Active operations of a priority other than normal: id -> rank (the sweep's order).
+        self._ranked: dict[str, int] = {}
+        #: Any operation with a flow was ever added: only then does finish() look at the three
+        #: workflow maps (one test on the hot path instead of three).
+        self._flows = False
+        #: Active operation id -> ids of active operations waiting for it (depends_on, wait_for).
+        self._dependents: dict[str, dict[str, None]] = {}
+        #: Active operation id -> events to set when it finishes (``op.wait_for``).
+        self._waiters: dict[str, list[threading.Event]] = {}
 
     def _fold_reused(self) -> None:
         """Move the reused-id counts into the tally, by label (lock held)."""
@@ -377,8 +395,12 @@ class OperationRegistry:
                 if len(reused) > _REUSED_MAX:
                     self._fold_reused()
             self._active[op.id] = op
+            if op.flow is not None:
+                self._flow_added(op)
             if op.announced:
                 self._claim(op)
+            if op.flow is not None and op.flow.note is not None:
+                op.flow = attrs.evolve(op.flow, note=None)  # said once
         if self._listeners:
             _tell(self._listeners, "added", op)
 
@@ -392,7 +414,7 @@ class OperationRegistry:
             DuplicateOperation: an active operation already has this id.
             InvalidPhaseTransition: ``then`` is final, or behind ``op.phase``.
         """
-        if then is not None and (then.is_final or then.rank < op.phase.rank):
+        if then is not None and (then._final or then._rank < op.phase._rank):  # the properties, inlined
             raise InvalidPhaseTransition(op.id, op.phase.value, then.value)
         with self._lock:
             if op.id in self._active:
@@ -408,6 +430,8 @@ class OperationRegistry:
                     self._fold_reused()
             self._active[op.id] = op
             op.announced = True
+            if op.flow is not None:
+                self._flow_added(op)
             emit = self._emit
             if emit is None:
                 self.unheard += 1 if then is None else 2
@@ -418,6 +442,8 @@ class OperationRegistry:
                 if then is not None:
                     op.phase = then
                     emit(op)
+            if op.flow is not None and op.flow.note is not None:
+                op.flow = attrs.evolve(op.flow, note=None)  # said once
         if self._listeners:
             _tell(self._listeners, "added", op)
 
@@ -489,9 +515,180 @@ class OperationRegistry:
                     self.unheard += 1
                 else:
                     emit(op)
+            if self._flows:
+                self._ranked.pop(operation_id, None)
+                if self._dependents or self._waiters:
+                    self._flow_finished(op)
         if heard and self._listeners:
             _tell(self._listeners, "finished", op)
         return op
+
+    # -- workflows (docs/workflows.md): every method below runs under the lock ------------
+
+    def _flow_added(self, op: P2POperation) -> None:
+        """A new operation with a flow: rank it; find which of its dependencies still run."""
+        flow = op.flow
+        assert flow is not None
+        self._flows = True
+        if flow.rank != NORMAL_RANK:
+            self._ranked[op.id] = flow.rank
+        if not flow.depends_on:
+            return
+        pending: list[str] = []
+        failed = list(flow.failed)
+        for dep in dict.fromkeys(flow.depends_on):
+            if dep == op.id:
+                continue
+            if dep in self._active:
+                pending.append(dep)
+                self._dependents.setdefault(dep, {})[op.id] = None
+            else:
+                done = self._finished.get(dep)
+                if done is not None and done.phase is OperationPhase.FAILED and dep not in failed:
+                    failed.append(dep)
+        new_failed = [d for d in failed if d not in flow.failed]
+        note = f"dependency failed: {', '.join(new_failed)}" if new_failed else flow.note
+        op.flow = attrs.evolve(flow, pending=tuple(pending), failed=tuple(failed), note=note)
+
+    def _flow_finished(self, op: P2POperation) -> None:
+        """``op`` finished: wake its waiters; its dependents stop waiting for it (and claim so)."""
+        waiters = self._waiters.pop(op.id, None)
+        if waiters:
+            for event in waiters:
+                event.set()
+        flow = op.flow
+        if flow is not None and flow.pending:  # it finished while still waiting itself
+            for dep in flow.pending:
+                dependents = self._dependents.get(dep)
+                if dependents is not None:
+                    dependents.pop(op.id, None)
+                    if not dependents:
+                        del self._dependents[dep]
+        dependents = self._dependents.pop(op.id, None)
+        if not dependents:
+            return
+        failed = op.phase is OperationPhase.FAILED
+        for dependent_id in dependents:
+            d = self._active.get(dependent_id)
+            if d is None or d.flow is None:
+                continue
+            f = d.flow
+            d.flow = attrs.evolve(
+                f,
+                pending=tuple(x for x in f.pending if x != op.id),
+                failed=(*f.failed, op.id) if failed and op.id not in f.failed else f.failed,
+                note=f"dependency failed: {op.id}" if failed else None,
+            )
+            if d.announced:
+                self._claim(d)
+            if failed:
+                d.flow = attrs.evolve(d.flow, note=None)  # said once
+
+    def wait_on(
+        self, operation_id: str | None, ids: Iterable[str], event: threading.Event
+    ) -> tuple[str, ...]:
+        """Set ``event`` when any of ``ids`` still active here finishes; the waiter claims ``waiting``.
+
+        Args:
+            operation_id: the operation that waits (None: not one of this registry's).
+            ids: what it waits for; ids not active here (finished, another agent's) never block.
+            event: set (under the lock) when one of them finishes.
+
+        Returns:
+            The ids of ``ids`` still active (the empty tuple: nothing to wait for).
+        """
+        with self._lock:
+            pending = tuple(i for i in dict.fromkeys(ids) if i in self._active and i != operation_id)
+            if pending:
+                self._flows = True
+            for i in pending:
+                self._waiters.setdefault(i, []).append(event)
+            op = self._active.get(operation_id) if operation_id is not None else None
+            if op is not None and pending:
+                f = op.flow or Flow()
+                new = tuple(i for i in pending if i not in f.pending)
+                if new:
+                    for i in new:
+                        self._dependents.setdefault(i, {})[op.id] = None
+                    op.flow = attrs.evolve(f, pending=f.pending + new)
+                    if op.announced:
+                        self._claim(op)
+            return pending
+
+    def unwait(self, operation_id: str | None, ids: Iterable[str], event: threading.Event) -> None:
+        """Undo :meth:`wait_on`: forget ``event``; the waiter waits only for its ``depends_on`` again."""
+        with self._lock:
+            for i in ids:
+                events = self._waiters.get(i)
+                if events is not None and event in events:
+                    events.remove(event)
+                    if not events:
+                        del self._waiters[i]
+            op = self._active.get(operation_id) if operation_id is not None else None
+            if op is None or op.flow is None or not op.flow.pending:
+                return
+            f = op.flow
+            keep = tuple(i for i in f.pending if i in f.depends_on)
+            for i in f.pending:
+                if i not in keep:
+                    dependents = self._dependents.get(i)
+                    if dependents is not None:
+                        dependents.pop(op.id, None)
+                        if not dependents:
+                            del self._dependents[i]
+            op.flow = attrs.evolve(f, pending=keep)
+
+    def still_active(self, ids: Iterable[str]) -> tuple[str, ...]:
+        """The ids of ``ids`` whose operations are active here now."""
+        with self._lock:
+            return tuple(i for i in ids if i in self._active)
+
+    def flow_of(self, operation_id: str) -> Flow | None:
+        """The flow of an operation (active, or finished and not yet cleaned up); None if it has none."""
+        with self._lock:
+            op = self._active.get(operation_id) or self._finished.get(operation_id)
+            return None if op is None else op.flow
+
+    def report(
+        self,
+        operation_id: str,
+        work_done: float,
+        details: Mapping[str, Any] | None,
+        beats_used: float,
+        budget: float,
+    ) -> tuple[float | None, float | None] | None:
+        """Record a progress report on an active operation (its next claims carry it).
+
+        Args:
+            operation_id: the operation.
+            work_done: the share of its work done, 0.0-1.0.
+            details: a small JSON object (already checked), or None.
+            beats_used: beats it has used so far.
+            budget: its budget, in beats.
+
+        Returns:
+            None if no active operation has this id; else ``(projected, overrun)``:
+            the projected total beats (None before any work is done), and the same
+            figure again the first time it passes ``budget`` while there is still
+            time to act (the caller claims the warning), else None.
+        """
+        with self._lock:
+            op = self._active.get(operation_id)
+            if op is None:
+                return None
+            f = op.flow or Flow()
+            projected = project(work_done, beats_used)
+            over = projected_overrun(work_done, beats_used, budget)
+            if over is not None and f.overrun_warned:
+                over = None
+            op.flow = attrs.evolve(
+                f,
+                work_done=work_done,
+                details=details,
+                projected=projected,
+                overrun_warned=f.overrun_warned or over is not None,
+            )
+            return projected, over
 
     def _catch_up(self, op: P2POperation) -> None:
         while op.epoch < len(self._shifts):
@@ -545,6 +742,8 @@ class OperationRegistry:
     ) -> int:
         """Claim every active operation (the per-beat claims), ``chunk`` at a time.
 
+        By priority: critical, then high, normal and low, each in registration order.
+
         The lock is taken once per chunk, so application threads are not held
         up for the whole sweep; an operation that finished meanwhile is skipped.
 
@@ -559,7 +758,14 @@ class OperationRegistry:
             How many claims were due (queued, or counted as unheard).
         """
         with self._lock:
-            ids = list(self._active)
+            ranked = self._ranked
+            if ranked:  # critical and high first, low last (each in registration order)
+                buckets: tuple[list[str], ...] = ([], [], [], [])
+                for op_id in self._active:
+                    buckets[ranked.get(op_id, NORMAL_RANK)].append(op_id)
+                ids = [i for bucket in buckets for i in bucket]
+            else:
+                ids = list(self._active)
         emitted = 0
         active = self._active
         for start in range(0, len(ids), chunk):

@@ -28,6 +28,7 @@ __all__ = [
     "MAX_REASON_BYTES",
     "MAX_TEMPO_BPM",
     "PHASE_NAMES",
+    "PRIORITY_NAMES",
     "STATUS_CLAIM_TYPE",
     "TRUNCATED",
     "BeatFrame",
@@ -58,6 +59,8 @@ DEFAULT_BAR_LENGTH: Final = 4
 CLAIM_STATES: Final = frozenset({"waiting", "executing", "done", "failed"})
 PHASE_NAMES: Final = ("started", "connecting", "negotiating", "executing", "completed", "failed")
 _PHASE_SET: Final = frozenset(PHASE_NAMES)
+PRIORITY_NAMES: Final = ("critical", "high", "normal", "low")
+_PRIORITY_SET: Final = frozenset(PRIORITY_NAMES)
 
 _TIMESTAMP = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z\Z")
 
@@ -208,8 +211,10 @@ def _int(
     return value
 
 
-def _number(obj: Mapping[str, Any], key: str, kind: str) -> Any:
+def _number(obj: Mapping[str, Any], key: str, kind: str, *, required: bool = True) -> Any:
     if key not in obj:
+        if not required:
+            return None
         raise ProtocolError(kind, f"missing required field {key!r}")
     value = obj[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -424,6 +429,14 @@ class StatusClaim(_Message):
     raw: Mapping[str, Any] | None = attrs.field(default=None, eq=False, repr=False)
     #: Where an automatic budget came from: ``fixed``, ``profile`` or ``history`` (optional).
     budget_source: str | None = None
+    # Optional workflow fields (docs/protocol.md, "Workflow fields"); None: not sent.
+    parent_id: str | None = None
+    correlation_id: str | None = None
+    depends_on: tuple[str, ...] | None = None
+    priority: str | None = None
+    work_done: float | None = None
+    details: Mapping[str, Any] | None = attrs.field(default=None, hash=False)
+    eta_beats: float | None = None
 
     @property
     def is_final(self) -> bool:
@@ -454,6 +467,13 @@ class StatusClaim(_Message):
             "phase": self.phase,
             "peer_count": self.peer_count,
             "budget_source": self.budget_source,
+            "parent_id": self.parent_id,
+            "correlation_id": self.correlation_id,
+            "depends_on": None if self.depends_on is None else list(self.depends_on),
+            "priority": self.priority,
+            "work_done": self.work_done,
+            "details": None if self.details is None else dict(self.details),
+            "eta_beats": self.eta_beats,
         }
         return self._finish_dict(d, optional, signed)
 
@@ -481,6 +501,23 @@ class StatusClaim(_Message):
         if source is not None and source not in BUDGET_SOURCES:
             raise ProtocolError(k, f"field 'budget_source'={source!r} is not one of {list(BUDGET_SOURCES)}")
         sig, key_id = _signature(obj, k)
+        priority = _str(obj, "priority", k, required=False)
+        if priority is not None and priority not in _PRIORITY_SET:
+            raise ProtocolError(k, f"field 'priority'={priority!r} is not one of {list(PRIORITY_NAMES)}")
+        work_done = _number(obj, "work_done", k, required=False)
+        if work_done is not None and not 0.0 <= work_done <= 1.0:
+            raise ProtocolError(k, f"field 'work_done'={work_done!r} is outside 0.0 <= x <= 1.0")
+        eta = _number(obj, "eta_beats", k, required=False)
+        if eta is not None and eta < 0:
+            raise ProtocolError(k, f"field 'eta_beats'={eta!r} is below 0")
+        details = obj.get("details")
+        if details is not None and not isinstance(details, Mapping):
+            raise ProtocolError(k, f"field 'details' must be an object, not {type(details).__name__}")
+        depends_on = obj.get("depends_on")
+        if depends_on is not None and (
+            not isinstance(depends_on, list) or not all(isinstance(i, str) for i in depends_on)
+        ):
+            raise ProtocolError(k, "field 'depends_on' must be an array of strings")
         return cls(
             cluster_id=_str(obj, "cluster_id", k),
             agent_id=_str(obj, "agent_id", k),
@@ -499,6 +536,13 @@ class StatusClaim(_Message):
             key_id=key_id,
             raw=obj,
             budget_source=source,
+            parent_id=_str(obj, "parent_id", k, required=False),
+            correlation_id=_str(obj, "correlation_id", k, required=False),
+            depends_on=None if depends_on is None else tuple(depends_on),
+            priority=priority,
+            work_done=work_done,
+            details=details,
+            eta_beats=eta,
         )
 
 

@@ -98,6 +98,7 @@ def test_claim_fields_match_a_claim_built_by_name() -> None:
         operation_type="dht_store",
         phase="executing",
         peer_count=3,
+        correlation_id="op",  # a root correlates its own workflow
     )
     assert built == expected
     assert built.to_dict() == expected.to_dict()
