@@ -13,7 +13,7 @@ from loguru import logger as _logger
 from ._logging import StdlibLogging, log_to_stdlib
 from ._runtime import get_default_integration, set_default_integration
 from ._time import ManualTime, SystemTime, TimeSource
-from .budget import PreciseMode, Tracker, beat_budget, precise_mode, track_operation
+from .budget import PreciseMode, Tracker, beat_budget, current_operation, precise_mode, track_operation
 from .clock import BeatClock
 from .config import BackbeatConfig
 from .errors import (
@@ -81,6 +81,7 @@ __all__ = [
     "Tracker",
     "__version__",
     "beat_budget",
+    "current_operation",
     "get_default_integration",
     "log_to_stdlib",
     "parse_beat_frame",

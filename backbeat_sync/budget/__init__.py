@@ -26,6 +26,7 @@ from typing import Any, Final
 
 from .._runtime import RUNTIME
 from .faces import PreciseMode, beat_budget, execute_with_beat_budget, precise_mode, track_operation
+from .flow import current_operation
 from .host import BudgetHost
 from .settings import DEFAULT_WARN_AT, ON_EXHAUST, BudgetSettings, OnExhaust
 from .tracker import Tracker, announce_running
@@ -42,6 +43,7 @@ __all__ = [
     "Tracker",
     "announce_running",
     "beat_budget",
+    "current_operation",
     "execute_with_beat_budget",
     "precise_mode",
     "track_operation",

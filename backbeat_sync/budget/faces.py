@@ -21,7 +21,9 @@ from .._time import SYSTEM_TIME
 from .._watchdog import current_slot, thread_state
 from ..errors import IntegrationNotStarted, InvalidArgument
 from ..protocol import check_wire_id
+from ..workflow import CURRENT, check_id, check_ids
 from .arming import next_seq, unshield
+from .flow import arm_child
 from .settings import CACHED_NUMBERS, DEFAULT_WARN_AT, BudgetSettings, OnExhaust, block_settings
 from .tracker import Block, Tracker, materialize
 
@@ -41,7 +43,10 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+Priority = Literal["critical", "high", "normal", "low"]
 _monotonic: Final = time.monotonic
+#: Read once per decorated call: the context's open operation (docs/workflows.md).
+_cv_get: Final = CURRENT.get
 
 
 class CallHook(Protocol):
@@ -178,11 +183,14 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             t_in = source.monotonic()
             now = _monotonic()
         seq = next_seq()
-        e: list[Any] = [None, settings, integration, state, t_in]
+        hint = _cv_get()
+        e: list[Any] = [None, settings, integration, state, t_in, hint]
         # -- arming.arm(slot, seq, e, now, first * state[2]), inlined
         live = slot.live
         live[seq] = e
-        if now + first * state[2] < WATCHDOG.next_wake:
+        if hint is not None and hint.slot is not slot:
+            arm_child(slot, e, hint, now)  # the child of an operation in another thread
+        elif now + first * state[2] < WATCHDOG.next_wake:
             slot.shield += 1
             WATCHDOG.notify()
             unshield(slot)
@@ -343,6 +351,10 @@ def track_operation(
     manual_phases: bool = False,
     on_warning: Callable[[Tracker, float], Any] | None = None,
     strict: bool = False,
+    priority: Priority = "normal",
+    depends_on: Iterable[str] | None = None,
+    correlation_id: str | None = None,
+    parent_id: str | None = None,
 ) -> Tracker:
     """Track a block as the seed's explicit operation, with a beat budget.
 
@@ -366,6 +378,12 @@ def track_operation(
         manual_phases: stay in STARTED; move phases with ``op.set_phase``.
         on_warning: ``on_warning(op, fraction)``, on the budget callback thread.
         strict: raise :class:`IntegrationNotStarted` instead of running plainly.
+        priority: ``critical``, ``high``, ``normal`` or ``low``: its claims go first in
+            each beat's sweep (critical, high), or are coalesced first under pressure (low).
+        depends_on: ids of operations it depends on: while any of them is active in
+            this integration, it claims ``waiting`` (see :meth:`Tracker.wait_for`).
+        correlation_id: continue a workflow started elsewhere (another agent's ``op.correlation_id``).
+        parent_id: the enclosing operation's id, when it runs elsewhere.
 
     Returns:
         The tracker, a context manager (``with track_operation(...) as op:``).
@@ -385,10 +403,17 @@ def track_operation(
         if isinstance(peers, bool) or not isinstance(peers, int) or peers < 0:
             raise InvalidArgument("peers", peers, "must be an integer >= 0")
         peers = int(peers)
+    opts = None
+    if depends_on is not None or correlation_id is not None or parent_id is not None:
+        opts = (
+            check_id("parent_id", parent_id),
+            check_id("correlation_id", correlation_id),
+            () if depends_on is None else check_ids("depends_on", depends_on),
+        )
     settings = None
     key: tuple[Any, ...] | None = None
     if on_warning is None and type(beats) in CACHED_NUMBERS:
-        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases)
+        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases, priority)
         if source != "fixed":
             key = (*key, source)
         try:
@@ -397,7 +422,7 @@ def track_operation(
             key = None
     if settings is None:
         settings = block_settings(
-            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases, source
+            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases, source, priority
         )
     resolved = integration if integration is not None else RUNTIME.default
     if resolved is None or resolved.budget_clock is None:
@@ -407,7 +432,10 @@ def track_operation(
         if strict:
             raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
         _log_fallback(f"operation {operation_id}")
-    return Block(settings, resolved, next_seq(), operation_id, data, peers)
+    t = Block(settings, resolved, next_seq(), operation_id, data, peers)
+    if opts is not None:
+        t._opts = opts
+    return t
 
 
 def beat_budget(
@@ -421,6 +449,7 @@ def beat_budget(
     name: str | None = None,
     on_warning: Callable[[Tracker, float], Any] | None = None,
     strict: bool = False,
+    priority: Priority = "normal",
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Give every call of the decorated function a budget of ``beats`` beats.
 
@@ -443,6 +472,7 @@ def beat_budget(
         name: operation id prefix (default: the function's qualified name); ids are ``{name}-{n}``.
         on_warning: ``on_warning(tracker, fraction)``, on the budget callback thread.
         strict: raise :class:`IntegrationNotStarted` when no integration is started.
+        priority: ``critical``, ``high``, ``normal`` or ``low`` (see :func:`track_operation`).
 
     Returns:
         The decorator.
@@ -483,6 +513,7 @@ def beat_budget(
         name=name,
         strict=strict,
         integration=integration,
+        priority=priority,
     )
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:

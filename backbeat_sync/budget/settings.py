@@ -13,6 +13,7 @@ from .._watchdog import ThreadSlot
 from ..errors import InvalidArgument
 from ..history import RunLog, new_run_log
 from ..protocol import check_wire_id
+from ..workflow import check_priority
 from .tracker import materialize
 
 if TYPE_CHECKING:
@@ -36,7 +37,12 @@ ON_EXHAUST: Final = ("interrupt", "raise_after", "warn")
 DEFAULT_WARN_AT: Final = (0.5, 0.75, 0.9)
 
 
-def _check_beats(beats: Any) -> float:
+def check_beats(beats: Any) -> float:
+    """``beats`` as a float if it is a finite number > 0.
+
+    Raises:
+        InvalidArgument: it is not.
+    """
     if (
         isinstance(beats, bool)
         or not isinstance(beats, (int, float))
@@ -78,9 +84,10 @@ class BudgetSettings:
         peers: initial peer count.
         data: attached to the operation.
         budget_source: ``"fixed"`` (a number given), ``"profile"`` or ``"history"`` (``"auto"``).
+        priority: ``critical``, ``high``, ``normal`` or ``low`` (claims and the outbox).
     """
 
-    beats: float = attrs.field(converter=_check_beats)
+    beats: float = attrs.field(converter=check_beats)
     operation_type: str = "budget"
     on_exhaust: str = "interrupt"
     warn_at: tuple[float, ...] = attrs.field(default=DEFAULT_WARN_AT, converter=_check_warn_at)
@@ -93,13 +100,19 @@ class BudgetSettings:
     peers: int = 0
     data: Any = None
     budget_source: str = "fixed"
+    priority: str = attrs.field(default="normal", converter=check_priority)
     estimated: int = attrs.field(init=False)
+    plain: bool = attrs.field(init=False)  #: priority normal (a block need not make a flow for it)
     #: The claims' ``budget_source``: None for a fixed budget (nothing added on the wire).
     claim_source: str | None = attrs.field(init=False)
     #: Where callers append this budget's finished runs for the history (a bounded deque).
     log: RunLog = attrs.field(init=False, eq=False, repr=False)
     first_fraction: float = attrs.field(init=False)
     first_beats: float = attrs.field(init=False)  #: beats from the start to the first event
+
+    @plain.default
+    def _plain(self) -> bool:
+        return self.priority == "normal"
 
     @estimated.default
     def _estimated(self) -> int:
@@ -157,6 +170,7 @@ def block_settings(
     strict: bool,
     manual_phases: bool,
     budget_source: str = "fixed",
+    priority: Any = "normal",
 ) -> BudgetSettings:
     """The checked settings of a ``track_operation`` block (its id, peers and data aside).
 
@@ -172,6 +186,7 @@ def block_settings(
         explicit=True,
         manual_phases=manual_phases,
         budget_source=budget_source,
+        priority=priority,
     )
     if key is not None:
         cache = RUNTIME.block_settings

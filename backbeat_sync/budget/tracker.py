@@ -7,9 +7,11 @@ arming protocol both faces share in :mod:`.arming`.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import threading
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -18,6 +20,7 @@ from .._watchdog import ARMED, OWNER, SYNC, Fired, ThreadSlot, all_slots, curren
 from ..errors import BeatBudgetExceeded, BudgetLeftUnexited, InvalidArgument, OperationNotFound
 from ..history import Sample, name_of
 from ..operations import OperationPhase, P2POperation
+from ..workflow import CURRENT
 from . import events
 from .arming import (
     absorb_pending,
@@ -27,6 +30,7 @@ from .arming import (
     raise_sync,
     unshield,
 )
+from .flow import _UNRESOLVED, FlowMixin
 
 if TYPE_CHECKING:
     from ..clock import BeatClock
@@ -47,6 +51,7 @@ __all__ = [
     "nearest_deadline",
 ]
 
+
 #: An exception raised more than this long after the budget ran out is ``late``
 #: (the code was blocked in C and could not be interrupted on time).
 LATE_SECONDS: Final = 0.05
@@ -60,9 +65,13 @@ _EXECUTING: Final = OperationPhase.EXECUTING
 _COMPLETED: Final = OperationPhase.COMPLETED
 _monotonic: Final = time.monotonic
 _sleep: Final = time.sleep
+#: The context variable of the open operation (``backbeat_sync.workflow``): a block sets it.
+_cv_set: Final = CURRENT.set
+_cv_reset: Final = CURRENT.reset
+_MISSING: Final = contextvars.Token.MISSING
 
 
-class Tracker:
+class Tracker(FlowMixin):
     """One budgeted call or block: its budget, its operation, its claims.
 
     Made by :func:`track_operation` (explicit operation, a context manager) or
@@ -91,6 +100,7 @@ class Tracker:
     # of the few more it always sets.
     __slots__ = (
         "__dict__",
+        "_token",
         "announced",
         "data",
         "done",
@@ -131,6 +141,15 @@ class Tracker:
     fired_at: float = 0.0  #: when it fired, on the clock's time source
     followup_noted: bool = False
     spent_counted: bool = False  #: its exhaustion has been counted (health, metrics)
+    # Workflows (docs/workflows.md); set only on the paths that use them.
+    _token: contextvars.Token[Tracker | None] | None  #: restores CURRENT on exit (blocks)
+    _hint: Tracker | None = None  #: the context's operation when it started (CURRENT)
+    _parent: Any = _UNRESOLVED  #: the enclosing operation's tracker, found on first need
+    #: parent_id, correlation_id, depends_on as given to ``track_operation``
+    _opts: tuple[str | None, str | None, tuple[str, ...]] | None = None
+    _report: tuple[float, Mapping[str, Any] | None, float | None] | None = None  #: done, details, projected
+    cut: bool = False  #: its budget was cut to what its parent (in another thread) had left
+    _corr: str | None = None  #: its correlation id, once worked out
 
     def __init__(
         self,
@@ -163,6 +182,7 @@ class Tracker:
         if start is not None:
             self.st_in, self.t_in = start
         self.announced = self.done = self.finished = False
+        self._token = None
 
     @property
     def start_pos(self) -> float:
@@ -313,10 +333,19 @@ class Tracker:
                 absorb_pending(slot)
             if slot.sync is None:
                 s = self.settings
+                # The block is the context's operation from here on; the token's old value is
+                # the operation the context had (one set instead of a get and a set).
+                token = self._token = _cv_set(self)
+                hint = token.old_value
+                if (hint is None or hint is _MISSING) and not slot.live and s.plain and self._opts is None:
+                    flow = None  # a root with nothing more to say (the common case)
+                else:
+                    flow = self._enter_flow(slot, None if hint is _MISSING else hint)
+                    s = self.settings
                 clock = integration.clock
                 start_beat, epoch = clock.beat_and_epoch
                 # id, type, start_beat, estimated_beats, phase, peer_count, start_time, data,
-                # reason, announced, epoch, budget_source (positional: keywords cost a third more here)
+                # reason, announced, epoch, budget_source, flow (positional: keywords cost a third more here)
                 op = P2POperation(
                     self.op_id,
                     s.operation_type,
@@ -330,6 +359,7 @@ class Tracker:
                     True,
                     epoch,
                     s.claim_source,
+                    flow,
                 )
                 integration.registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
@@ -345,11 +375,18 @@ class Tracker:
                     now = _monotonic()
                 arm(slot, self.seq, [self], now, s.first_beats * anchor[2])
         except BaseException:
+            undo = self._token
+            if undo is not None:  # not entered after all: the context's operation is the old one
+                self._token = None
+                _cv_reset(undo)
             unshield(slot)
             raise
         slot.shield -= 1
         if slot.shield == 0 and slot.sync is not None:
             if self.announced:  # an outer budget ran out while we registered: undo, then raise it
+                undo, self._token = self._token, None
+                if undo is not None:
+                    _cv_reset(undo)
                 self.done = True
                 slot.live.pop(self.seq, None)
                 with ops_lock:
@@ -366,6 +403,12 @@ class Tracker:
         integration = self.integration
         if integration is None:
             return
+        token = self._token
+        if token is not None:
+            try:
+                _cv_reset(token)
+            except ValueError:  # left in another context than entered (a generator moved): leave it
+                pass
         slot = self.slot
         slot.shield += 1
         won = exc is None and slot.pending is None and slot.live.pop(self.seq, None) is not None
@@ -644,6 +687,7 @@ class Tracker:
             start_time=clock.time_source.time(),
             data=data,
             budget_source=s.claim_source,
+            flow=self._make_flow(),
         )
         if self.t_in:  # when the call started, not when it was first claimed (spans start there)
             op.start_time -= max(0.0, clock.time_source.monotonic() - self.t_in)
@@ -711,6 +755,9 @@ def materialize(slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
         if t is None:
             t = entry[0] = Tracker(entry[1], entry[2], seq, start=(entry[3], entry[4]))
             t.slot = slot
+            hint = entry[5]
+            if hint is not None:
+                t._hint = hint
     return cast(Tracker, t)
 
 

@@ -24,14 +24,14 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from .._logging import LoggerAdapter, RateLimitedLog
 from .._runtime import RUNTIME
 from .._time import SYSTEM_TIME, TimeSource
-from ..budget import execute_with_beat_budget
+from ..budget import current_operation, execute_with_beat_budget
 from ..claims import Claim, ClaimFactory, LazyClaim, resolve
 from ..clock import BeatClock
 from ..config import BackbeatConfig
@@ -42,12 +42,14 @@ from ..errors import (
     IntegrationAlreadyStarted,
     IntegrationNotStarted,
     InvalidArgument,
+    OperationNotFound,
 )
 from ..history import BudgetHistory, Sample, name_of
 from ..operations import OperationPhase, OperationRegistry, P2POperation
 from ..protocol import BeatFrame, StatusClaim, check_wire_id
 from ..signing import SigningKey, Verifier
 from ..transport import Transport, make_transport
+from ..workflow import Flow, check_details, check_done, check_id, check_ids, check_priority
 from .base import STOP, STOPPED_REASON, IntegrationState
 from .beat import BeatMixin
 from .callbacks import CallbackMixin, Callbacks
@@ -415,11 +417,20 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         operation_type: str,
         estimated_beats: int | Literal["auto"],
         data: Any = None,
+        *,
+        priority: str = "normal",
+        depends_on: Iterable[str] | None = None,
+        correlation_id: str | None = None,
+        parent_id: str | None = None,
     ) -> None:
         """Register an operation and claim its start.
 
         Its run is recorded in :attr:`history` when it completes or fails
         (``exceeded`` if it completed after its estimate ran out).
+
+        Started inside an open operation (``track_operation``, a ``@beat_budget`` call,
+        ``op.bind``), it is that operation's child: its claims carry ``parent_id`` and
+        the workflow's ``correlation_id`` (see ``docs/workflows.md``).
 
         Args:
             operation_id: unique id (the claims' ``task_id``).
@@ -428,10 +439,14 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
             estimated_beats: beats it should take (>= 1), or ``"auto"``: the budget the
                 type's history suggests now (claimed rounded up to whole beats).
             data: anything to keep with it.
+            priority: ``critical``, ``high``, ``normal`` or ``low``.
+            depends_on: ids of operations it depends on: while any is active here, it
+                claims ``waiting``.
+            correlation_id: the workflow's id, to continue one started elsewhere.
+            parent_id: the enclosing operation's id, when it runs elsewhere.
 
         Raises:
             IntegrationNotStarted: not running.
-            ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
             DuplicateOperation: an active operation has this id.
             InvalidArgument: an argument is empty or out of range, or the id or type is over 256 bytes;
                 ``"auto"`` for a type with no profile and too little history.
@@ -449,6 +464,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
         op = self._new_operation(operation_id, operation_type, estimated, data)
         if source != "fixed":
             op.budget_source = source
+        op.flow = self._p2p_flow(operation_id, priority, depends_on, correlation_id, parent_id)
         start = self._clock.budget_position()
         self._registry.add(op)
         budget = float(estimated if budget is None else budget)
@@ -480,6 +496,85 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
                 self._time.time(),
             )
         )
+
+    def _p2p_flow(
+        self,
+        operation_id: str,
+        priority: Any,
+        depends_on: Any,
+        correlation_id: Any,
+        parent_id: Any,
+    ) -> Flow | None:
+        """The flow of a ``start_p2p_operation`` (None: a root with nothing more to say)."""
+        if (
+            priority == "normal"
+            and depends_on is None
+            and correlation_id is None
+            and parent_id is None
+            and current_operation() is None
+        ):
+            return None  # the common case, in short
+        check_priority(priority)
+        deps = () if depends_on is None else check_ids("depends_on", depends_on)
+        correlation = check_id("correlation_id", correlation_id)
+        parent = check_id("parent_id", parent_id)
+        if parent is None:
+            enclosing = current_operation()
+            if enclosing is not None and enclosing.integration is not None:
+                parent = enclosing.operation_id
+                if correlation is None:
+                    correlation = enclosing.correlation_id
+        if correlation is None:
+            correlation = parent
+        if parent is None and correlation is None and not deps and priority == "normal":
+            return None
+        return Flow(
+            correlation_id=correlation or operation_id,
+            parent_id=parent,
+            priority=priority,
+            depends_on=deps,
+        )
+
+    def report_progress(
+        self, operation_id: str, done: float, details: Mapping[str, Any] | None = None
+    ) -> None:
+        """Say how much of an operation's work is done (its claims carry ``work_done``, ``details``).
+
+        The finish is projected from the beats passed since it started (``eta_beats``
+        on its claims); a projection past ``estimated_beats`` while there is still time
+        claims a budget warning at once (once per operation). Inside a
+        ``track_operation`` block, ``op.report`` does the same and also calls ``on_warning``.
+
+        Args:
+            operation_id: an active operation.
+            done: the share of its work done, 0.0 to 1.0.
+            details: a small JSON object (at most 1024 bytes encoded).
+
+        Raises:
+            OperationNotFound: no active operation has this id.
+            InvalidArgument: ``done`` or ``details`` cannot be used.
+        """
+        work_done = check_done(done)
+        info = check_details(details)
+        op = self._registry.get(operation_id)
+        if not op.active:
+            raise OperationNotFound(operation_id)
+        used = max(0.0, self._clock.position() - op.start_beat)
+        result = self._registry.report(operation_id, work_done, info, used, float(op.estimated_beats))
+        if result is None:
+            raise OperationNotFound(operation_id)
+        projected = result[1]
+        if projected is not None:
+            self.emit_operation_note(
+                operation_id,
+                f"beat budget warning: projected {projected:.1f} beats, budget {op.estimated_beats},"
+                f" {max(0.0, op.estimated_beats - used):.2f} beats left (type: {op.type})",
+            )
+            self.count("budget_warnings")
+            self._log.warn(
+                f"BACKBEAT budget warning: {operation_id} projected {projected:.1f}"
+                f" of {op.estimated_beats} beats"
+            )
 
     def _new_operation(
         self,

@@ -110,6 +110,11 @@ HEALTH_FIELDS: Final[tuple[HealthField, ...]] = (
     _c("claims_published", "Status claims handed to the transport's wire."),
     _c("claims_dropped", "Status claims dropped (outbox full while disconnected, or refused by the server)."),
     _c("claims_coalesced", "Intermediate status claims replaced by a later claim of the same operation."),
+    _f(
+        "claims_coalesced_by_priority",
+        dict[str, int],
+        "claims_coalesced by the priority of the replacing claim: critical, high, normal, low.",
+    ),
     _g("claims_queued", int, "Status claims waiting in the outbox."),
     _f("blocked_callback", str | None, "The user callback running for more than a beat, if any."),
     _f("beat_handling_seconds", float, "How long the last beat's handling took (see the histogram)."),
@@ -167,6 +172,7 @@ class _HealthRequired(TypedDict):
     claims_published: int
     claims_dropped: int
     claims_coalesced: int
+    claims_coalesced_by_priority: dict[str, int]
     claims_queued: int
     blocked_callback: str | None
     beat_handling_seconds: float
@@ -248,6 +254,7 @@ class HealthMixin(IntegrationCore):
             ``agent_id``, ``beat_position``, ``beats_received``, ``missed_beats``,
             ``stale_frames``, ``duplicate_frames``, ``pulse_resets``,
             ``claims_published``, ``claims_dropped``, ``claims_coalesced``,
+            ``claims_coalesced_by_priority`` (a dict: critical, high, normal, low),
             ``claims_queued``, ``blocked_callback``, ``beat_handling_seconds``,
             ``budgets_below_history``, ``claims_emitted``, ``rejected_frames``, ``foreign_frames``,
             ``unsigned_frames``, ``forged_frames``, ``callback_errors``,
@@ -291,6 +298,9 @@ class HealthMixin(IntegrationCore):
             "claims_published": tstats.get("claims_published", 0),
             "claims_dropped": tstats.get("claims_dropped", 0),
             "claims_coalesced": tstats.get("claims_coalesced", 0),
+            "claims_coalesced_by_priority": {
+                p: tstats.get(f"claims_coalesced_{p}", 0) for p in ("critical", "high", "normal", "low")
+            },
             "claims_queued": tstats.get("claims_queued", 0),
             "blocked_callback": self._blocked_callback(),
             "beat_handling_seconds": self._last_handling,
