@@ -113,14 +113,15 @@ def test_outbox_keeps_order_below_the_bound() -> None:
 
 
 def test_outbox_coalesces_intermediate_claims_of_a_task_past_the_bound() -> None:
-    """Past the bound the latest intermediate claim of a task replaces the queued one in place."""
+    """Past the bound the latest intermediate claim of a task replaces the queued one, at the back
+    (so a beat's claims keep the order of that beat's sweep: issue 13, priorities)."""
     box = Outbox(limit=2)
     box.put("s", claim("a", beat=1))
     box.put("s", claim("b", beat=1))
     box.put("s", claim("a", beat=2))
     box.put("s", claim("a", beat=3))
     taken = [(e.claim.task_id, resolve(e.claim).beat_index) for e in box.take(10)]
-    assert taken == [("a", 3), ("b", 1)]
+    assert taken == [("b", 1), ("a", 3)]
     assert box.coalesced == 2
     assert box.dropped == 0
 
@@ -169,7 +170,7 @@ def test_outbox_put_many_follows_the_rules_of_put() -> None:
     assert box.put_many("s", [claim("a"), claim("b")]) is True
     assert box.put_many("s", [claim("c"), claim("a", beat=2), claim("d"), claim("b", state="done")]) is False
     taken = [(e.claim.task_id, resolve(e.claim).beat_index, e.final) for e in box.take(10)]
-    assert taken == [("a", 2, False), ("b", 1, False), ("c", 1, False), ("b", 1, True)]
+    assert taken == [("b", 1, False), ("c", 1, False), ("a", 2, False), ("b", 1, True)]
     assert (box.coalesced, box.dropped) == (1, 1)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from typing import Final
 
 from ...claims import Claim
 from ...errors import ConfigError
@@ -11,13 +12,20 @@ from ...errors import ConfigError
 __all__ = ["Entry", "Outbox"]
 
 
+#: Claim priorities (``StatusClaim.priority``; None is normal).
+PRIORITIES: Final = ("critical", "high", "normal", "low")
+#: Coalesced entries left in the queue (skipped when taken) before it is compacted.
+COMPACT_AT: Final = 1024
+
+
 class Entry:
-    __slots__ = ("claim", "final", "sent", "seq", "subject")
+    __slots__ = ("claim", "dead", "final", "sent", "seq", "subject")
 
     def __init__(self, subject: str, claim: Claim, final: bool) -> None:
         self.subject = subject
         self.claim = claim
         self.final = final
+        self.dead = False  # replaced by a newer claim queued behind it (skipped when taken)
         self.seq = 0  # publish sequence number, set when it goes on the wire
         self.sent = 0.0  # loop time it went on the wire
 
@@ -27,11 +35,19 @@ class Outbox:
 
     Below ``limit`` every claim is kept in order. At or past it, an
     intermediate claim replaces the queued intermediate claim of the same
-    subject and task (latest wins, :attr:`coalesced`); with none to replace it
-    is dropped (:attr:`dropped`). A final claim is always kept. The bound
+    subject and task (latest wins, :attr:`coalesced`), which leaves its place
+    for the back of the queue; with none to replace it is dropped
+    (:attr:`dropped`). A final claim is always kept. The bound
     holds while :attr:`bounded` is true; the link clears it while connected,
     when the loop is draining the outbox anyway (one beat of 100,000 active
     operations queues 100,000 claims at once, and none of them may be lost).
+
+    Priorities (``claim.priority``): an intermediate claim of a *low* priority
+    operation whose previous intermediate claim is still queued (the outbox is
+    behind: disconnected, or the loop has not sent the last beat's claims yet)
+    replaces it at once, bound or not. A replacing claim always goes to the
+    back, so each beat's claims keep the sweep's order (critical and high
+    first). Coalescing is counted by priority in :attr:`coalesced_by_priority`.
 
     Args:
         limit: claims held before coalescing starts (>= 1).
@@ -54,9 +70,41 @@ class Outbox:
         self.bounded = True
         self.dropped = 0
         self.coalesced = 0
+        #: Claims coalesced, by the priority of the claim that replaced the older one.
+        self.coalesced_by_priority: dict[str, int] = dict.fromkeys(PRIORITIES, 0)
+        self._dead = 0  # replaced entries still in _items
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) - self._dead
+
+    def _add(self, subject: str, claim: Claim, key: tuple[str, str]) -> None:
+        """Queue an intermediate claim (lock held): the outbox's rules for one claim."""
+        items, latest = self._items, self._latest
+        priority = claim.priority
+        older = latest.get(key)
+        full = self.bounded and len(items) - self._dead >= self._limit
+        if older is not None and (full or priority == "low"):
+            # Latest wins, at the back: this beat's claims keep the sweep's priority order.
+            older.dead = True
+            self._dead += 1
+            entry = Entry(subject, claim, False)
+            items.append(entry)
+            latest[key] = entry
+            self.coalesced += 1
+            self.coalesced_by_priority[priority or "normal"] += 1
+            if self._dead >= COMPACT_AT and self._dead * 2 >= len(items):
+                self._compact()
+        elif full:
+            self.dropped += 1
+        else:
+            entry = Entry(subject, claim, False)
+            items.append(entry)
+            latest[key] = entry
+
+    def _compact(self) -> None:
+        """Drop replaced entries from the queue (lock held), so a long outage keeps it small."""
+        self._items = deque(e for e in self._items if not e.dead)
+        self._dead = 0
 
     def put(self, subject: str, claim: Claim) -> bool:
         """Queue ``claim`` for ``subject``.
@@ -70,17 +118,8 @@ class Outbox:
             if final:
                 self._latest.pop(key, None)
                 self._items.append(Entry(subject, claim, True))
-            elif self.bounded and len(self._items) >= self._limit:
-                slot = self._latest.get(key)
-                if slot is not None:
-                    slot.claim = claim
-                    self.coalesced += 1
-                else:
-                    self.dropped += 1
             else:
-                entry = Entry(subject, claim, False)
-                self._items.append(entry)
-                self._latest[key] = entry
+                self._add(subject, claim, key)
             wake = not self._wake_pending
             self._wake_pending = True
             return wake
@@ -92,23 +131,14 @@ class Outbox:
             True if the caller must wake the loop (as :meth:`put`).
         """
         with self._lock:
-            items, latest = self._items, self._latest
+            latest = self._latest
             for claim in claims:
                 key = (subject, claim.task_id)
                 if claim.is_final:
                     latest.pop(key, None)
-                    items.append(Entry(subject, claim, True))
-                elif self.bounded and len(items) >= self._limit:
-                    slot = latest.get(key)
-                    if slot is not None:
-                        slot.claim = claim
-                        self.coalesced += 1
-                    else:
-                        self.dropped += 1
+                    self._items.append(Entry(subject, claim, True))
                 else:
-                    entry = Entry(subject, claim, False)
-                    items.append(entry)
-                    latest[key] = entry
+                    self._add(subject, claim, key)
             wake = not self._wake_pending
             self._wake_pending = True
             return wake
@@ -125,6 +155,9 @@ class Outbox:
             items, latest = self._items, self._latest
             while items and len(out) < n:
                 entry = items.popleft()
+                if entry.dead:
+                    self._dead -= 1
+                    continue
                 key = (entry.subject, entry.claim.task_id)
                 if latest.get(key) is entry:
                     del latest[key]
@@ -146,4 +179,4 @@ class Outbox:
     def finals(self) -> int:
         """How many final claims are queued."""
         with self._lock:
-            return sum(1 for e in self._items if e.final)
+            return sum(1 for e in self._items if e.final and not e.dead)

@@ -143,11 +143,14 @@ class NatsTransport(Transport):
         ``claims_resent`` (final claims sent again after a reconnect, or after the claims
         stream did not answer), ``frames_received``, ``frames_dropped`` (slow consumer),
         ``claims_spooled`` (final claims written to the spool at stop, not counted
-        as dropped), ``claims_unspooled`` (final claims read from the spool at start).
+        as dropped), ``claims_unspooled`` (final claims read from the spool at start),
+        and ``claims_coalesced_{priority}`` for each priority (critical, high, normal, low).
         """
         link = self._link
+        box = self._pre_outbox if link is None else link.outbox
+        by_priority = {f"claims_coalesced_{p}": n for p, n in box.coalesced_by_priority.items()}
         if link is None:
-            return {
+            return by_priority | {
                 "claims_published": 0,
                 "claims_dropped": self._pre_outbox.dropped,
                 "claims_coalesced": self._pre_outbox.coalesced,
@@ -159,13 +162,12 @@ class NatsTransport(Transport):
                 "claims_spooled": 0,
                 "claims_unspooled": 0,
             }
-        box = link.outbox
         inflight = len(link.inflight)
         resent = link.resent
         if link.stream is not None:  # final claims waiting for the claims stream's PubAck
             inflight += len(link.stream.pending)
             resent += link.stream.resent
-        return {
+        return by_priority | {
             "claims_published": link.published,
             "claims_dropped": box.dropped + link.lost,
             "claims_coalesced": box.coalesced,
