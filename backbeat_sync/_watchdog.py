@@ -376,25 +376,28 @@ class Watchdog:
     def run_callback(self, fn: Callable[[], None]) -> None:
         """Run ``fn()`` on the budget callback thread (user ``on_warning`` callbacks)."""
         with self._thread_lock:
+            # Queued under the lock the thread decides to exit under: it either sees ``fn``,
+            # or has already given up its place, and a new thread is started here.
+            self._callbacks.put(fn)
             if self._callback_thread is None or not self._callback_thread.is_alive():
                 self._callback_thread = threading.Thread(
                     target=self._callback_loop, name="backbeat-budget-callbacks", daemon=True
                 )
                 self._callback_thread.start()
-        self._callbacks.put(fn)
 
     def _callback_loop(self) -> None:
         while True:
             try:
                 fn = self._callbacks.get(timeout=IDLE_EXIT_SECONDS)
             except queue.Empty:
+                fn = None
+            if fn is None:  # idle, or asked to stop: stop unless callbacks were queued since
                 with self._thread_lock:
                     if self._callbacks.empty():
-                        self._callback_thread = None
+                        if self._callback_thread is threading.current_thread():
+                            self._callback_thread = None
                         return
-                continue
-            if fn is None:
-                return
+                continue  # a stop request left over from a thread that was gone already
             try:
                 fn()
             except Exception:

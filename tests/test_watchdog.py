@@ -224,3 +224,13 @@ def test_the_watchdog_thread_stops_when_idle_and_comes_back() -> None:
     while WATCHDOG.running and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not WATCHDOG.running
+
+
+def test_a_stop_left_over_does_not_swallow_a_later_callback() -> None:
+    """shutdown() with no callback thread alive leaves a stop request queued; the next callback
+    thread must still run the callback queued after it (on_warning was lost after a shutdown)."""
+    WATCHDOG.shutdown()
+    WATCHDOG.shutdown()  # the second one finds no callback thread: its stop request stays queued
+    ran = threading.Event()
+    WATCHDOG.run_callback(ran.set)
+    assert ran.wait(NEVER)
