@@ -107,7 +107,14 @@ class LazyClaim:
             d: dict[str, Any] = {"correlation_id": self.task_id}
         else:
             state, line, d = f.workflow_view(
-                flow, self.task_id, self.type, self.phase, state, line, self.beat - self.start_beat, self.notes
+                flow,
+                self.task_id,
+                self.type,
+                self.phase,
+                state,
+                line,
+                self.beat - self.start_beat,
+                self.notes,
             )
         d |= {
             "type": STATUS_CLAIM_TYPE,

@@ -422,7 +422,16 @@ def track_operation(
             key = None
     if settings is None:
         settings = block_settings(
-            key, beats, operation_type, on_exhaust, warn_at, on_warning, strict, manual_phases, source, priority
+            key,
+            beats,
+            operation_type,
+            on_exhaust,
+            warn_at,
+            on_warning,
+            strict,
+            manual_phases,
+            source,
+            priority,
         )
     resolved = integration if integration is not None else RUNTIME.default
     if resolved is None or resolved.budget_clock is None:

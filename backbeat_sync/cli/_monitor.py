@@ -28,7 +28,16 @@ from ._base import (
     seconds,
 )
 from ._link import Listener
-from ._render import Screen, plain_table, render_view, summary_line
+from ._render import (
+    Screen,
+    collapsed_line,
+    plain_table,
+    progress_text,
+    render_view,
+    summary_line,
+    task_label,
+    tree_rows,
+)
 from ._view import DEFAULT_STALE_BEATS, STATES, ClusterView, Event, ViewFilter, event_line
 
 #: Agents send a health claim every 8 beats (PROTOCOL.md); ``--once`` waits that long (and one more).
@@ -165,17 +174,19 @@ def _print_plain_snapshot(out: Out, snapshot: dict[str, Any]) -> None:
             f" measured {c['measured_bpm']:.1f} BPM drift {c['tempo_drift']}"
         )
     rows = [
-        [
+        ["", *collapsed_line(t["collapsed"]), "", "", "", "", ""]
+        if "collapsed" in t
+        else [
             t["agent_id"],
-            t["task_id"],
+            task_label(t),
             t["operation_type"] or "",
             "stale" if t["stale"] else t["state"],
             t["phase"] or "",
-            f"{t['progress']:.0%}",
+            f"{t['progress']:.0%}{progress_text(t)}",
             t["beats_left"],
             t["last_beat"],
         ]
-        for t in snapshot["tasks"]
+        for t in tree_rows(snapshot)
     ]
     for line in plain_table(["agent", "task", "type", "state", "phase", "progress", "left", "beat"], rows):
         out.line(line)

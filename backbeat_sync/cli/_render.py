@@ -7,9 +7,19 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ._base import Out
-from ._view import NO_FILTER, STATES, ClusterView, ViewFilter
+from ._view import COLLAPSE_AT, NO_FILTER, STATES, ClusterView, ViewFilter
 
-__all__ = ["Screen", "plain_table", "print_table", "render_view", "summary_line"]
+__all__ = [
+    "Screen",
+    "collapsed_line",
+    "plain_table",
+    "print_table",
+    "progress_text",
+    "render_view",
+    "summary_line",
+    "task_label",
+    "tree_rows",
+]
 
 _DRIFT_STYLE: Final = {"acceptable": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
 _STATE_STYLE: Final = {
@@ -19,6 +29,69 @@ _STATE_STYLE: Final = {
     "failed": "red",
     "stale": "yellow",
 }
+
+
+_PRIORITY_STYLE: Final = {"critical": "bold red", "high": "yellow", "low": "dim"}
+
+
+def tree_rows(snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+    """The snapshot's tasks as the tree view shows them: a workflow of more than ``COLLAPSE_AT``
+    tasks keeps its roots, and the rest become one row ``{"collapsed": {...}}`` of counts."""
+    big = {
+        (w["cluster_id"], w["correlation_id"])
+        for w in snapshot.get("workflows", ())
+        if w["operations"] > COLLAPSE_AT
+    }
+    hidden: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for t in snapshot["tasks"]:
+        key = (t["cluster_id"], t.get("correlation_id", t["task_id"]))
+        if key in big and t.get("depth", 0) > 0:
+            hidden.setdefault(key, []).append(t)
+    rows: list[dict[str, Any]] = []
+    for t in snapshot["tasks"]:
+        key = (t["cluster_id"], t.get("correlation_id", t["task_id"]))
+        members = hidden.get(key)
+        if members is None or t.get("depth", 0) == 0:
+            rows.append(t)
+        elif t is members[0]:
+            states: dict[str, int] = {}
+            for m in members:
+                states[m["state"]] = states.get(m["state"], 0) + 1
+            rows.append(
+                {
+                    "collapsed": {
+                        "correlation_id": key[1],
+                        "operations": len(members),
+                        "agents": sorted({m["agent_id"] for m in members}),
+                        "states": dict(sorted(states.items())),
+                    }
+                }
+            )
+    return rows
+
+
+def collapsed_line(c: dict[str, Any]) -> tuple[str, str]:
+    """The task and notes cells of a collapsed workflow: ``└ … 14 more`` and
+    ``in workflow wf-1 on a1, a2: 2 done, 9 executing, 3 waiting``."""
+    states = ", ".join(f"{n} {state}" for state, n in c["states"].items())
+    where = f"in workflow {c['correlation_id']} on {', '.join(c['agents'])}: {states}"
+    return f"└ … {c['operations']} more", where
+
+
+def task_label(t: dict[str, Any]) -> str:
+    """The task cell: indented under its parent, with a mark for a priority other than normal."""
+    depth = t.get("depth", 0)
+    label = ("  " * (depth - 1) + "└ " if depth else "") + t["task_id"]
+    priority = t.get("priority", "normal")
+    return label if priority in (None, "normal") else f"{label} [{priority}]"
+
+
+def progress_text(t: dict[str, Any]) -> str:
+    """`` work 40% eta 3.5`` when the code reported its progress, else empty."""
+    if t.get("work_done") is None:
+        return ""
+    eta = t.get("eta_beats")
+    return f" work {t['work_done']:.0%}" + ("" if eta is None else f" eta {eta:g}")
 
 
 def render_view(
@@ -59,7 +132,7 @@ def render_view(
             line.append(f"  tempo {c['tempo_bpm']:g} BPM  measured {c['measured_bpm']:.1f} BPM  drift ")
             line.append(c["tempo_drift"], style=_DRIFT_STYLE.get(c["tempo_drift"], ""))
         parts.append(line)
-    all_tasks = snapshot["tasks"]
+    all_tasks = tree_rows(snapshot)
     agents_shown = snapshot["agents"]
     task_rows, agent_rows = len(all_tasks), len(agents_shown)
     if height is not None:
@@ -71,7 +144,7 @@ def render_view(
             task_rows = max(0, room - 2)  # the "N more" row and the summary line
     cropped = task_rows < len(all_tasks)
     tasks = Table(expand=True, box=None, pad_edge=False, header_style="bold")
-    several_agents = len({(t["cluster_id"], t["agent_id"]) for t in all_tasks}) > 1
+    several_agents = len({(t["cluster_id"], t["agent_id"]) for t in snapshot["tasks"]}) > 1
     columns: list[tuple[str, dict[str, Any]]] = [
         ("task", {"no_wrap": True}),
         ("type", {"no_wrap": True}),
@@ -87,16 +160,22 @@ def render_view(
     for name, kw in columns:
         tasks.add_column(name, **kw)
     for t in all_tasks[:task_rows]:
+        if "collapsed" in t:
+            label, where = collapsed_line(t["collapsed"])
+            blank = [""] * (len(columns) - 2 - (1 if several_agents else 0))
+            tasks.add_row(*([""] if several_agents else []), label, *blank, Text(where, style="dim"))
+            continue
         state = "stale" if t["stale"] else t["state"]
         filled = round(10 * t["progress"])
         bar = Text("█" * filled, style=_STATE_STYLE.get(state, "cyan"))
         bar.append("░" * (10 - filled), style="dim")
         bar.append(f" {t['progress']:4.0%}")
+        bar.append(progress_text(t), style="bold")
         cells: list[Any] = [t["agent_id"]] if several_agents else []
         notes = f"last claimed {t['state']}: {t['notes']}" if t["stale"] else t["notes"]
         tasks.add_row(
             *cells,
-            t["task_id"],
+            Text(task_label(t), style=_PRIORITY_STYLE.get(t.get("priority", "normal"), "")),
             t["operation_type"] or "",
             Text(state, style=_STATE_STYLE.get(state, "")),
             t["phase"] or "",

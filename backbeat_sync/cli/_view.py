@@ -21,6 +21,7 @@ from .. import BeatClock, BeatFrame, ProtocolError, StatusClaim, parse_message
 from ._base import HEALTH_TASK_ID
 
 __all__ = [
+    "COLLAPSE_AT",
     "DEFAULT_STALE_BEATS",
     "NO_FILTER",
     "STATES",
@@ -112,10 +113,22 @@ class Task:
     beat_index: int
     sent_at: str
     finished_at: int | None = None
+    # optional workflow fields (docs/workflows.md)
+    parent_id: str | None = None
+    correlation_id: str | None = None
+    depends_on: tuple[str, ...] | None = None
+    priority: str | None = None
+    work_done: float | None = None
+    eta_beats: float | None = None
 
     @property
     def final(self) -> bool:
         return self.state in ("done", "failed")
+
+    @property
+    def workflow(self) -> str:
+        """The correlation id (a task that sends none is its own workflow)."""
+        return self.correlation_id or self.task_id
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +145,12 @@ class Task:
             "notes": self.notes,
             "last_beat": self.beat_index,
             "sent_at": self.sent_at,
+            "parent_id": self.parent_id,
+            "correlation_id": self.workflow,
+            "depends_on": None if self.depends_on is None else list(self.depends_on),
+            "priority": self.priority or "normal",
+            "work_done": self.work_done,
+            "eta_beats": self.eta_beats,
         }
 
 
@@ -328,6 +347,12 @@ class ClusterView:
                 notes=claim.notes,
                 beat_index=claim.beat_index,
                 sent_at=claim.sent_at,
+                parent_id=claim.parent_id,
+                correlation_id=claim.correlation_id,
+                depends_on=claim.depends_on,
+                priority=claim.priority,
+                work_done=claim.work_done,
+                eta_beats=claim.eta_beats,
             )
             key = (claim.cluster_id, claim.agent_id, claim.task_id)
             before = self._tasks.get(key)
@@ -433,7 +458,10 @@ class ClusterView:
             health claim; null before one), ``last_beat``, ``stale``, ``silent_beats``;
             each task the claim's fields (``last_beat`` is its ``beat_index``) and
             ``stale``. ``task_counts`` counts the shown tasks by state (``stale``
-            for a stale agent's), ``hidden_tasks`` those the filter left out.
+            for a stale agent's), ``hidden_tasks`` those the filter left out. Tasks
+            come in tree order (children after their parent, each with its ``depth``;
+            ``priority`` is ``normal`` and ``correlation_id`` the task's own id when its
+            claim had none); ``workflows`` has each workflow of two or more tasks, with counts.
         """
         now = self._now()
         with self._lock:
@@ -445,8 +473,8 @@ class ClusterView:
             ]
             stale = {k for k, a in self._agents.items() if a.stale}
             every = [
-                {**t.to_json(), "stale": (t.cluster_id, t.agent_id) in stale}
-                for t in sorted(self._tasks.values(), key=_task_key)
+                {**t.to_json(), "stale": (t.cluster_id, t.agent_id) in stale, "depth": depth}
+                for t, depth in tree_order(sorted(self._tasks.values(), key=_task_key))
             ]
             messages, invalid = self.messages, self.invalid
         tasks = [t for t in every if view_filter.task(t)]
@@ -460,9 +488,80 @@ class ClusterView:
             "tasks": tasks,
             "task_counts": counts,
             "hidden_tasks": len(every) - len(tasks),
+            "workflows": workflows(tasks),
             "messages": messages,
             "invalid_messages": invalid,
         }
+
+
+#: A workflow (correlation group) of more operations than this is shown collapsed (its roots
+#: and one line of counts) in the rich view; the JSON snapshot always has every task.
+COLLAPSE_AT: Final = 10
+
+
+def tree_order(tasks: list[Task]) -> list[tuple[Task, int]]:
+    """``tasks`` as trees: each workflow's roots in the given order, each followed by its children
+    (by ``parent_id``, across agents), depth first; with each task its depth (0 for a root).
+
+    A task whose parent is not among ``tasks`` (finished and faded, or never seen) is a root.
+    """
+    by_id: dict[tuple[str, str, str], Task] = {}
+    for t in tasks:
+        by_id.setdefault((t.cluster_id, t.workflow, t.task_id), t)
+    children: dict[int, list[Task]] = {}
+    roots: list[Task] = []
+    for t in tasks:
+        parent = None if t.parent_id is None else by_id.get((t.cluster_id, t.workflow, t.parent_id))
+        if parent is None or parent is t:
+            roots.append(t)
+        else:
+            children.setdefault(id(parent), []).append(t)
+    first: dict[tuple[str, str], int] = {}  # a workflow's roots together, at its first one's place
+    for i, t in enumerate(roots):
+        first.setdefault((t.cluster_id, t.workflow), i)
+    roots.sort(key=lambda t: first[(t.cluster_id, t.workflow)])
+    out: list[tuple[Task, int]] = []
+    seen: set[int] = set()
+
+    def walk(t: Task, depth: int) -> None:
+        if id(t) in seen:  # a cycle of parent ids (a confused sender): each task once
+            return
+        seen.add(id(t))
+        out.append((t, depth))
+        for child in children.get(id(t), ()):
+            walk(child, depth + 1)
+
+    for root in roots:
+        walk(root, 0)
+    for t in tasks:  # only tasks caught in a cycle are left
+        if id(t) not in seen:
+            walk(t, 0)
+    return out
+
+
+def workflows(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per workflow of two or more tasks (snapshot rows in tree order)."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for t in tasks:
+        groups.setdefault((t["cluster_id"], t["correlation_id"]), []).append(t)
+    out = []
+    for (cluster_id, correlation_id), members in groups.items():
+        if len(members) < 2:
+            continue
+        states: dict[str, int] = {}
+        for t in members:
+            states[t["state"]] = states.get(t["state"], 0) + 1
+        out.append(
+            {
+                "cluster_id": cluster_id,
+                "correlation_id": correlation_id,
+                "operations": len(members),
+                "agents": sorted({t["agent_id"] for t in members}),
+                "states": dict(sorted(states.items())),
+                "waiting": [t["task_id"] for t in members if t["state"] == "waiting"],
+            }
+        )
+    return out
 
 
 def _cluster_key(c: ClusterState) -> tuple[str | int, ...]:
@@ -509,6 +608,10 @@ def event_line(event: Event) -> str | None:
 
 def _task_line(task: dict[str, Any]) -> str:
     where = f"{task['agent_id']}/{task['task_id']}"
+    if task.get("parent_id") is not None:
+        where += f" (in {task['parent_id']})"
+    if task.get("priority", "normal") != "normal":
+        where += f" [{task['priority']}]"
     what = task["state"] if task["phase"] is None else f"{task['state']}:{task['phase']}"
     if task["state"] == "failed":
         return f"  beat {task['last_beat']} {where} {what} - {task['notes']}"
