@@ -163,6 +163,10 @@ class Instrumentation:
                 span.add_event("backbeat.budget_exceeded", {"backbeat.notes": reason})
         span.set_attribute("backbeat.outcome", outcome)
         span.set_attribute("backbeat.beats_used", op.beats_passed(self._integration.clock.current_beat))
+        flow = op.flow  # the workflow the claims carry (docs/workflows.md)
+        span.set_attribute("backbeat.correlation_id", (flow.correlation_id if flow else None) or op.id)
+        if flow is not None and flow.parent_id is not None:
+            span.set_attribute("backbeat.parent_id", flow.parent_id)
         if op.phase is OperationPhase.FAILED:
             exc = sys.exc_info()[1]
             if exc is not None and (isinstance(exc, BeatBudgetExceeded) or type(exc).__name__ in reason):

@@ -475,3 +475,17 @@ def test_exceeded_span_has_its_event_when_the_block_finishes_before_the_note(
     assert [e.name for e in span.events if e.name == "backbeat.budget_exceeded"] == [
         "backbeat.budget_exceeded"
     ]
+
+
+def test_spans_carry_the_workflow_ids(traced: tuple[Integration, InMemorySpanExporter, Any]) -> None:
+    """Spans carry the claims' correlation id (the root's) and parent id (issue 13, workflows)."""
+    integration, exporter, _tracer = traced
+    with (
+        track_operation("wf-root", "wf_root", beats=50, integration=integration),
+        track_operation("wf-child", "wf_child", beats=50, integration=integration),
+    ):
+        pass
+    root = dict(one(exporter, "wf_root").attributes or {})
+    child = dict(one(exporter, "wf_child").attributes or {})
+    assert (root["backbeat.correlation_id"], "backbeat.parent_id" in root) == ("wf-root", False)
+    assert (child["backbeat.correlation_id"], child["backbeat.parent_id"]) == ("wf-root", "wf-root")
