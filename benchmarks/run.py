@@ -338,6 +338,8 @@ def bench_track(quick: bool) -> list[Row]:
             pass
 
     res = interleaved({"plain": plain, "beat_budget": budgeted, "track_operation": block}, n, rounds)
+    with track_operation("bench-outer", "bench", beats=1_000_000):  # issue 13: a block with a parent
+        nested = interleaved({"plain": plain, "track_operation": block}, n, rounds)
     heard_ns = interleaved({"plain": plain, "track_operation_on_claim": heard_block}, n, rounds)
     heard.stop()
     with nats_server() as server:
@@ -369,7 +371,15 @@ def bench_track(quick: bool) -> list[Row]:
             max_ratio=3.0,
             unit="ns/block",
             detail=detail,
-        )
+        ),
+        row(
+            "track_operation_nested_vs_root",
+            nested["track_operation"] - nested["plain"],
+            blk,
+            max_ratio=3.0,
+            unit="ns/block",
+            detail={"root_block": round(blk, 1), "nested_block": round(nested["track_operation"], 1)},
+        ),
     ]
 
 

@@ -41,6 +41,7 @@ RUN_PAGES = (
     "docs/troubleshooting.md",
     "docs/budgets.md",
     "docs/learning.md",
+    "docs/workflows.md",
 )
 #: Pages whose snippets need a NATS server: they run with CHORUS_BACKBEAT_NATS_URL set to
 #: one started by the test fixture (the pages say so).
