@@ -45,6 +45,7 @@ P = ParamSpec("P")
 R = TypeVar("R")
 Priority = Literal["critical", "high", "normal", "low"]
 _monotonic: Final = time.monotonic
+_new: Final = object.__new__
 #: Read once per decorated call: the context's open operation (docs/workflows.md).
 _cv_get: Final = CURRENT.get
 
@@ -441,7 +442,17 @@ def track_operation(
         if strict:
             raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
         _log_fallback(f"operation {operation_id}")
-    t = Block(settings, resolved, next_seq(), operation_id, data, peers)
+    # Tracker.__init__'s stores, inlined (the constructor's call costs ~60 ns on the block's
+    # path, a fifth of what workflows add to it); change them together.
+    t = _new(Block)
+    t.settings = settings
+    t.integration = resolved
+    t.seq = next_seq()
+    t.op_id = operation_id
+    t.data = data
+    t.peers = peers
+    t.announced = t.done = t.finished = False
+    t._token = None
     if opts is not None:
         t._opts = opts
     return t

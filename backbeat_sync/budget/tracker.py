@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from .._runtime import WATCHDOG
 from .._time import SYSTEM_TIME
 from .._watchdog import ARMED, OWNER, SYNC, Fired, ThreadSlot, all_slots, current_slot, thread_state
 from ..errors import BeatBudgetExceeded, BudgetLeftUnexited, InvalidArgument, OperationNotFound
@@ -24,7 +25,6 @@ from ..workflow import CURRENT
 from . import events
 from .arming import (
     absorb_pending,
-    arm,
     await_decision,
     ops_lock,
     raise_sync,
@@ -161,7 +161,8 @@ class Tracker(FlowMixin):
         peers: int = 0,
         start: tuple[tuple[float, float, float, float], float] | None = None,
     ) -> None:
-        """The one constructor (``track_operation`` and :func:`materialize` both call it).
+        """The constructor (:func:`materialize` calls it; ``track_operation`` makes its ``Block``
+        with the same stores, inlined: keep them together).
 
         Args:
             settings: the checked settings.
@@ -343,6 +344,7 @@ class Tracker(FlowMixin):
                     flow = self._enter_flow(slot, None if hint is _MISSING else hint)
                     s = self.settings
                 clock = integration.clock
+                source = clock.time_source
                 start_beat, epoch = clock.beat_and_epoch
                 # id, type, start_beat, estimated_beats, phase, peer_count, start_time, data,
                 # reason, announced, epoch, budget_source, flow (positional: keywords cost a third more here)
@@ -353,7 +355,7 @@ class Tracker(FlowMixin):
                     s.estimated,
                     _STARTED,
                     self.peers,
-                    clock.time_source.time(),
+                    time.time() if source is SYSTEM_TIME else source.time(),  # looked up: freezegun
                     self.data,
                     None,
                     True,
@@ -365,15 +367,17 @@ class Tracker(FlowMixin):
                 self.announced = True
                 # Armed as a @beat_budget call is (the one arming protocol, see .arming): its
                 # start is read (the clock's anchor, then the time), set before it enters
-                # ``live`` (the watchdog may read it from then on), then arming.arm.
+                # ``live`` (the watchdog may read it from then on), then arming.arm, inlined
+                # (a call costs ~50 ns; the shield is up already, so its wake-up needs none).
                 anchor = self.st_in = clock.anchor
-                source = clock.time_source
                 if source is SYSTEM_TIME:
                     now = self.t_in = _monotonic()
                 else:
                     self.t_in = source.monotonic()
                     now = _monotonic()
-                arm(slot, self.seq, [self], now, s.first_beats * anchor[2])
+                slot.live[self.seq] = [self]
+                if now + s.first_beats * anchor[2] < WATCHDOG.next_wake:
+                    WATCHDOG.notify()
         except BaseException:
             undo = self._token
             if undo is not None:  # not entered after all: the context's operation is the old one
@@ -426,8 +430,10 @@ class Tracker(FlowMixin):
                 integration.registry.finish(self.op_id, _COMPLETED, self.peers)
             except OperationNotFound:  # stop() failed it meanwhile
                 pass
-            finally:
-                unshield(slot)
+            finally:  # arming.unshield, inlined (the common exit)
+                slot.shield -= 1
+                if slot.shield == 0 and slot.sync is not None:
+                    raise_sync(slot)
             return
         err = self.leave(slot, exc, None, won=won)
         if err is not None:
