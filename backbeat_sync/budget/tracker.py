@@ -407,14 +407,15 @@ class Tracker(FlowMixin):
         integration = self.integration
         if integration is None:
             return
+        slot = self.slot
+        slot.shield += 1
+        # Under the shield: an interrupt landing here would skip the rest of the exit.
         token = self._token
         if token is not None:
             try:
                 _cv_reset(token)
-            except ValueError:  # left in another context than entered (a generator moved): leave it
+            except (ValueError, RuntimeError):  # exited in another context, or twice: leave it
                 pass
-        slot = self.slot
-        slot.shield += 1
         won = exc is None and slot.pending is None and slot.live.pop(self.seq, None) is not None
         if won and not slot.live and slot.barrier is None and not self.exhausted and self.announced:
             # The common case, in short: we won (the watchdog can no longer fire it), it
