@@ -376,7 +376,10 @@ def bench_track(quick: bool) -> list[Row]:
             "track_operation_nested_vs_root",
             nested["track_operation"] - nested["plain"],
             blk,
-            max_ratio=3.0,
+            # A block with another budget open in its thread leaves by the engine's full path
+            # (Tracker.leave), as before workflows (4x a root block then); workflows add the
+            # parent and its flow.
+            max_ratio=6.0,
             unit="ns/block",
             detail={"root_block": round(blk, 1), "nested_block": round(nested["track_operation"], 1)},
         ),
