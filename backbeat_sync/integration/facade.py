@@ -24,14 +24,14 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from .._logging import LoggerAdapter, RateLimitedLog
 from .._runtime import RUNTIME
 from .._time import SYSTEM_TIME, TimeSource
-from ..budget import current_operation, execute_with_beat_budget
+from ..budget import execute_with_beat_budget
 from ..claims import Claim, ClaimFactory, LazyClaim, resolve
 from ..clock import BeatClock
 from ..config import BackbeatConfig
@@ -42,19 +42,18 @@ from ..errors import (
     IntegrationAlreadyStarted,
     IntegrationNotStarted,
     InvalidArgument,
-    OperationNotFound,
 )
 from ..history import BudgetHistory, Sample, name_of
 from ..operations import OperationPhase, OperationRegistry, P2POperation
 from ..protocol import BeatFrame, StatusClaim, check_wire_id
 from ..signing import SigningKey, Verifier
 from ..transport import Transport, make_transport
-from ..workflow import Flow, check_details, check_done, check_id, check_ids, check_priority
 from .base import STOP, STOPPED_REASON, IntegrationState
 from .beat import BeatMixin
 from .callbacks import CallbackMixin, Callbacks
 from .health import HealthCounters, HealthMixin
 from .ingest import IngestMixin
+from .workflows import WorkflowMixin
 
 #: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
 LOG_NAME: Final = "backbeat_sync.integration"
@@ -79,7 +78,7 @@ def _wait_timeout(wait_for_beat: float | bool | None) -> float | None:
     return float(wait_for_beat)
 
 
-class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
+class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMixin):
     """An agent's membership of a BACKBEAT cluster: the beat, its operations, its claims.
 
     Args:
@@ -496,85 +495,6 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin):
                 self._time.time(),
             )
         )
-
-    def _p2p_flow(
-        self,
-        operation_id: str,
-        priority: Any,
-        depends_on: Any,
-        correlation_id: Any,
-        parent_id: Any,
-    ) -> Flow | None:
-        """The flow of a ``start_p2p_operation`` (None: a root with nothing more to say)."""
-        if (
-            priority == "normal"
-            and depends_on is None
-            and correlation_id is None
-            and parent_id is None
-            and current_operation() is None
-        ):
-            return None  # the common case, in short
-        check_priority(priority)
-        deps = () if depends_on is None else check_ids("depends_on", depends_on)
-        correlation = check_id("correlation_id", correlation_id)
-        parent = check_id("parent_id", parent_id)
-        if parent is None:
-            enclosing = current_operation()
-            if enclosing is not None and enclosing.integration is not None:
-                parent = enclosing.operation_id
-                if correlation is None:
-                    correlation = enclosing.correlation_id
-        if correlation is None:
-            correlation = parent
-        if parent is None and correlation is None and not deps and priority == "normal":
-            return None
-        return Flow(
-            correlation_id=correlation or operation_id,
-            parent_id=parent,
-            priority=priority,
-            depends_on=deps,
-        )
-
-    def report_progress(
-        self, operation_id: str, done: float, details: Mapping[str, Any] | None = None
-    ) -> None:
-        """Say how much of an operation's work is done (its claims carry ``work_done``, ``details``).
-
-        The finish is projected from the beats passed since it started (``eta_beats``
-        on its claims); a projection past ``estimated_beats`` while there is still time
-        claims a budget warning at once (once per operation). Inside a
-        ``track_operation`` block, ``op.report`` does the same and also calls ``on_warning``.
-
-        Args:
-            operation_id: an active operation.
-            done: the share of its work done, 0.0 to 1.0.
-            details: a small JSON object (at most 1024 bytes encoded).
-
-        Raises:
-            OperationNotFound: no active operation has this id.
-            InvalidArgument: ``done`` or ``details`` cannot be used.
-        """
-        work_done = check_done(done)
-        info = check_details(details)
-        op = self._registry.get(operation_id)
-        if not op.active:
-            raise OperationNotFound(operation_id)
-        used = max(0.0, self._clock.position() - op.start_beat)
-        result = self._registry.report(operation_id, work_done, info, used, float(op.estimated_beats))
-        if result is None:
-            raise OperationNotFound(operation_id)
-        projected = result[1]
-        if projected is not None:
-            self.emit_operation_note(
-                operation_id,
-                f"beat budget warning: projected {projected:.1f} beats, budget {op.estimated_beats},"
-                f" {max(0.0, op.estimated_beats - used):.2f} beats left (type: {op.type})",
-            )
-            self.count("budget_warnings")
-            self._log.warn(
-                f"BACKBEAT budget warning: {operation_id} projected {projected:.1f}"
-                f" of {op.estimated_beats} beats"
-            )
 
     def _new_operation(
         self,
