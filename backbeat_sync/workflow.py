@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import json
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -35,6 +36,7 @@ __all__ = [
     "PRIORITIES",
     "PRIORITY_RANK",
     "Flow",
+    "RegistryFlows",
     "check_details",
     "check_done",
     "check_ids",
@@ -210,3 +212,128 @@ def project(work_done: float, beats_used: float) -> float | None:
         return None
     total = beats_used / work_done
     return total if math.isfinite(total) else None
+
+
+class RegistryFlows:
+    """The registry's workflow calls (``OperationRegistry`` inherits them; its fields are its own).
+
+    Waiting (``op.wait_for``), the flows of operations, and progress reports, each under
+    the registry lock. Dependencies taken in at start and released at finish are the
+    registry's own (``_flow_added``, ``_flow_finished``).
+    """
+
+    if TYPE_CHECKING:  # the registry's fields these use
+        _lock: threading.Lock
+        _active: dict[str, Any]
+        _finished: dict[str, Any]
+        _dependents: dict[str, dict[str, None]]
+        _waiters: dict[str, list[threading.Event]]
+        _flows: bool
+
+        def _claim(self, op: Any) -> None: ...
+
+    def wait_on(
+        self, operation_id: str | None, ids: Iterable[str], event: threading.Event
+    ) -> tuple[str, ...]:
+        """Set ``event`` when any of ``ids`` still active here finishes; the waiter claims ``waiting``.
+
+        Args:
+            operation_id: the operation that waits (None: not one of this registry's).
+            ids: what it waits for; ids not active here (finished, another agent's) never block.
+            event: set (under the lock) when one of them finishes.
+
+        Returns:
+            The ids of ``ids`` still active (the empty tuple: nothing to wait for).
+        """
+        with self._lock:
+            pending = tuple(i for i in dict.fromkeys(ids) if i in self._active and i != operation_id)
+            if pending:
+                self._flows = True
+            for i in pending:
+                self._waiters.setdefault(i, []).append(event)
+            op = self._active.get(operation_id) if operation_id is not None else None
+            if op is not None and pending:
+                f = op.flow or Flow()
+                new = tuple(i for i in pending if i not in f.pending)
+                if new:
+                    for i in new:
+                        self._dependents.setdefault(i, {})[op.id] = None
+                    op.flow = attrs.evolve(f, pending=f.pending + new)
+                    if op.announced:
+                        self._claim(op)
+            return pending
+
+    def unwait(self, operation_id: str | None, ids: Iterable[str], event: threading.Event) -> None:
+        """Undo :meth:`wait_on`: forget ``event``; the waiter waits only for its ``depends_on`` again."""
+        with self._lock:
+            for i in ids:
+                events = self._waiters.get(i)
+                if events is not None and event in events:
+                    events.remove(event)
+                    if not events:
+                        del self._waiters[i]
+            op = self._active.get(operation_id) if operation_id is not None else None
+            if op is None or op.flow is None or not op.flow.pending:
+                return
+            f = op.flow
+            keep = tuple(i for i in f.pending if i in f.depends_on)
+            for i in f.pending:
+                if i not in keep:
+                    dependents = self._dependents.get(i)
+                    if dependents is not None:
+                        dependents.pop(op.id, None)
+                        if not dependents:
+                            del self._dependents[i]
+            op.flow = attrs.evolve(f, pending=keep)
+
+    def still_active(self, ids: Iterable[str]) -> tuple[str, ...]:
+        """The ids of ``ids`` whose operations are active here now."""
+        with self._lock:
+            return tuple(i for i in ids if i in self._active)
+
+    def flow_of(self, operation_id: str) -> Flow | None:
+        """The flow of an operation (active, or finished and not yet cleaned up); None if it has none."""
+        with self._lock:
+            op = self._active.get(operation_id) or self._finished.get(operation_id)
+            return None if op is None else op.flow
+
+    def report(
+        self,
+        operation_id: str,
+        work_done: float,
+        details: Mapping[str, Any] | None,
+        beats_used: float,
+        budget: float,
+    ) -> tuple[float | None, float | None] | None:
+        """Record a progress report on an active operation (its next claims carry it).
+
+        Args:
+            operation_id: the operation.
+            work_done: the share of its work done, 0.0-1.0.
+            details: a small JSON object (already checked), or None.
+            beats_used: beats it has used so far.
+            budget: its budget, in beats.
+
+        Returns:
+            None if no active operation has this id; else ``(projected, overrun)``:
+            the projected total beats (None before any work is done), and the same
+            figure again the first time it passes ``budget`` while there is still
+            time to act (the caller claims the warning), else None.
+        """
+        with self._lock:
+            op = self._active.get(operation_id)
+            if op is None:
+                return None
+            f = op.flow or Flow()
+            projected = project(work_done, beats_used)
+            over = projected_overrun(work_done, beats_used, budget)
+            if over is not None and f.overrun_warned:
+                over = None
+            op.flow = attrs.evolve(
+                f,
+                work_done=work_done,
+                details=details,
+                projected=projected,
+                overrun_warned=f.overrun_warned or over is not None,
+            )
+            return projected, over

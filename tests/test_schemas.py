@@ -420,6 +420,21 @@ EXPRESSIBLE: list[tuple[str, str, Any, str]] = [
         "field 'budget_source'='guess' is not one of",
     ),
     (
+        "unknown priority",
+        "claim",
+        changed(CLAIM_OK, priority="urgent"),
+        "field 'priority'='urgent' is not one of",
+    ),
+    ("work_done above 1", "claim", changed(CLAIM_OK, work_done=1.5), "field 'work_done'=1.5 is outside"),
+    ("eta_beats below 0", "claim", changed(CLAIM_OK, eta_beats=-1), "field 'eta_beats'=-1 is below 0"),
+    ("details not an object", "claim", changed(CLAIM_OK, details=[1]), "field 'details' must be an object, not list"),
+    (
+        "depends_on not strings",
+        "claim",
+        changed(CLAIM_OK, depends_on=[1]),
+        "field 'depends_on' must be an array of strings",
+    ),
+    (
         "timestamp without Z",
         "claim",
         changed(CLAIM_OK, sent_at="2026-11-28T01:00:00+00:00"),

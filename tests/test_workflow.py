@@ -663,7 +663,7 @@ def test_monitor_shows_workflows_as_trees(manual: Any) -> None:
     from rich.console import Console
 
     from backbeat_sync.cli import ClusterView, render_view
-    from backbeat_sync.cli._render import task_rows
+    from backbeat_sync.cli._render import tree_rows
 
     integration, pulse, _log = manual
     view = ClusterView()
@@ -689,7 +689,7 @@ def test_monitor_shows_workflows_as_trees(manual: Any) -> None:
             snap = view.snapshot()
     assert root.correlation_id == "wf"
     rows = [(t["task_id"], t["depth"]) for t in snap["tasks"]]
-    assert rows[:5] == [("big", 0), ("big-0", 1), ("big-1", 1), ("big-10", 1), ("big-2", 1)]
+    assert rows[:5] == [("big", 0), ("big-0", 1), ("big-1", 1), ("big-2", 1), ("big-3", 1)]  # natural order
     assert rows[12:] == [("elect", 0), ("solo", 0), ("wf", 0), ("wf-a", 1), ("wf-a-1", 2), ("wf-b", 2)]
     by_id = {t["task_id"]: t for t in snap["tasks"]}
     assert (by_id["wf-a"]["state"], by_id["wf-a"]["depends_on"]) == ("waiting", ["elect"])
@@ -699,7 +699,7 @@ def test_monitor_shows_workflows_as_trees(manual: Any) -> None:
     assert workflows["wf"]["waiting"] == ["wf-a"]
     assert workflows["big"]["operations"] == 12
     assert "solo" not in workflows  # alone: not a workflow
-    collapsed = [r["collapsed"] for r in task_rows(snap) if "collapsed" in r]
+    collapsed = [r["collapsed"] for r in tree_rows(snap) if "collapsed" in r]
     assert collapsed == [
         {"correlation_id": "big", "operations": 11, "agents": ["agent-1"], "states": {"executing": 11}}
     ]

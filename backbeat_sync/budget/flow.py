@@ -72,6 +72,15 @@ class FlowMixin:
     if not TYPE_CHECKING:  # a slotted base (Tracker has the slots); mypy checks the fields below
         __slots__ = ()
 
+    # Set only on the paths that use them (in the tracker's ``__dict__``); class defaults here.
+    _hint: Tracker | None = None  #: the context's operation when it started (CURRENT)
+    _parent: Any = _UNRESOLVED  #: the enclosing operation's tracker, found on first need
+    #: parent_id, correlation_id, depends_on as given to ``track_operation``
+    _opts: tuple[str | None, str | None, tuple[str, ...]] | None = None
+    _report: tuple[float, Mapping[str, Any] | None, float | None] | None = None  #: done, details, projected
+    cut: bool = False  #: its budget was cut to what its parent (in another thread) had left
+    _corr: str | None = None  #: its correlation id, once worked out
+
     if TYPE_CHECKING:  # what the methods below use of the tracker
         settings: BudgetSettings
         integration: BudgetHost | None
@@ -80,12 +89,6 @@ class FlowMixin:
         announced: bool
         done: bool
         finished: bool
-        _hint: Tracker | None
-        _parent: Any
-        _opts: tuple[str | None, str | None, tuple[str, ...]] | None
-        _report: tuple[float, Mapping[str, Any] | None, float | None] | None
-        _corr: str | None
-        cut: bool
 
         @property
         def operation_id(self) -> str: ...

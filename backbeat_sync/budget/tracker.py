@@ -11,7 +11,6 @@ import contextvars
 import math
 import threading
 import time
-from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -30,7 +29,7 @@ from .arming import (
     raise_sync,
     unshield,
 )
-from .flow import _UNRESOLVED, FlowMixin
+from .flow import FlowMixin
 
 if TYPE_CHECKING:
     from ..clock import BeatClock
@@ -141,15 +140,8 @@ class Tracker(FlowMixin):
     fired_at: float = 0.0  #: when it fired, on the clock's time source
     followup_noted: bool = False
     spent_counted: bool = False  #: its exhaustion has been counted (health, metrics)
-    # Workflows (docs/workflows.md); set only on the paths that use them.
     _token: contextvars.Token[Tracker | None] | None  #: restores CURRENT on exit (blocks)
-    _hint: Tracker | None = None  #: the context's operation when it started (CURRENT)
-    _parent: Any = _UNRESOLVED  #: the enclosing operation's tracker, found on first need
-    #: parent_id, correlation_id, depends_on as given to ``track_operation``
-    _opts: tuple[str | None, str | None, tuple[str, ...]] | None = None
-    _report: tuple[float, Mapping[str, Any] | None, float | None] | None = None  #: done, details, projected
-    cut: bool = False  #: its budget was cut to what its parent (in another thread) had left
-    _corr: str | None = None  #: its correlation id, once worked out
+    # The other workflow fields are FlowMixin's (docs/workflows.md).
 
     def __init__(
         self,
