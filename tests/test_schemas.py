@@ -427,7 +427,12 @@ EXPRESSIBLE: list[tuple[str, str, Any, str]] = [
     ),
     ("work_done above 1", "claim", changed(CLAIM_OK, work_done=1.5), "field 'work_done'=1.5 is outside"),
     ("eta_beats below 0", "claim", changed(CLAIM_OK, eta_beats=-1), "field 'eta_beats'=-1 is below 0"),
-    ("details not an object", "claim", changed(CLAIM_OK, details=[1]), "field 'details' must be an object, not list"),
+    (
+        "details not an object",
+        "claim",
+        changed(CLAIM_OK, details=[1]),
+        "field 'details' must be an object, not list",
+    ),
     (
         "depends_on not strings",
         "claim",
