@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
+from .errors import DuplicateOperation, IntegrationNotStarted, InvalidPhaseTransition, OperationNotFound
 
 __all__ = [
     "MAX_COUNTED_TYPES",
@@ -225,6 +225,7 @@ class OperationRegistry:
         #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
         self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
+        self._closed = False  # set by fail_all(): no new operation
         #: Whether operations are counted by type (see operation_counts()). Off until an
         #: exporter asks (metrics.instrument turns it on): counting a reused id costs its
         #: start ~0.2 us, which the track_operation benchmark's margin cannot spare.
@@ -364,8 +365,11 @@ class OperationRegistry:
 
         Raises:
             DuplicateOperation: an active operation already has this id.
+            IntegrationNotStarted: the registry is closed (its integration is stopping).
         """
         with self._lock:
+            if self._closed:
+                raise IntegrationNotStarted(f"stopping: operation {op.id} not registered")
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
             self._catch_up(op)
@@ -390,11 +394,14 @@ class OperationRegistry:
 
         Raises:
             DuplicateOperation: an active operation already has this id.
+            IntegrationNotStarted: the registry is closed (its integration is stopping).
             InvalidPhaseTransition: ``then`` is final, or behind ``op.phase``.
         """
         if then is not None and (then.is_final or then.rank < op.phase.rank):
             raise InvalidPhaseTransition(op.id, op.phase.value, then.value)
         with self._lock:
+            if self._closed:
+                raise IntegrationNotStarted(f"stopping: operation {op.id} not registered")
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
             if op.epoch < len(self._shifts):
@@ -473,14 +480,14 @@ class OperationRegistry:
             OperationNotFound: no active operation has this id (it may have finished already).
         """
         with self._lock:
-            op = self._active.pop(operation_id, None)
+            active = self._active
+            op = active.get(operation_id)
             if op is None:
                 raise OperationNotFound(operation_id)
             op.phase = phase
             if peer_count is not None:
                 op.peer_count = peer_count
             op.reason = reason
-            self._finished[operation_id] = op
             heard = not (quiet and not op.announced)
             if heard:
                 op.announced = True
@@ -489,6 +496,11 @@ class OperationRegistry:
                     self.unheard += 1
                 else:
                     emit(op)
+            # Moved only once its claim is queued: if queuing failed (a RecursionError at
+            # the bottom of a deep stack), the operation is still active and a later
+            # finish() (or stop()) claims it again; its final claim is never lost.
+            del active[operation_id]
+            self._finished[operation_id] = op
         if heard and self._listeners:
             _tell(self._listeners, "finished", op)
         return op
@@ -592,7 +604,17 @@ class OperationRegistry:
             return n
 
     def fail_all(self, reason: str) -> list[str]:
-        """Fail every active operation with ``reason`` (used by ``stop()``); returns their ids."""
+        """Close the registry, then fail every active operation with ``reason`` (``stop()``).
+
+        Once closed, :meth:`add` and :meth:`start` raise :class:`IntegrationNotStarted`:
+        an operation registered by another thread while ``stop()`` works would
+        otherwise miss both this sweep and the flush that follows it.
+
+        Returns:
+            The ids of the operations failed.
+        """
+        with self._lock:
+            self._closed = True
         failed = []
         for op_id in self.active_ids():
             try:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from .._time import SYSTEM_TIME
 from .._watchdog import ARMED, OWNER, SYNC, Fired, ThreadSlot, all_slots, current_slot, thread_state
-from ..errors import BeatBudgetExceeded, BudgetLeftUnexited, InvalidArgument, OperationNotFound
+from ..errors import (
+    BeatBudgetExceeded,
+    BudgetLeftUnexited,
+    DuplicateOperation,
+    IntegrationNotStarted,
+    InvalidArgument,
+    OperationNotFound,
+)
 from ..history import Sample, name_of
 from ..operations import OperationPhase, P2POperation
 from . import events
@@ -100,6 +107,7 @@ class Tracker:
         "peers",
         "seq",
         "settings",
+        "shield_in",
         "slot",
         "st_in",
         "t_in",
@@ -118,6 +126,7 @@ class Tracker:
     done: bool  #: the owner has left (slow path; the fast path just leaves ``slot.live``)
     finished: bool  #: its operation is completed or failed
     peers: int  #: the peer count claimed
+    shield_in: int  #: ``slot.shield`` when the block was entered (``track_operation``)
 
     event_pos: float | None = None  #: position of the next event (set when the watchdog takes it)
     outcome: BaseException | None = None  #: the exception the owner left with
@@ -307,7 +316,12 @@ class Tracker:
         except AttributeError:
             slot = current_slot()
         self.slot = slot
-        slot.shield += 1
+        # The shield as this block finds it: its exit puts it back from this value, so a
+        # shield left raised by budgets nested in it (a RecursionError that stopped their
+        # exit code half-way) cannot outlive the block.
+        self.shield_in = shield = slot.shield
+        slot.shield = shield + 1
+        registering = False
         try:
             if slot.pending is not None:
                 absorb_pending(slot)
@@ -331,6 +345,7 @@ class Tracker:
                     epoch,
                     s.claim_source,
                 )
+                registering = True
                 integration.registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
                 # Armed as a @beat_budget call is (the one arming protocol, see .arming): its
@@ -344,7 +359,20 @@ class Tracker:
                     self.t_in = source.monotonic()
                     now = _monotonic()
                 arm(slot, self.seq, [self], now, s.first_beats * anchor[2])
-        except BaseException:
+        except IntegrationNotStarted:
+            # The integration began to stop after this block was made: run it plainly, as
+            # a block made a moment later would (see track_operation).
+            self.integration = None
+            unshield(slot)
+            return self
+        except BaseException as exc:
+            if registering and self.seq not in slot.live and type(exc) is not DuplicateOperation:
+                # Registered (perhaps half-way: a RecursionError inside the registry) but
+                # never armed, and ``with`` runs no __exit__ for a failed __enter__. Put in
+                # ``live`` marked done (C-level steps only: a Python call could fail as
+                # well), so the next exit in this thread fails its operation (drop_stale).
+                self.done = self.announced = True
+                slot.live[self.seq] = [self]
             unshield(slot)
             raise
         slot.shield -= 1
@@ -367,13 +395,12 @@ class Tracker:
         if integration is None:
             return
         slot = self.slot
-        slot.shield += 1
+        slot.shield = self.shield_in + 1  # not += 1: see __enter__
         won = exc is None and slot.pending is None and slot.live.pop(self.seq, None) is not None
         if won and not slot.live and slot.barrier is None and not self.exhausted and self.announced:
             # The common case, in short: we won (the watchdog can no longer fire it), it
             # was not spent, nothing is nested in this thread and nothing is unwinding.
             self.done = True
-            self.finished = True
             clock = integration.clock
             source = clock.time_source
             self.settings.log.append(  # history: the beat thread works out the beats used
@@ -383,10 +410,23 @@ class Tracker:
                 integration.registry.finish(self.op_id, _COMPLETED, self.peers)
             except OperationNotFound:  # stop() failed it meanwhile
                 pass
+            except BaseException:  # no room left on the stack: the next exit in this thread fails it
+                slot.live[self.seq] = [self]
+                raise
             finally:
                 unshield(slot)
+            self.finished = True
             return
-        err = self.leave(slot, exc, None, won=won)
+        try:
+            err = self.leave(slot, exc, None, won=won)
+        except BaseException:
+            # Our exit code failed (a RecursionError: no room left on the stack; no Python
+            # call here could succeed either). An operation that may still be active goes
+            # back into ``live``, marked done: the next exit in this thread fails it.
+            if self.announced and not self.finished and self.seq not in slot.live:
+                self.done = True
+                slot.live[self.seq] = [self]
+            raise
         if err is not None:
             raise err
 
@@ -504,6 +544,14 @@ class Tracker:
                 err = self._sync_exc(result)
             self._settle(err or exc)
             return err
+        except BaseException:
+            # Our own exit code failed (a RecursionError: no room left on the stack). An
+            # operation left active goes back into ``live``, marked done: the next exit
+            # in this thread that has room fails it (see drop_stale).
+            if self.announced and not self.finished:
+                self.done = True
+                slot.live[self.seq] = [self]
+            raise
         finally:
             unshield(slot)
 
@@ -661,13 +709,15 @@ class Tracker:
         if self.finished or not self.announced:
             self.finished = True
             return
-        self.finished = True
         try:
             cast("BudgetHost", self.integration).registry.finish(
                 self.operation_id, phase, peer_count=self.peers, reason=reason
             )
         except OperationNotFound:  # stop() failed it already
             pass
+        # Only now: if the call failed (a RecursionError: no room left on the stack), the
+        # operation is still active and the next exit in this thread fails it (drop_stale).
+        self.finished = True
 
     def _record(self, message: str) -> None:
         integration = self.integration
@@ -740,11 +790,23 @@ def nearest_deadline(slot: ThreadSlot) -> float:
 
 
 def drop_stale(slot: ThreadSlot, seq: int) -> None:
-    """Budgets entered after ``seq`` that are still armed were left without their exit code."""
+    """Budgets entered after ``seq`` that are still armed were left without their exit code.
+
+    So were budgets marked done but still in ``live``: their exit code failed half-way
+    (a RecursionError), and they are failed here.
+    """
     for key, e in list(slot.live.items()):
-        if key > seq and slot.live.pop(key, None) is not None:
-            t = materialize(slot, key, e)
-            t.done = True
-            t.fired = OWNER
-            t.delivered = True
-            t._settle(BudgetLeftUnexited(t.operation_id))
+        t = e[0]
+        if (key > seq or (t is not None and t.done and key != seq)) and slot.live.pop(key, None) is not None:
+            try:
+                t = materialize(slot, key, e)
+                t.done = True
+                t.fired = OWNER
+                t.delivered = True
+                t._settle(BudgetLeftUnexited(t.operation_id))
+            except BaseException:  # no room on the stack: put it back for an exit further out
+                t = e[0]
+                if t is not None and t.announced and not t.finished:
+                    t.done = True
+                    slot.live[key] = [t]
+                raise
