@@ -480,14 +480,14 @@ class OperationRegistry:
             OperationNotFound: no active operation has this id (it may have finished already).
         """
         with self._lock:
-            active = self._active
-            op = active.get(operation_id)
+            op = self._active.pop(operation_id, None)
             if op is None:
                 raise OperationNotFound(operation_id)
             op.phase = phase
             if peer_count is not None:
                 op.peer_count = peer_count
             op.reason = reason
+            self._finished[operation_id] = op
             heard = not (quiet and not op.announced)
             if heard:
                 op.announced = True
@@ -495,12 +495,14 @@ class OperationRegistry:
                 if emit is None:
                     self.unheard += 1
                 else:
-                    emit(op)
-            # Moved only once its claim is queued: if queuing failed (a RecursionError at
-            # the bottom of a deep stack), the operation is still active and a later
-            # finish() (or stop()) claims it again; its final claim is never lost.
-            del active[operation_id]
-            self._finished[operation_id] = op
+                    try:
+                        emit(op)
+                    except BaseException:
+                        # Queuing the claim failed (a RecursionError at the bottom of a deep
+                        # stack): the operation stays active (C-level steps only), so a later
+                        # finish() (or stop()) claims it again; its final claim is never lost.
+                        self._active[operation_id] = op
+                        raise
         if heard and self._listeners:
             _tell(self._listeners, "finished", op)
         return op
