@@ -316,9 +316,8 @@ class Tracker:
         except AttributeError:
             slot = current_slot()
         self.slot = slot
-        # The shield as this block finds it: its exit puts it back from this value, so a
-        # shield left raised by budgets nested in it (a RecursionError that stopped their
-        # exit code half-way) cannot outlive the block.
+        # Its exit restores the shield from this value: a shield left raised by nested exits
+        # cut short (a RecursionError) cannot outlive the block.
         self.shield_in = shield = slot.shield
         slot.shield = shield + 1
         registering = False
@@ -359,18 +358,14 @@ class Tracker:
                     self.t_in = source.monotonic()
                     now = _monotonic()
                 arm(slot, self.seq, [self], now, s.first_beats * anchor[2])
-        except IntegrationNotStarted:
-            # The integration began to stop after this block was made: run it plainly, as
-            # a block made a moment later would (see track_operation).
+        except IntegrationNotStarted:  # stopping since the block was made: run it plainly
             self.integration = None
             unshield(slot)
             return self
         except BaseException as exc:
             if registering and self.seq not in slot.live and type(exc) is not DuplicateOperation:
-                # Registered (perhaps half-way: a RecursionError inside the registry) but
-                # never armed, and ``with`` runs no __exit__ for a failed __enter__. Put in
-                # ``live`` marked done (C-level steps only: a Python call could fail as
-                # well), so the next exit in this thread fails its operation (drop_stale).
+                # Registered (perhaps half-way: a RecursionError) but never armed, and no
+                # __exit__ follows: into ``live`` marked done (C-level steps), for drop_stale.
                 self.done = self.announced = True
                 slot.live[self.seq] = [self]
             unshield(slot)
@@ -420,9 +415,8 @@ class Tracker:
         try:
             err = self.leave(slot, exc, None, won=won)
         except BaseException:
-            # Our exit code failed (a RecursionError: no room left on the stack; no Python
-            # call here could succeed either). An operation that may still be active goes
-            # back into ``live``, marked done: the next exit in this thread fails it.
+            # Our exit code failed (no room left on the stack): an operation still active
+            # goes back into ``live`` marked done (C-level steps) for the next exit to fail.
             if self.announced and not self.finished and self.seq not in slot.live:
                 self.done = True
                 slot.live[self.seq] = [self]
@@ -545,9 +539,7 @@ class Tracker:
             self._settle(err or exc)
             return err
         except BaseException:
-            # Our own exit code failed (a RecursionError: no room left on the stack). An
-            # operation left active goes back into ``live``, marked done: the next exit
-            # in this thread that has room fails it (see drop_stale).
+            # Our exit code failed (no room left on the stack): as in __exit__ (drop_stale).
             if self.announced and not self.finished:
                 self.done = True
                 slot.live[self.seq] = [self]
@@ -591,6 +583,8 @@ class Tracker:
         """Record the finished run in the integration's budget history (a deque append)."""
         integration = self.integration
         if integration is None:
+            return
+        if not hasattr(self, "st_in"):  # its __enter__ failed before the start was read: no run
             return
         clock = integration.clock
         s = self.settings
@@ -715,8 +709,7 @@ class Tracker:
             )
         except OperationNotFound:  # stop() failed it already
             pass
-        # Only now: if the call failed (a RecursionError: no room left on the stack), the
-        # operation is still active and the next exit in this thread fails it (drop_stale).
+        # Only now: if the call failed (no room on the stack), drop_stale fails it later.
         self.finished = True
 
     def _record(self, message: str) -> None:
@@ -790,11 +783,8 @@ def nearest_deadline(slot: ThreadSlot) -> float:
 
 
 def drop_stale(slot: ThreadSlot, seq: int) -> None:
-    """Budgets entered after ``seq`` that are still armed were left without their exit code.
-
-    So were budgets marked done but still in ``live``: their exit code failed half-way
-    (a RecursionError), and they are failed here.
-    """
+    """Budgets entered after ``seq`` still armed, or marked done but still in ``live`` (their
+    exit code failed half-way: a RecursionError), were left without their exit code."""
     for key, e in list(slot.live.items()):
         t = e[0]
         if (key > seq or (t is not None and t.done and key != seq)) and slot.live.pop(key, None) is not None:
