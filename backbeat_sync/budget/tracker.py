@@ -316,8 +316,7 @@ class Tracker:
         except AttributeError:
             slot = current_slot()
         self.slot = slot
-        # Its exit restores the shield from this value: a shield left raised by nested exits
-        # cut short (a RecursionError) cannot outlive the block.
+        # Its exit restores the shield from this value (nested exits cut short leak none).
         self.shield_in = shield = slot.shield
         slot.shield = shield + 1
         registering = False
@@ -364,8 +363,7 @@ class Tracker:
             return self
         except BaseException as exc:
             if registering and self.seq not in slot.live and type(exc) is not DuplicateOperation:
-                # Registered (perhaps half-way: a RecursionError) but never armed, and no
-                # __exit__ follows: into ``live`` marked done (C-level steps), for drop_stale.
+                # Registered but never armed (no __exit__ follows): into ``live``, for drop_stale.
                 self.done = self.announced = True
                 slot.live[self.seq] = [self]
             unshield(slot)
@@ -415,8 +413,7 @@ class Tracker:
         try:
             err = self.leave(slot, exc, None, won=won)
         except BaseException:
-            # Our exit code failed (no room left on the stack): an operation still active
-            # goes back into ``live`` marked done (C-level steps) for the next exit to fail.
+            # Our exit code failed (no room on the stack): back into ``live``, for drop_stale.
             if self.announced and not self.finished and self.seq not in slot.live:
                 self.done = True
                 slot.live[self.seq] = [self]
