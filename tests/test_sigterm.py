@@ -80,7 +80,7 @@ CHILD = textwrap.dedent(
 )
 
 TRIALS = 30
-TIMEOUT = 30.0
+TIMEOUT = 60.0
 
 
 def _trial(seed: int, tmp: str) -> tuple[int, str, str, bool]:
