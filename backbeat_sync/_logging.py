@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import traceback
 from typing import Any, Protocol
 
 from loguru import logger as _loguru
@@ -263,6 +264,28 @@ class LoggerAdapter:
             self._user.error(msg, stacklevel=2)
         else:
             self._user.error(msg)
+
+    def exception(self, msg: str, exc: BaseException, *, level: str = "error") -> None:
+        """Log ``msg`` with the traceback of ``exc`` (call it while handling ``exc``).
+
+        A stdlib logger gets it as ``exc_info``; a seed-interface logger as one message
+        (``msg``, a newline, the traceback), since that interface takes a message only.
+
+        Args:
+            msg: the line.
+            exc: the exception being handled.
+            level: ``"error"`` or ``"warn"``.
+        """
+        warn = level == "warn"
+        if self._user is None:
+            LibraryLogger(self._lib._fields, exception=True)._log(
+                "WARNING" if warn else "ERROR", msg, 2, (), {}
+            )
+        elif self._stdlib:
+            (self._user.warning if warn else self._user.error)(msg, exc_info=exc, stacklevel=2)
+        else:
+            tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+            (self._warn if warn else self._user.error)(f"{msg}\n{tb}")
 
 
 class RateLimitedLog:

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ._logging import library_logger as logger
+from ._reentry import lock_free
 from ._watchdog import Watchdog, reset_slots_after_fork
 from .transport.local import LocalBus
 
@@ -160,19 +161,26 @@ class Runtime:
             closed = self.fallback_logged and not self.running and not self.inherited
             self.budgets_on[:] = [] if closed else [True]
 
-    def log_fallback(self, what: str) -> None:
-        """Log once per process that budgets run plainly (no integration started), then close the gate."""
+    def log_fallback(self, what: str, log: Any = None) -> None:
+        """Log once per process that budgets run plainly (no integration started), then close the gate.
+
+        ``log``: the logger of the integration the budget named (``integration=``), so
+        the line reaches the user's ``logger=``; else the library's.
+        """
         with self.lock:
             if self.fallback_logged:
                 return
             self.fallback_logged = True
-        logger.warning(
-            f"BACKBEAT integration not started: {what} runs without a beat budget (the seed's fallback)"
-        )
+        msg = f"BACKBEAT integration not started: {what} runs without a beat budget (the seed's fallback)"
+        if log is not None:
+            log.warn(msg)
+        else:
+            logger.warning(msg)
         self.refresh_gate()
 
     # -- exit and fork ---------------------------------------------------------
 
+    @lock_free
     def stop_all(self) -> None:
         """Stop every integration still running, so queued claims are flushed (bounded by flush_timeout)."""
         from .errors import BackbeatError
@@ -214,7 +222,7 @@ class Runtime:
 RUNTIME: Final = Runtime()
 #: The budget watchdog of this process (one thread, started on first use); an idle one
 #: lingers while an integration runs.
-WATCHDOG: Final = Watchdog(keep_alive=RUNTIME.any_running)
+WATCHDOG: Final = Watchdog(keep_alive=RUNTIME.any_running, hosts=lambda: list(RUNTIME.running))
 
 
 def get_default_integration() -> Integration | None:

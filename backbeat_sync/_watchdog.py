@@ -54,6 +54,7 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
 from ._logging import library_logger as logger
+from ._reentry import lock_free
 from ._time import SYSTEM_TIME, TimeSource
 from .clock import BeatClock
 
@@ -270,6 +271,11 @@ def _alive(t: Any) -> bool:
     return t.fired in (ASYNC, SYNC) and not getattr(t, "finished", False)
 
 
+def _report_to_loguru(tracker: Any, message: str, exc: BaseException, callback: bool = False) -> None:
+    log = logger.opt(exception=True)  # called while handling exc
+    (log.warning if callback else log.error)(message)
+
+
 class _Heap:
     __slots__ = ("clock", "entries")
 
@@ -286,13 +292,19 @@ class Watchdog:
             without, it exits as soon as it has nothing to watch.
         time_source: where the watchdog reads the time for its own waits; each budget
             clock's positions (and the ``now`` its events fire at) use that clock's source.
+        hosts: the running integrations, told of a failure no single budget owns (an
+            iteration of the watchdog that failed).
     """
 
     def __init__(
-        self, keep_alive: Callable[[], bool] = lambda: False, time_source: TimeSource = SYSTEM_TIME
+        self,
+        keep_alive: Callable[[], bool] = lambda: False,
+        time_source: TimeSource = SYSTEM_TIME,
+        hosts: Callable[[], list[Any]] = list,
     ) -> None:
         self._keep_alive = keep_alive
         self._time = time_source
+        self._hosts = hosts
         self._init_state()
 
     def _init_state(self) -> None:
@@ -309,7 +321,7 @@ class Watchdog:
         self._stopping = False
         self._pushed_since_compact = 0
         self.fired_count = 0
-        self._callbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._callbacks: queue.SimpleQueue[tuple[Callable[[], None], Any] | None] = queue.SimpleQueue()
         #: Precise mode: the switch interval used while an event is near (None: off).
         self.precise_interval: float | None = None
         self._saved_interval: float | None = None
@@ -373,18 +385,22 @@ class Watchdog:
             self._pushed_since_compact += 1
         tracker.promoted = True
 
-    def run_callback(self, fn: Callable[[], None]) -> None:
-        """Run ``fn()`` on the budget callback thread (user ``on_warning`` callbacks)."""
+    def run_callback(self, fn: Callable[[], None], owner: Any = None) -> None:
+        """Run ``fn()`` on the budget callback thread (user ``on_warning`` callbacks).
+
+        If it raises, the failure goes to :attr:`report` with ``owner`` (the tracker).
+        """
         with self._thread_lock:
             # Queued under the lock the thread decides to exit under: it either sees ``fn``,
             # or has already given up its place, and a new thread is started here.
-            self._callbacks.put(fn)
+            self._callbacks.put((fn, owner))
             if self._callback_thread is None or not self._callback_thread.is_alive():
                 self._callback_thread = threading.Thread(
                     target=self._callback_loop, name="backbeat-budget-callbacks", daemon=True
                 )
                 self._callback_thread.start()
 
+    @lock_free  # never on the main thread; runs user on_warning callbacks with no lock held
     def _callback_loop(self) -> None:
         while True:
             try:
@@ -398,10 +414,37 @@ class Watchdog:
                             self._callback_thread = None
                         return
                 continue  # a stop request left over from a thread that was gone already
+            call, owner = fn
             try:
-                fn()
-            except Exception:
-                logger.opt(exception=True).warning("backbeat budget on_warning callback raised")
+                call()
+            except Exception as exc:
+                self._report(owner, "BACKBEAT budget on_warning callback raised", exc, callback=True)
+
+    def _report(self, tracker: Any, message: str, exc: BaseException, *, callback: bool = False) -> None:
+        """A failure on the watchdog's threads (call it while handling ``exc``).
+
+        It goes to the logger of the tracker's integration (the user's ``logger=``), or
+        of every running one when no budget owns it, with the traceback (a warning
+        for a user ``on_warning`` callback, as for ``on_beat`` callbacks; an error for
+        the watchdog's own), and into health ``errors`` (a callback's also counted in
+        ``callback_errors``). The library logger only when no integration is there.
+        """
+        try:
+            host = getattr(tracker, "integration", None)
+            targets = [host] if host is not None else [h for h in self._hosts() if h.running]
+            if not targets:
+                _report_to_loguru(tracker, message, exc, callback)
+            for target in targets:
+                target.log.exception(message, exc, level="warn" if callback else "error")
+                if callback:
+                    target.count("callback_errors")
+                    target.record_error(
+                        f"on_warning callback of {tracker.operation_id} raised {type(exc).__name__}: {exc}"
+                    )
+                else:
+                    target.record_error(f"{message}: {type(exc).__name__}: {exc}")
+        except Exception:  # the user's logger failed too: the library's still says it
+            _report_to_loguru(tracker, message, exc, callback)
 
     def _ensure_thread(self) -> None:
         with self._thread_lock:
@@ -464,8 +507,8 @@ class Watchdog:
             try:
                 self._promote_fresh()
                 busy = self._fire_due()
-            except Exception:  # a bug here must not kill the watchdog
-                logger.opt(exception=True).error("backbeat watchdog iteration failed")
+            except Exception as exc:  # a bug here must not kill the watchdog
+                self._report(None, "BACKBEAT watchdog iteration failed", exc)
                 busy = True
             if not busy and not any(s.live for s in all_slots()):
                 self._maybe_compact(force=True)  # nothing armed: only follow-ups can be left
@@ -555,8 +598,8 @@ class Watchdog:
                 handled = True
                 try:
                     nxt = t.on_event(pos_now, now)
-                except Exception:  # one budget's failure must not stop the others
-                    logger.opt(exception=True).error("backbeat watchdog: budget event failed")
+                except Exception as exc:  # one budget's failure must not stop the others
+                    self._report(t, "BACKBEAT watchdog: budget event failed", exc)
                     nxt = None
                 if nxt is not None:
                     t.event_pos = nxt

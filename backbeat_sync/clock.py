@@ -38,11 +38,20 @@ class Observation(enum.Enum):
     STALE = "stale"  #: index below the last one: ignored
     DUPLICATE = "duplicate"  #: same index as the last one: ignored
     RESET = "reset"  #: a full bar of stale frames from a live pulse: resynchronised
+    #: an index further ahead than the time since the last frame explains (by more than a
+    #: bar): a pulse restarted at another tempo, or a stray frame; re-anchored on it
+    JUMP = "jump"
 
     @property
     def accepted(self) -> bool:
         """Whether the frame moved the clock (and is a beat to handle)."""
-        return self in (Observation.FIRST, Observation.NEXT, Observation.GAP, Observation.RESET)
+        return self in (
+            Observation.FIRST,
+            Observation.NEXT,
+            Observation.GAP,
+            Observation.RESET,
+            Observation.JUMP,
+        )
 
 
 @attrs.frozen
@@ -53,13 +62,16 @@ class FrameResult:
         observation: what the frame was.
         missed: beats skipped before this frame (GAP only).
         tempo_changed: the frame carried a new tempo.
+        shift: with FIRST, RESET and JUMP, how far the index sequence moved (new index
+            minus previous index).
+        excess: with JUMP, beats beyond what the elapsed time explained.
     """
 
     observation: Observation
     missed: int = 0
     tempo_changed: bool = False
-    #: With FIRST and RESET: how far the index sequence moved (new index - previous index).
     shift: int = 0
+    excess: float = 0.0
 
 
 @attrs.frozen
@@ -254,6 +266,18 @@ class BeatClock:
             if not self._has_beat:
                 return self._accept(frame, now, Observation.FIRST, keep_budget=True)
             missed = index - self.beat_and_epoch[0] - 1
+            if missed >= self._bar:
+                # Further ahead than the time since the last frame explains at our tempo,
+                # plus a bar of slack: not missed beats but a new index sequence (a pulse
+                # restarted at another tempo starts at its own wall-clock index; a stray
+                # frame may carry any index). Re-anchor on it; budgets keep counting the
+                # beats that really passed (keep_budget), never the jump.
+                idx, t0, spb, _ = self.anchor
+                excess = index - (idx + (now - t0) / spb)
+                if excess > self._bar:
+                    self._resets += 1
+                    result = self._accept(frame, now, Observation.JUMP, keep_budget=True)
+                    return attrs.evolve(result, excess=excess)
             if missed > 0:
                 self._missed += missed
                 self._gap_bar = index // frame.bar_length

@@ -122,10 +122,40 @@ class ForkedIntegration(IntegrationNotStarted):
 
 
 class IntegrationAlreadyStarted(BackbeatError, RuntimeError):
-    """``start()`` was called twice on the same integration."""
+    """``start()`` was called twice on the same integration (an integration starts once).
 
-    def __init__(self) -> None:
-        super().__init__("BACKBEAT integration already started (start() may be called once)")
+    Attributes:
+        state: the integration's state when ``start()`` was called (``"running"``, ``"stopped"``, ...).
+    """
+
+    def __init__(self, state: str = "running") -> None:
+        self.state = state
+        if state in ("stopping", "stopped"):
+            msg = f"BACKBEAT integration {state}; create a new Integration (start() may be called once)"
+        else:
+            msg = "BACKBEAT integration already started (start() may be called once)"
+        super().__init__(msg)
+
+
+class BudgetOnEventLoop(BackbeatError, RuntimeError):
+    """``track_operation`` was entered on the thread of a running asyncio event loop.
+
+    The block's budget interrupts its thread with an exception; across an ``await``
+    that thread runs other tasks, which the exception would hit (and the loop with
+    them). Run the blocking work in a thread instead: ``await asyncio.to_thread(fn)``
+    with the budget inside ``fn``.
+
+    Attributes:
+        operation_id: the block's operation id.
+    """
+
+    def __init__(self, operation_id: str) -> None:
+        self.operation_id = operation_id
+        super().__init__(
+            f"track_operation({operation_id!r}) cannot run on an asyncio event loop's thread: its budget"
+            " would interrupt whichever task runs; run the work in a thread with"
+            " `await asyncio.to_thread(fn)` and budget it there"
+        )
 
 
 class OperationNotFound(BackbeatError, LookupError):

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 import attrs
 
-from .errors import DuplicateOperation, InvalidPhaseTransition, OperationNotFound
+from .errors import DuplicateOperation, IntegrationNotStarted, InvalidPhaseTransition, OperationNotFound
 from .workflow import NORMAL_RANK, Flow, RegistryFlows
 
 __all__ = [
@@ -234,6 +234,7 @@ class OperationRegistry(RegistryFlows):
         #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
         self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
+        self._closed = False  # set by fail_all(): no new operation
         #: Whether operations are counted by type (see operation_counts()). Off until an
         #: exporter asks (metrics.instrument turns it on): counting a reused id costs its
         #: start ~0.2 us, which the track_operation benchmark's margin cannot spare.
@@ -382,8 +383,11 @@ class OperationRegistry(RegistryFlows):
 
         Raises:
             DuplicateOperation: an active operation already has this id.
+            IntegrationNotStarted: the registry is closed (its integration is stopping).
         """
         with self._lock:
+            if self._closed:
+                raise IntegrationNotStarted(f"stopping: operation {op.id} not registered")
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
             self._catch_up(op)
@@ -412,11 +416,14 @@ class OperationRegistry(RegistryFlows):
 
         Raises:
             DuplicateOperation: an active operation already has this id.
+            IntegrationNotStarted: the registry is closed (its integration is stopping).
             InvalidPhaseTransition: ``then`` is final, or behind ``op.phase``.
         """
         if then is not None and (then._final or then._rank < op.phase._rank):  # the properties, inlined
             raise InvalidPhaseTransition(op.id, op.phase.value, then.value)
         with self._lock:
+            if self._closed:
+                raise IntegrationNotStarted(f"stopping: operation {op.id} not registered")
             if op.id in self._active:
                 raise DuplicateOperation(op.id)
             if op.epoch < len(self._shifts):
@@ -499,9 +506,15 @@ class OperationRegistry(RegistryFlows):
             OperationNotFound: no active operation has this id (it may have finished already).
         """
         with self._lock:
-            op = self._active.pop(operation_id, None)
-            if op is None:
-                raise OperationNotFound(operation_id)
+            # A subscript and a ``del``, not ``pop()``: after a call CPython may run a signal
+            # handler, and one that raises (``stop(); sys.exit(0)`` on SIGTERM) would leave the
+            # operation in neither map, never claimed. No handler runs between these steps
+            # and the claim being queued (or, if queuing fails, the operation put back).
+            try:
+                op = self._active[operation_id]
+            except KeyError:
+                raise OperationNotFound(operation_id) from None
+            del self._active[operation_id]
             op.phase = phase
             if peer_count is not None:
                 op.peer_count = peer_count
@@ -514,7 +527,14 @@ class OperationRegistry(RegistryFlows):
                 if emit is None:
                     self.unheard += 1
                 else:
-                    emit(op)
+                    try:
+                        emit(op)
+                    except BaseException:
+                        # Queuing the claim failed (a RecursionError at the bottom of a deep
+                        # stack): the operation stays active (C-level steps only), so a later
+                        # finish() (or stop()) claims it again; its final claim is never lost.
+                        self._active[operation_id] = op
+                        raise
             if self._flows:
                 self._ranked.pop(operation_id, None)
                 if self._dependents or self._waiters:
@@ -692,7 +712,17 @@ class OperationRegistry(RegistryFlows):
             return n
 
     def fail_all(self, reason: str) -> list[str]:
-        """Fail every active operation with ``reason`` (used by ``stop()``); returns their ids."""
+        """Close the registry, then fail every active operation with ``reason`` (``stop()``).
+
+        Once closed, :meth:`add` and :meth:`start` raise :class:`IntegrationNotStarted`:
+        an operation registered by another thread while ``stop()`` works would
+        otherwise miss both this sweep and the flush that follows it.
+
+        Returns:
+            The ids of the operations failed.
+        """
+        with self._lock:
+            self._closed = True
         failed = []
         for op_id in self.active_ids():
             try:

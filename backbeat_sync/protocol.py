@@ -170,6 +170,29 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: Past this size a payload is screened before it is decoded (see :func:`_screen`).
+SCREEN_BYTES: Final = 1024
+_FIRST_BYTE = re.compile(rb"[ \t\n\r]*(.)", re.S)
+
+
+def _screen(data: bytes, kind: str, type_literal: bytes) -> None:
+    """Reject, without decoding it, a payload that cannot be a message of this kind.
+
+    Decoding 64 KiB of JSON costs tens of microseconds; a junk flood should not. Both
+    tests are exact (no valid message fails them): a JSON object starts with ``{``
+    (after whitespace), and a message whose ``type`` is ``"backbeat.beatframe.v1"``
+    holds that string literally unless it has an escape (a backslash) in it.
+    Small payloads are not screened: decoding them is cheap and names the reason
+    more precisely.
+    """
+    first = _FIRST_BYTE.match(data)
+    if first is None or first.group(1) != b"{":
+        what = repr(first.group(1).decode("latin-1")) if first is not None else "nothing"
+        raise ProtocolError(kind, f"not a JSON object (it starts with {what}, not '{{')")
+    if b"\\" not in data and type_literal not in data:  # one byte: a memchr, the cheaper test first
+        raise ProtocolError(kind, f"unknown type (no {type_literal.decode()} in the message)")
+
+
 def _load(data: bytes | bytearray | memoryview | str, kind: str) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError(kind, f"message of {len(data)} bytes exceeds {MAX_MESSAGE_BYTES}")
@@ -268,6 +291,7 @@ class _Message:
 
     __slots__ = ()
     _KIND: ClassVar[str]
+    _TYPE_LITERAL: ClassVar[bytes]  #: the ``type`` value as it appears in JSON, quotes included
     raw: Mapping[str, Any] | None
     sig: str | None
     key_id: str | None
@@ -310,6 +334,8 @@ class _Message:
         Raises:
             ProtocolError: it breaks a rule of the contract.
         """
+        if SCREEN_BYTES < len(data) <= MAX_MESSAGE_BYTES and not isinstance(data, str):
+            _screen(data if isinstance(data, bytes) else bytes(data), cls._KIND, cls._TYPE_LITERAL)
         return cls.from_dict(_load(data, cls._KIND))
 
 
@@ -325,6 +351,7 @@ class BeatFrame(_Message):
     """
 
     _KIND: ClassVar[str] = _FRAME
+    _TYPE_LITERAL: ClassVar[bytes] = b'"' + BEAT_FRAME_TYPE.encode() + b'"'
 
     cluster_id: str
     beat_index: int
@@ -409,6 +436,7 @@ class StatusClaim(_Message):
     """
 
     _KIND: ClassVar[str] = _CLAIM
+    _TYPE_LITERAL: ClassVar[bytes] = b'"' + STATUS_CLAIM_TYPE.encode() + b'"'
 
     cluster_id: str
     agent_id: str

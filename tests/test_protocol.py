@@ -159,7 +159,8 @@ def test_frame_rejections(changes: dict[str, Any], reason: str) -> None:
         (b"\xff\xfe{}", "not JSON"),
         (b"[" * 100_000, "exceeds"),
         (b"[" * 50_000 + b"]" * 50_000, "exceeds"),
-        (b"[" * 30_000, "not JSON"),
+        (b"[" * 30_000, "not a JSON object (it starts with '['"),  # screened: never decoded
+        (b" " * 2000 + b'{"type": "other"}', "unknown type (no"),  # screened: no frame type in it
     ],
 )
 def test_non_json_rejections(payload: bytes, reason: str) -> None:

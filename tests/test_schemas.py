@@ -306,6 +306,9 @@ def changed(obj: dict[str, Any], **fields: Any) -> dict[str, Any]:
 # Each raise site of backbeat_sync/protocol.py has a case; a JSON Schema enforces all of these.
 EXPRESSIBLE: list[tuple[str, str, Any, str]] = [
     ("not an object", "frame", [FRAME_OK], "not a JSON object but list"),
+    # over 1 KiB the parser screens before decoding (protocol._screen): same rules, cheaper
+    ("not an object, screened", "frame", [FRAME_OK] * 10, "not a JSON object (it starts with '['"),
+    ("unknown type, screened", "frame", changed(FRAME_OK, type="other", pad="y" * 2000), "unknown type (no"),
     ("unknown type", "frame", changed(FRAME_OK, type="backbeat.beatframe.v2"), "unknown type"),
     ("type not a string", "frame", changed(FRAME_OK, type=1), "'type' must be a string"),
     *[

@@ -64,7 +64,7 @@ def _warn(t: Tracker, fraction: float, pos_now: float) -> None:
     )
     cb = s.on_warning
     if cb is not None:
-        WATCHDOG.run_callback(lambda: cb(t, fraction))
+        WATCHDOG.run_callback(lambda: cb(t, fraction), t)
 
 
 def _exhaust(t: Tracker, pos_now: float, now: float) -> float | None:

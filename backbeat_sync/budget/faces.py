@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from asyncio import _get_running_loop
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, TypeVar, cast
@@ -16,15 +17,24 @@ from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, Protocol, Type
 import attrs
 import wrapt
 
+from .._reentry import lock_free
 from .._runtime import RUNTIME, WATCHDOG
 from .._time import SYSTEM_TIME
 from .._watchdog import current_slot, thread_state
-from ..errors import IntegrationNotStarted, InvalidArgument
+from ..errors import BudgetOnEventLoop, IntegrationNotStarted, InvalidArgument
 from ..protocol import check_wire_id
 from ..workflow import CURRENT, check_id, check_ids
 from .arming import next_seq, unshield
 from .flow import arm_child
-from .settings import CACHED_NUMBERS, DEFAULT_WARN_AT, BudgetSettings, OnExhaust, block_settings
+from .settings import (
+    CACHED_NUMBERS,
+    DEFAULT_WARN_AT,
+    HOST_TYPES,
+    BudgetSettings,
+    OnExhaust,
+    block_settings,
+    check_host,
+)
 from .tracker import Block, Tracker, materialize
 
 if TYPE_CHECKING:
@@ -74,8 +84,32 @@ class CallHook(Protocol):
         ...
 
 
-def _log_fallback(what: str) -> None:
-    RUNTIME.log_fallback(what)
+def _log_fallback(what: str, integration: BudgetHost | None = None) -> None:
+    """Say once that budgets run plainly: to ``integration``'s logger if one was named."""
+    RUNTIME.log_fallback(what, None if integration is None else integration.log)
+
+
+def _refuse_unbudgetable(what: str, target: Any) -> None:
+    """Raise TypeError for an ``async def`` or generator function: its body runs outside the call.
+
+    Raises:
+        TypeError: ``target`` is an async function, an async generator or a generator function.
+    """
+    # a callable object: look at its __call__ (an ``async def __call__`` is a coroutine too)
+    call = None if inspect.isroutine(target) else inspect.getattr_static(type(target), "__call__", None)
+    for fn in (target, call):
+        if fn is None:
+            continue
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise TypeError(
+                f"{what} cannot budget async function {getattr(target, '__qualname__', target)!r}:"
+                " the budget would end when the coroutine is created, not when it finishes"
+            )
+        if inspect.isgeneratorfunction(fn):
+            raise TypeError(
+                f"{what} cannot budget generator function {getattr(target, '__qualname__', target)!r}:"
+                " its body runs after the call returns, outside the budget"
+            )
 
 
 class PreciseMode:
@@ -153,6 +187,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     runtime = RUNTIME
     rec = settings.log.append
 
+    @lock_free  # runs user code; holds no library lock itself (see Integration.stop)
     def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         integration = fixed if fixed is not None else runtime.default
         # One load says both "running" and "where the beat is" (None unless running).
@@ -163,7 +198,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
             if strict:
                 raise IntegrationNotStarted(f"@beat_budget(strict=True) on {name}")
             if not runtime.fallback_logged:
-                _log_fallback(f"{name}()")
+                _log_fallback(f"{name}()", integration)
             return wrapped(*args, **kwargs)
         hook = runtime.call_hook
         if hook is not None and hook.wants(integration):  # backbeat_sync.otel, spans="all"
@@ -188,17 +223,23 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         e: list[Any] = [None, settings, integration, state, t_in, hint]
         # -- arming.arm(slot, seq, e, now, first * state[2]), inlined
         live = slot.live
+        # The shield as the call finds it. Each exit below raises it from this value, not
+        # by one: an exception unwinding many frames (a RecursionError through nested
+        # budgets) can stop an inner call's exit code before it lowers the shield, and
+        # a shield left raised would keep every later budget of the thread from
+        # interrupting. The first exit that completes puts it back.
+        shield = slot.shield
         live[seq] = e
         if hint is not None and hint.slot is not slot:
             arm_child(slot, e, hint, now)  # the child of an operation in another thread
         elif now + first * state[2] < WATCHDOG.next_wake:
-            slot.shield += 1
+            slot.shield = shield + 1
             WATCHDOG.notify()
             unshield(slot)
         try:
             result = wrapped(*args, **kwargs)
         except BaseException as exc:
-            slot.shield += 1
+            slot.shield = shield + 1
             err = materialize(slot, seq, e).leave(slot, exc, None)
             if err is not None:
                 raise err  # noqa: B904 - chained implicitly to exc, as if raised inside the call
@@ -210,16 +251,23 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
         try:
             del live[seq]
         except KeyError:  # the watchdog won it: it is deciding, or has decided, how to deliver
-            slot.shield += 1
+            slot.shield = shield + 1
             err = materialize(slot, seq, e).leave(slot, None, result)
         else:
-            if e[0] is None and not live:
+            if e[0] is None and not live and slot.shield == shield:
                 # History: one deque append; the beat thread works out the beats used.
                 # ``t_in is now`` (one float read for both) is the system clock's case.
                 rec((e, clock.anchor, _monotonic() if t_in is now else source.monotonic()))
                 return result
-            slot.shield += 1
-            err = materialize(slot, seq, e).leave(slot, None, result, won=True)
+            slot.shield = shield + 1
+            try:
+                err = materialize(slot, seq, e).leave(slot, None, result, won=True)
+            except BaseException:  # as in Tracker.__exit__: failed half-way, cleaned up later
+                t = e[0]
+                if t is not None and t.announced and not t.finished and seq not in live:
+                    t.done = True
+                    live[seq] = [t]
+                raise
         if err is not None:
             raise err
         return result
@@ -227,6 +275,7 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     return run
 
 
+@lock_free
 def execute_with_beat_budget(
     integration: BudgetHost | None,
     beats: float | Literal["auto"],
@@ -254,10 +303,13 @@ def execute_with_beat_budget(
         BeatBudgetExceeded: the budget ran out while ``fn`` ran.
         InvalidArgument: ``beats`` is not a number > 0 or ``"auto"``, ``"auto"`` without an
             ``operation_type``, an ``"auto"`` type with no profile and too little history,
-            or ``fn`` is not callable.
+            or ``fn`` is not callable, or
+            ``integration`` is not an Integration.
+        TypeError: ``fn`` is an ``async def`` or generator function (as ``@beat_budget`` refuses).
     """
     if not callable(fn):
         raise InvalidArgument("fn", fn, "must be callable")
+    _refuse_unbudgetable("execute_with_beat_budget", getattr(fn, "__func__", fn))
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
     if isinstance(beats, str):
         if beats != AUTO:
@@ -391,8 +443,12 @@ def track_operation(
 
     Raises:
         InvalidArgument: an argument is out of range; ``"auto"`` for a type with no profile
-            and too little history.
+            and too little history; ``integration``
+            is not an Integration.
         IntegrationNotStarted: ``strict`` and no started integration.
+        BudgetOnEventLoop: called on the thread of a running asyncio event loop (with a
+            started integration): the budget's exception would hit whichever task runs;
+            budget the work in a thread (``await asyncio.to_thread(fn)``).
     """
     source = "fixed"
     if type(beats) is str:  # cheaper than isinstance on this hot path; mypy does not narrow it
@@ -434,14 +490,21 @@ def track_operation(
             source,
             priority,
         )
-    resolved = integration if integration is not None else RUNTIME.default
+    if integration is not None:
+        if type(integration) not in HOST_TYPES:
+            check_host(integration)
+        resolved: BudgetHost | None = integration
+    else:
+        resolved = RUNTIME.default
     if resolved is None or resolved.budget_clock is None:
         if resolved is not None:
             resolved.refuse_if_forked()
         resolved = None
         if strict:
             raise IntegrationNotStarted("track_operation(strict=True) needs a started integration")
-        _log_fallback(f"operation {operation_id}")
+        _log_fallback(f"operation {operation_id}", integration)
+    elif _get_running_loop() is not None:
+        raise BudgetOnEventLoop(operation_id)
     # Tracker.__init__'s stores, inlined (the constructor's call costs ~60 ns on the block's
     # path, a fifth of what workflows add to it); change them together.
     t = _new(Block)
@@ -501,7 +564,8 @@ def beat_budget(
         TypeError: (at decoration) the target is an ``async def`` or generator function.
         InvalidArgument: an argument is out of range; neither or both of ``beats`` and
             ``profile``; (at a call) ``"auto"`` for a type with no profile and too little
-            history, or an unknown ``profile``.
+            history, or an unknown ``profile``; ``integration``
+            is not an Integration.
 
     Example:
         >>> from backbeat_sync import beat_budget
@@ -538,16 +602,7 @@ def beat_budget(
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         target = getattr(func, "__func__", func)
-        if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-            raise TypeError(
-                f"@beat_budget cannot budget async function {getattr(target, '__qualname__', target)!r}:"
-                " the budget would end when the coroutine is created, not when it finishes"
-            )
-        if inspect.isgeneratorfunction(target):
-            raise TypeError(
-                f"@beat_budget cannot budget generator function {getattr(target, '__qualname__', target)!r}:"
-                " its body runs after the call returns, outside the budget"
-            )
+        _refuse_unbudgetable("@beat_budget", target)
         if not callable(target):
             raise TypeError(f"@beat_budget needs a function, not {type(func).__name__}")
         settings = base if base.name else attrs.evolve(base, name=getattr(target, "__qualname__", "call"))

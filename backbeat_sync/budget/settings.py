@@ -150,6 +150,37 @@ class BudgetSettings:
             raise InvalidArgument("on_warning", self.on_warning, "must be callable")
         if isinstance(self.peers, bool) or not isinstance(self.peers, int) or self.peers < 0:
             raise InvalidArgument("peers", self.peers, "must be an integer >= 0")
+        if self.integration is not None and type(self.integration) not in HOST_TYPES:
+            check_host(self.integration)
+
+
+#: What a budget reads of its integration (``BudgetHost``): a value lacking any is not one.
+_HOST_ATTRIBUTES: Final = (
+    "budget_clock",
+    "clock",
+    "registry",
+    "log",
+    "count",
+    "record_error",
+    "emit_operation_note",
+    "refuse_if_forked",
+)
+#: Types seen to be hosts (checked once per type, then one set lookup).
+HOST_TYPES: Final[set[type]] = set()
+
+
+def check_host(integration: Any) -> None:
+    """Raise InvalidArgument unless ``integration`` is an ``Integration`` (a ``BudgetHost``).
+
+    Checked where it is given (at decoration, when a block is made), not when the
+    call runs: ``integration="nope"`` would otherwise fail there with an AttributeError.
+    """
+    kind = type(integration)
+    if not all(hasattr(kind, a) or hasattr(integration, a) for a in _HOST_ATTRIBUTES):
+        raise InvalidArgument(
+            "integration", integration, "must be an Integration (or None for the process default)"
+        )
+    HOST_TYPES.add(kind)
 
 
 #: ``track_operation`` settings by their arguments (``RUNTIME.block_settings``): a block's

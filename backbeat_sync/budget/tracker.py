@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from .._runtime import WATCHDOG
 from .._time import SYSTEM_TIME
 from .._watchdog import ARMED, OWNER, SYNC, Fired, ThreadSlot, all_slots, current_slot, thread_state
-from ..errors import BeatBudgetExceeded, BudgetLeftUnexited, InvalidArgument, OperationNotFound
+from ..errors import (
+    BeatBudgetExceeded,
+    BudgetLeftUnexited,
+    DuplicateOperation,
+    IntegrationNotStarted,
+    InvalidArgument,
+    OperationNotFound,
+)
 from ..history import Sample, name_of
 from ..operations import OperationPhase, P2POperation
 from ..workflow import CURRENT
@@ -109,6 +116,7 @@ class Tracker(FlowMixin):
         "peers",
         "seq",
         "settings",
+        "shield_in",
         "slot",
         "st_in",
         "t_in",
@@ -127,6 +135,7 @@ class Tracker(FlowMixin):
     done: bool  #: the owner has left (slow path; the fast path just leaves ``slot.live``)
     finished: bool  #: its operation is completed or failed
     peers: int  #: the peer count claimed
+    shield_in: int  #: ``slot.shield`` when the block was entered (``track_operation``)
 
     event_pos: float | None = None  #: position of the next event (set when the watchdog takes it)
     outcome: BaseException | None = None  #: the exception the owner left with
@@ -320,7 +329,10 @@ class Tracker(FlowMixin):
         except AttributeError:
             slot = current_slot()
         self.slot = slot
-        slot.shield += 1
+        # Its exit restores the shield from this value (nested exits cut short leak none).
+        self.shield_in = shield = slot.shield
+        slot.shield = shield + 1
+        registering = False
         try:
             if slot.pending is not None:
                 absorb_pending(slot)
@@ -355,6 +367,7 @@ class Tracker(FlowMixin):
                     s.claim_source,
                     flow,
                 )
+                registering = True
                 integration.registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
                 # Armed as a @beat_budget call is (the one arming protocol, see .arming): its
@@ -370,11 +383,17 @@ class Tracker(FlowMixin):
                 slot.live[self.seq] = [self]
                 if now + s.first_beats * anchor[2] < WATCHDOG.next_wake:
                     WATCHDOG.notify()
-        except BaseException:
-            undo = self._token
-            if undo is not None:  # not entered after all: the context's operation is the old one
-                self._token = None
-                _cv_reset(undo)
+        except IntegrationNotStarted:  # stopping since the block was made: run it plainly
+            self._undo_context()
+            self.integration = None
+            unshield(slot)
+            return self
+        except BaseException as exc:
+            self._undo_context()
+            if registering and self.seq not in slot.live and type(exc) is not DuplicateOperation:
+                # Registered but never armed (no __exit__ follows): into ``live``, for drop_stale.
+                self.done = self.announced = True
+                slot.live[self.seq] = [self]
             unshield(slot)
             raise
         slot.shield -= 1
@@ -390,6 +409,13 @@ class Tracker(FlowMixin):
             raise_sync(slot)
         return self
 
+    def _undo_context(self) -> None:
+        """Not entered after all: the context's operation is the old one again."""
+        undo = self._token
+        if undo is not None:
+            self._token = None
+            _cv_reset(undo)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -400,7 +426,7 @@ class Tracker(FlowMixin):
         if integration is None:
             return
         slot = self.slot
-        slot.shield += 1
+        slot.shield = self.shield_in + 1  # not += 1: see __enter__
         # Under the shield: an interrupt landing here would skip the rest of the exit.
         token = self._token
         if token is not None:
@@ -413,22 +439,33 @@ class Tracker(FlowMixin):
             # The common case, in short: we won (the watchdog can no longer fire it), it
             # was not spent, nothing is nested in this thread and nothing is unwinding.
             self.done = True
-            self.finished = True
             clock = integration.clock
             source = clock.time_source
             self.settings.log.append(  # history: the beat thread works out the beats used
                 (self, clock.anchor, _monotonic() if source is SYSTEM_TIME else source.monotonic())
             )
             try:
-                integration.registry.finish(self.op_id, _COMPLETED, self.peers)
-            except OperationNotFound:  # stop() failed it meanwhile
-                pass
+                try:
+                    integration.registry.finish(self.op_id, _COMPLETED, self.peers)
+                except OperationNotFound:  # stop() failed it meanwhile
+                    pass
+                self.finished = True
+            except BaseException:  # no room left on the stack: the next exit in this thread fails it
+                slot.live[self.seq] = [self]
+                raise
             finally:  # arming.unshield, inlined (the common exit)
                 slot.shield -= 1
                 if slot.shield == 0 and slot.sync is not None:
                     raise_sync(slot)
             return
-        err = self.leave(slot, exc, None, won=won)
+        try:
+            err = self.leave(slot, exc, None, won=won)
+        except BaseException:
+            # Our exit code failed (no room on the stack): back into ``live``, for drop_stale.
+            if self.announced and not self.finished and self.seq not in slot.live:
+                self.done = True
+                slot.live[self.seq] = [self]
+            raise
         if err is not None:
             raise err
 
@@ -546,6 +583,12 @@ class Tracker(FlowMixin):
                 err = self._sync_exc(result)
             self._settle(err or exc)
             return err
+        except BaseException:
+            # Our exit code failed (no room left on the stack): as in __exit__ (drop_stale).
+            if self.announced and not self.finished:
+                self.done = True
+                slot.live[self.seq] = [self]
+            raise
         finally:
             unshield(slot)
 
@@ -585,6 +628,8 @@ class Tracker(FlowMixin):
         """Record the finished run in the integration's budget history (a deque append)."""
         integration = self.integration
         if integration is None:
+            return
+        if not hasattr(self, "st_in"):  # its __enter__ failed before the start was read: no run
             return
         clock = integration.clock
         s = self.settings
@@ -704,13 +749,14 @@ class Tracker(FlowMixin):
         if self.finished or not self.announced:
             self.finished = True
             return
-        self.finished = True
         try:
             cast("BudgetHost", self.integration).registry.finish(
                 self.operation_id, phase, peer_count=self.peers, reason=reason
             )
         except OperationNotFound:  # stop() failed it already
             pass
+        # Only now: if the call failed (no room on the stack), drop_stale fails it later.
+        self.finished = True
 
     def _record(self, message: str) -> None:
         integration = self.integration
@@ -786,11 +832,20 @@ def nearest_deadline(slot: ThreadSlot) -> float:
 
 
 def drop_stale(slot: ThreadSlot, seq: int) -> None:
-    """Budgets entered after ``seq`` that are still armed were left without their exit code."""
+    """Budgets entered after ``seq`` still armed, or marked done but still in ``live`` (their
+    exit code failed half-way: a RecursionError), were left without their exit code."""
     for key, e in list(slot.live.items()):
-        if key > seq and slot.live.pop(key, None) is not None:
-            t = materialize(slot, key, e)
-            t.done = True
-            t.fired = OWNER
-            t.delivered = True
-            t._settle(BudgetLeftUnexited(t.operation_id))
+        t = e[0]
+        if (key > seq or (t is not None and t.done and key != seq)) and slot.live.pop(key, None) is not None:
+            try:
+                t = materialize(slot, key, e)
+                t.done = True
+                t.fired = OWNER
+                t.delivered = True
+                t._settle(BudgetLeftUnexited(t.operation_id))
+            except BaseException:  # no room on the stack: put it back for an exit further out
+                t = e[0]
+                if t is not None and t.announced and not t.finished:
+                    t.done = True
+                    slot.live[key] = [t]
+                raise

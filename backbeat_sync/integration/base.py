@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -39,6 +38,8 @@ __all__ = [
     "CALLBACK_QUEUE_LIMIT",
     "STOP",
     "STOPPED_REASON",
+    "STOP_REQUEST",
+    "STOP_WAIT_MARGIN",
     "BeatCallback",
     "ClaimCallback",
     "IntegrationCore",
@@ -50,6 +51,10 @@ ClaimCallback = Callable[["StatusClaim"], Any]
 
 #: Put on the beat queue to stop the beat thread.
 STOP: Final = object()
+#: Put on the beat queue by a stop() that may not stop on its own thread (see Integration.stop).
+STOP_REQUEST: Final = object()
+#: How long a stop() waits for a stop already under way on another thread (past the flush timeout).
+STOP_WAIT_MARGIN: Final = 10.0
 #: User-callback items queued at most; past this the oldest are dropped (and counted).
 CALLBACK_QUEUE_LIMIT: Final = 100_000
 #: How long stop() waits for one user callback that is still running (a blocked one).
@@ -89,8 +94,7 @@ class IntegrationCore:
     _claimed_beat: int
     _beat_queue: queue.SimpleQueue[object]
     _handled_listeners: tuple[Callable[[BeatFrame, float], None], ...]
-    _cb_items: deque[tuple[str, Any]]
-    _cb_cond: threading.Condition
+    _cb_items: queue.SimpleQueue[tuple[str, Any]]
     _cb_running: tuple[str, float] | None
     _cb_blocked_reported: bool
     _beat_seen: threading.Event
@@ -112,7 +116,11 @@ class IntegrationCore:
 
         def count(self, key: str, n: int = 1) -> None: ...
 
+        def _record_rejection(self, counter: str, prefix: str, noun: str, reason: str) -> None: ...
+
         def _queue_callback(self, kind: str, payload: Any) -> None: ...
+
+        def _spawn_stopper(self) -> None: ...
 
         def _check_blocked(self) -> None: ...
 

@@ -9,7 +9,7 @@ from typing import Final
 
 from ..budget import announce_running
 from ..protocol import BeatFrame
-from .base import STOP, IntegrationCore
+from .base import STOP, STOP_REQUEST, IntegrationCore
 
 #: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
 LOG_NAME: Final = "backbeat_sync.integration"
@@ -33,8 +33,11 @@ class BeatMixin(IntegrationCore):
                 continue
             frames: list[BeatFrame] = []
             while item is not STOP:
-                assert isinstance(item, BeatFrame)
-                frames.append(item)
+                if item is STOP_REQUEST:
+                    self._spawn_stopper()
+                else:
+                    assert isinstance(item, BeatFrame)
+                    frames.append(item)
                 try:  # a backlog (slow handling): claim once, for the newest beat
                     item = self._beat_queue.get_nowait()
                 except queue.Empty:

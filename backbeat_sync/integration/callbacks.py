@@ -6,10 +6,12 @@ A slow or raising callback stalls nothing else: the beat thread only queues
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, Final
 
+from .._reentry import lock_free
 from ..claims import resolve
 from ..errors import InvalidArgument
 from ..protocol import BeatFrame
@@ -91,20 +93,28 @@ class CallbackMixin(IntegrationCore):
         return callback
 
     def _queue_callback(self, kind: str, payload: Any) -> None:
-        with self._cb_cond:
-            if len(self._cb_items) >= CALLBACK_QUEUE_LIMIT:
-                self._cb_items.popleft()
-                self._health.add("callbacks_dropped")
-            self._cb_items.append((kind, payload))
-            self._cb_cond.notify()
-
-    def _callback_loop(self) -> None:
+        # A SimpleQueue, not a deque under a Condition: application threads queue claims
+        # here, and a signal handler that raises (``stop(); sys.exit(0)``) may interrupt
+        # them anywhere; Condition.__enter__ is Python code, so it could leave its lock
+        # held for good. SimpleQueue.put is one C call (reentrant).
         items = self._cb_items
+        if items.qsize() >= CALLBACK_QUEUE_LIMIT:  # full: the oldest item goes
+            try:
+                dropped = items.get_nowait()
+            except queue.Empty:
+                pass
+            else:
+                if dropped[0] == "stop":  # never drop the stop (after 100,000 more items)
+                    items.put(dropped)
+                else:
+                    self._health.add("callbacks_dropped")
+        items.put((kind, payload))
+
+    @lock_free  # never on the main thread; calls user callbacks with no lock held
+    def _callback_loop(self) -> None:
+        get = self._cb_items.get
         while True:
-            with self._cb_cond:
-                while not items:
-                    self._cb_cond.wait()
-                kind, payload = items.popleft()
+            kind, payload = get()
             if kind == "stop":
                 return
             callbacks: tuple[Callable[[Any], Any], ...] = getattr(self._callbacks, kind)

@@ -23,12 +23,12 @@ import math
 import os
 import queue
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
 from .._logging import LoggerAdapter, RateLimitedLog
+from .._reentry import lock_free
 from .._runtime import RUNTIME
 from .._time import SYSTEM_TIME, TimeSource
 from ..budget import execute_with_beat_budget
@@ -48,11 +48,12 @@ from ..operations import OperationPhase, OperationRegistry, P2POperation
 from ..protocol import BeatFrame, StatusClaim, check_wire_id
 from ..signing import SigningKey, Verifier
 from ..transport import Transport, make_transport
-from .base import STOP, STOPPED_REASON, IntegrationState
+from .base import STOP, IntegrationState
 from .beat import BeatMixin
 from .callbacks import CallbackMixin, Callbacks
 from .health import HealthCounters, HealthMixin
 from .ingest import IngestMixin
+from .stopping import StopMixin
 from .workflows import WorkflowMixin
 
 #: The stdlib logger its lines go to (``log_to_stdlib``): the package's, as before the split.
@@ -78,7 +79,7 @@ def _wait_timeout(wait_for_beat: float | bool | None) -> float | None:
     return float(wait_for_beat)
 
 
-class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMixin):
+class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMixin):
     """An agent's membership of a BACKBEAT cluster: the beat, its operations, its claims.
 
     Args:
@@ -161,8 +162,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         self._last_handling = 0.0
         self._claimed_beat = -1
         self._beat_queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._cb_items: deque[tuple[str, Any]] = deque()
-        self._cb_cond = threading.Condition(threading.Lock())
+        self._cb_items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cb_running: tuple[str, float] | None = None
         self._cb_blocked_reported = False
         self._threads: list[threading.Thread] = []
@@ -182,6 +182,9 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         self._history_flushed_at = 0.0
         #: start_p2p_operation runs not yet finished: id -> (start position, budget, source, type).
         self._p2p_runs: dict[str, tuple[float, float, str, str]] = {}
+        #: Set by a stop() that could not stop at once (a signal handler inside a library call).
+        self._stop_requested = False
+        self._stopped_event = threading.Event()
 
     # -- properties ----------------------------------------------------------
 
@@ -252,8 +255,9 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         self.refuse_if_forked()
         with self._state_lock:
             if self._state is not IntegrationState.NEW:
-                raise IntegrationAlreadyStarted()
+                raise IntegrationAlreadyStarted(self._state.value)
             self._state = IntegrationState.STARTING
+            self._stop_requested = False
             self._pid = os.getpid()
         try:
             if self._config.otel:
@@ -291,6 +295,9 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
             f"🎵 CHORUS BACKBEAT integration started - cluster={self._config.cluster_id}"
             f" agent={self._config.agent_id}"
         )
+        if self._stop_requested:  # stop() was called while we started (a signal handler, another thread)
+            self._stop_now()
+            return
         if timeout != 0.0:
             self.wait_for_beat(timeout)
 
@@ -319,40 +326,6 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
             return False
         return self._beat_seen.wait(timeout)
 
-    def stop(self) -> None:
-        """Fail what is still active, publish what is queued, close, join every thread. Idempotent.
-
-        Each operation still active gets a final ``failed`` claim with reason
-        ``integration stopped`` before the connection closes.
-        """
-        with self._state_lock:
-            if self._state is not IntegrationState.RUNNING:
-                return
-            self._state = IntegrationState.STOPPING
-            self.budget_clock = None
-        try:
-            self._beat_queue.put(STOP)
-            for t in self._threads[:1]:
-                t.join()
-            failed = self._registry.fail_all(STOPPED_REASON)
-            if failed:
-                self._log.warn(f"BACKBEAT stop: {len(failed)} active operation(s) failed ({STOPPED_REASON})")
-            if self._transport is not None:
-                self._transport.stop(self._config.flush_timeout)
-        finally:
-            self._stop_threads()
-            self.history.close()
-            for server in self._metrics_servers:
-                server.close()
-            self._metrics_servers.clear()
-            with self._state_lock:
-                self._state = IntegrationState.STOPPED
-            RUNTIME.stopped(self)
-            if self._otel is not None:
-                self._otel.uninstrument()
-                self._otel = None
-            self._log.info("🎵 CHORUS BACKBEAT integration stopped")
-
     def _inherited_by_fork(self) -> None:
         """Fork child (called by the runtime): this integration is the parent's; refuse its API.
 
@@ -378,9 +351,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
 
     def _stop_threads(self) -> None:
         self._beat_queue.put(STOP)
-        with self._cb_cond:
-            self._cb_items.append(("stop", None))
-            self._cb_cond.notify()
+        self._cb_items.put(("stop", None))
         for t in self._threads:
             if t is threading.current_thread() or not t.is_alive():
                 continue
@@ -394,6 +365,7 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         self.start()
         return self
 
+    @lock_free
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
@@ -532,11 +504,14 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
             peer_count: peers involved now.
 
         Raises:
+            IntegrationNotStarted: ``start()`` has not been called yet.
             OperationNotFound: no active operation has this id.
             InvalidPhaseTransition: ``phase`` is behind the current phase.
             InvalidArgument: ``phase`` or ``peer_count`` is not valid.
         """
         self.refuse_if_forked()
+        if self._state is IntegrationState.NEW:
+            raise IntegrationNotStarted("call start() before update_p2p_operation_phase()")
         target = self._phase(phase)
         self._check_peers(peer_count)
         if target is OperationPhase.FAILED:
@@ -549,11 +524,15 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         """Mark an operation completed and claim ``done`` at once.
 
         Raises:
-            OperationNotFound: no active operation has this id (maybe already finished).
+            IntegrationNotStarted: ``start()`` has not been called yet.
+            OperationNotFound: no active operation has this id (maybe already finished,
+                or failed by ``stop()``).
             InvalidArgument: ``peer_count`` is not an integer >= 0.
             ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
         self.refuse_if_forked()
+        if self._state is IntegrationState.NEW:
+            raise IntegrationNotStarted("call start() before complete_p2p_operation()")
         self._check_peers(peer_count)
         self._registry.finish(operation_id, OperationPhase.COMPLETED, peer_count=peer_count)
         self._p2p_finished(operation_id, "done")
@@ -562,13 +541,18 @@ class Integration(IngestMixin, BeatMixin, CallbackMixin, HealthMixin, WorkflowMi
         """Mark an operation failed and claim ``failed`` at once.
 
         Raises:
-            OperationNotFound: no active operation has this id (maybe already finished).
+            IntegrationNotStarted: ``start()`` has not been called yet.
+            OperationNotFound: no active operation has this id (maybe already finished,
+                or failed by ``stop()``).
             ForkedIntegration: inherited across ``os.fork()`` (it is the parent's).
         """
         self.refuse_if_forked()
+        if self._state is IntegrationState.NEW:
+            raise IntegrationNotStarted("call start() before fail_p2p_operation()")
         self._registry.finish(operation_id, OperationPhase.FAILED, reason=str(reason))
         self._p2p_finished(operation_id, "failed")
 
+    @lock_free
     def execute_with_beat_budget(
         self,
         beats: float | Literal["auto"],

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypedDict
 
 import attrs
 
+from .._time import format_rfc3339
 from .base import IntegrationCore
 
 if TYPE_CHECKING:
@@ -201,6 +202,50 @@ class Health(_HealthRequired, total=False):
     budget_exhausted_warn: int
 
 
+class Tally:
+    """One health ``errors`` entry standing for every rejection of one kind (a junk flood).
+
+    ``errors`` keeps ten entries; ten thousand malformed frames would push every real
+    error out. So rejections of one kind (one counter) share an entry, kept newest,
+    that reads ``rejected beat frame: <last reason> (12,431 malformed frames since
+    <time>; also: <other recent reasons>)``.
+    """
+
+    __slots__ = ("count", "last", "noun", "prefix", "reasons", "since")
+
+    def __init__(self, prefix: str, noun: str, since: str) -> None:
+        self.prefix = prefix
+        self.noun = noun
+        self.since = since
+        self.count = 0
+        self.last = ""
+        self.reasons: list[str] = []  # the last few distinct reasons, newest last
+
+    def add(self, reason: str) -> None:
+        """One more rejection, for ``reason``."""
+        self.count += 1
+        if reason != self.last:
+            self.last = reason
+            reasons = self.reasons
+            if reason in reasons:
+                reasons.remove(reason)
+            reasons.append(reason)
+            if len(reasons) > TALLY_REASONS:
+                del reasons[0]
+
+    def __str__(self) -> str:
+        noun = self.noun if self.count == 1 else self.noun + "s"
+        text = f"{self.prefix}: {self.last} ({self.count:,} {noun} since {self.since}"
+        others = self.reasons[:-1]
+        if others:
+            text += "; also: " + "; ".join(reversed(others))
+        return text + ")"
+
+
+#: Distinct recent reasons an aggregated errors entry names.
+TALLY_REASONS: Final = 3
+
+
 class HealthCounters:
     """The integration's counters and its ``errors``, under one lock (any thread writes).
 
@@ -211,7 +256,8 @@ class HealthCounters:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {f.key: 0 for f in HEALTH_FIELDS if f.counted and not f.lazy}
-        self._errors: deque[str] = deque(maxlen=ERRORS_KEPT)
+        self._errors: deque[str | Tally] = deque(maxlen=ERRORS_KEPT)
+        self._tallies: dict[str, Tally] = {}
         #: The beat at which the last error was recorded (None: none yet).
         self.last_error_beat: int | None = None
 
@@ -226,10 +272,39 @@ class HealthCounters:
             self._errors.append(message)
             self.last_error_beat = beat
 
+    def reject(self, counter: str, prefix: str, noun: str, reason: str, beat: int, now: str) -> None:
+        """Count a rejection under ``counter``; its ``errors`` entry is the counter's one :class:`Tally`.
+
+        The tally moves to the newest place (it is the most recent error); if ten
+        newer errors pushed it out, it comes back, its count running on.
+
+        Args:
+            counter: the health counter (``rejected_frames``, ``unsigned_frames``, ...).
+            prefix: how the entry starts (``rejected beat frame``).
+            noun: what one rejection is (``malformed frame``).
+            reason: why this one was rejected.
+            beat: the current beat.
+            now: the time, RFC 3339 (the tally's "since", on its first rejection).
+        """
+        with self._lock:
+            self._counts[counter] = self._counts.get(counter, 0) + 1
+            tally = self._tallies.get(counter)
+            if tally is None:
+                tally = self._tallies[counter] = Tally(prefix, noun, now)
+            tally.add(reason)
+            errors = self._errors
+            if not errors or errors[-1] is not tally:
+                try:
+                    errors.remove(tally)
+                except ValueError:  # pushed out by ten newer errors (or the first one)
+                    pass
+                errors.append(tally)
+            self.last_error_beat = beat
+
     def errors(self) -> list[str]:
         """A copy of ``errors``, oldest first."""
         with self._lock:
-            return list(self._errors)
+            return [str(e) for e in self._errors]
 
     def counts(self) -> dict[str, int]:
         """A copy of every counter."""
@@ -326,3 +401,12 @@ class HealthMixin(IntegrationCore):
     def count(self, key: str, n: int = 1) -> None:
         """Add ``n`` to the health counter ``key`` (created at 0 on first use)."""
         self._health.add(key, n)
+
+    def _record_rejection(self, counter: str, prefix: str, noun: str, reason: str) -> None:
+        """Count a rejected message and record it, aggregated per counter (see :class:`Tally`).
+
+        The log gets the first at once and then one line per burst, as :meth:`record_error`.
+        """
+        now = format_rfc3339(self._time.time())
+        self._health.reject(counter, prefix, noun, reason, self._clock.current_beat, now)
+        self._ratelog.warn(counter, f"BACKBEAT error: {prefix}: {reason}")

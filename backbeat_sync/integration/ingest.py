@@ -33,8 +33,7 @@ class IngestMixin(IntegrationCore):
         try:
             frame = parse_beat_frame(data)
         except ProtocolError as exc:
-            self.count("rejected_frames")
-            self.record_error(f"rejected beat frame: {exc.reason}")
+            self._record_rejection("rejected_frames", "rejected beat frame", "malformed frame", exc.reason)
             return
         if frame.cluster_id != self._config.cluster_id:
             self.count("foreign_frames")
@@ -45,7 +44,7 @@ class IngestMixin(IntegrationCore):
         if not result.observation.accepted:
             return
         self._beat_seen.set()  # wait_for_beat()
-        if result.observation in (Observation.FIRST, Observation.RESET):
+        if result.observation in (Observation.FIRST, Observation.RESET, Observation.JUMP):
             self._registry.rebase(self._clock.beat_and_epoch[1], result.shift)
         if result.observation is Observation.GAP:
             self._ratelog.warn(
@@ -54,6 +53,11 @@ class IngestMixin(IntegrationCore):
         elif result.observation is Observation.RESET:
             self.record_error(
                 f"pulse reset: resynchronised to beat {frame.beat_index} after a bar of stale frames"
+            )
+        elif result.observation is Observation.JUMP:
+            self.record_error(
+                f"pulse reset forward: resynchronised to beat {frame.beat_index}, {result.excess:,.0f}"
+                " beats ahead of the time elapsed (budgets count the elapsed beats)"
             )
         WATCHDOG.notify_only()  # tempo changes re-time the budgets' deadlines
         self._beat_queue.put(frame)
@@ -65,8 +69,13 @@ class IngestMixin(IntegrationCore):
         verdict = self._verifier.verify(frame)
         if verdict == "ok":
             return True
-        self.count("unsigned_frames" if verdict == "unsigned" else "forged_frames")
-        self.record_error(f"dropped beat frame: {verdict.replace('_', ' ')} (beat {frame.beat_index})")
+        unsigned = verdict == "unsigned"
+        self._record_rejection(
+            "unsigned_frames" if unsigned else "forged_frames",
+            "dropped beat frame",
+            "unsigned frame" if unsigned else "forged frame",
+            f"{verdict.replace('_', ' ')} (beat {frame.beat_index})",
+        )
         return False
 
     def transport_event(self, event: TransportEvent, detail: str) -> None:
