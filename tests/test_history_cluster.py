@@ -100,15 +100,15 @@ def test_two_agents_thirty_runs_each_count_sixty_in_either_ones_cluster_stats(
     doc = read_value(nats_runner, url, history_key(CLUSTER, TYPE))
     assert sorted(doc["agents"]) == ["agent-a", "agent-b"]
     assert [doc["agents"][x]["d"] for x in ("agent-a", "agent-b")] == [30, 30]
-    assert a.get_health()["errors"] == [] and b.get_health()["errors"] == []
+    assert a.get_health()["errors"] == []
+    assert b.get_health()["errors"] == []
     # A resend of the same figures (a retry, a second sync) replaces the entry: still 60.
-    assert a.history.sync_cluster(10.0) and b.history.sync_cluster(10.0)
+    assert a.history.sync_cluster(10.0)
+    assert b.history.sync_cluster(10.0)
     assert a.history.stats(TYPE, scope="cluster").count == 60
 
 
-def test_the_merge_runs_once_a_bar_by_itself(
-    nats_jetstream: NatsServer, agents: list[Integration]
-) -> None:
+def test_the_merge_runs_once_a_bar_by_itself(nats_jetstream: NatsServer, agents: list[Integration]) -> None:
     """With a pulse, no sync_cluster(): each downbeat hands a merge to the loop."""
     url = nats_jetstream.url
     pulse = Pulse(config(url, "hb-pulse"), tempo_bpm=600.0)
@@ -116,12 +116,14 @@ def test_the_merge_runs_once_a_bar_by_itself(
     try:
         a = start(agents, config(url, "agent-a"))
         b = start(agents, config(url, "agent-b"))
-        assert a.wait_for_beat(30) and b.wait_for_beat(30)
+        assert a.wait_for_beat(30)
+        assert b.wait_for_beat(30)
         run_ops(a, 30)
         run_ops(b, 30)
         for i in (a, b):
             wait_until(lambda i=i: i.history.stats(TYPE, scope="cluster").count == 60, 30, "60 runs")
-        assert a.history.cluster is not None and a.history.cluster.merges >= 1
+        assert a.history.cluster is not None
+        assert a.history.cluster.merges >= 1
     finally:
         pulse.stop()
 
@@ -157,7 +159,8 @@ def test_auto_budgets_learn_from_the_cluster_with_history_scope_cluster(
     local = start(agents, config(url, "local-only"))
     assert learner.history.resolve(TYPE) == (4.0, "profile")  # nothing learned yet
     assert teacher.history.sync_cluster(10.0)
-    assert learner.history.sync_cluster(10.0) and local.history.sync_cluster(10.0)
+    assert learner.history.sync_cluster(10.0)
+    assert local.history.sync_cluster(10.0)
     # p95 1.1 (within 2 %) * 1.25 = 1.375.. -> 1.5, below the profile's min 2
     assert learner.history.resolve(TYPE) == (2.0, "history")
     assert abs(learner.history.stats(TYPE, scope="cluster").p95 - 1.1) <= 0.022
@@ -230,12 +233,14 @@ def test_a_concurrent_writer_between_read_and_write_loses_nothing(
             await nc.close()
 
     doc = nats_runner.run(scenario())
-    assert a.retries == 1 and b.retries == 0
+    assert a.retries == 1
+    assert b.retries == 0
     expected = ["agent-a", "agent-b"] + (["agent-c"] if existing else [])
     assert sorted(doc["agents"]) == expected
     total = 60 + (5 if existing else 0)
     assert sum(e["d"] for e in doc["agents"].values()) == total
-    assert a.stats(TYPE).count == total and b.stats(TYPE).count == total
+    assert a.stats(TYPE).count == total
+    assert b.stats(TYPE).count == total
 
 
 def test_without_jetstream_it_is_reported_once_and_history_stays_local(
@@ -247,7 +252,8 @@ def test_without_jetstream_it_is_reported_once_and_history_stays_local(
     assert not i.history.sync_cluster(10.0)
     problems = [e for e in i.get_health()["errors"] if "history bucket" in e]
     assert len(problems) == 1, i.get_health()["errors"]
-    assert "JetStream" in problems[0] and "stays local" in problems[0]
+    assert "JetStream" in problems[0]
+    assert "stays local" in problems[0]
     assert i.history.stats(TYPE, scope="cluster") == i.history.stats(TYPE)
     assert i.history.resolve(TYPE)[1] == "history"  # learned from its own 25 runs
 
