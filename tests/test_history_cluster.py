@@ -288,3 +288,50 @@ def test_stats_scope_is_checked() -> None:
             i.history.stats(TYPE, scope="global")
         with pytest.raises(ValueError, match="name"):
             i.history.stats(TYPE, "f", scope="cluster")
+
+
+AGENT_PROCESS = """
+import sys, time
+from backbeat_sync import BackbeatConfig, Integration
+url, agent = sys.argv[1], sys.argv[2]
+cfg = BackbeatConfig(cluster_id="hb", agent_id=agent, nats_url=url, history_bucket="backbeat-history",
+                     flush_timeout=10.0)
+with Integration(cfg, "12D3KooWSharedHistory") as i:
+    for _ in range(30):
+        i.execute_with_beat_budget(4, lambda: None, operation_type="dht_store")
+    deadline = time.monotonic() + 30
+    while True:
+        i.history.sync_cluster(10.0)
+        count = i.history.stats("dht_store", scope="cluster").count
+        if count >= 60 or time.monotonic() > deadline:
+            break
+    print(count, i.history.cluster.retries, len(i.get_health()["errors"]))
+"""
+
+
+def test_two_agent_processes_writing_at_once_both_count_sixty(nats_jetstream: NatsServer) -> None:
+    """Two processes, 30 runs each, merging concurrently: each ends with 60, none lost."""
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", AGENT_PROCESS, nats_jetstream.url, name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("proc-a", "proc-b")
+    ]
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        count, _retries, errors = (int(x) for x in out.split())
+        assert count == 60, out
+        assert errors == 0, err
