@@ -235,6 +235,24 @@ def _stream_name(inst: Any, attribute: attrs.Attribute[str | None], value: str |
         )
 
 
+def _bucket_name(inst: Any, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", value):
+        raise ConfigError(
+            attribute.name,
+            value,
+            "must be a JetStream key-value bucket name (letters, digits, '-' and '_') or None",
+        )
+
+
+def _history_scope(inst: Any, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in ("local", "cluster"):
+        raise ConfigError(attribute.name, value, "must be 'local' or 'cluster'")
+    if value == "cluster" and inst.history_bucket is None:
+        raise ConfigError(attribute.name, value, "'cluster' needs history_bucket (the bucket it reads)")
+
+
 @attrs.frozen(kw_only=True)
 class BackbeatConfig:
     """How an :class:`~backbeat_sync.Integration` joins a BACKBEAT cluster.
@@ -324,6 +342,12 @@ class BackbeatConfig:
     #: failed) are published to it with a ``Nats-Msg-Id`` and leave the outbox only on its
     #: PubAck, so the stream holds each exactly once. None (default): flush-confirmed core NATS.
     claims_stream: str | None = attrs.field(default=None, validator=_stream_name)
+    #: A JetStream key-value bucket (created if missing) the cluster's agents merge their
+    #: budget history into once a bar: mergeable sketches per (cluster, type). None: off.
+    history_bucket: str | None = attrs.field(default=None, validator=_bucket_name)
+    #: Which figures ``"auto"`` budgets learn from: ``"local"`` (this agent's history) or
+    #: ``"cluster"`` (the merged figures of ``history_bucket``, which it needs).
+    history_scope: str = attrs.field(default="local", validator=_history_scope)
 
     @property
     def is_local(self) -> bool:
@@ -385,7 +409,7 @@ class BackbeatConfig:
         ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
         ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
         ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``,
-        ``CLAIMS_STREAM``, each prefixed ``CHORUS_BACKBEAT_``.
+        ``CLAIMS_STREAM``, ``HISTORY_BUCKET``, ``HISTORY_SCOPE``, each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
@@ -462,4 +486,6 @@ _ENV_FIELDS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("otel", "OTEL", _parse_bool),
     ("history_path", "HISTORY_PATH", _identity),
     ("claims_stream", "CLAIMS_STREAM", _identity),
+    ("history_bucket", "HISTORY_BUCKET", _identity),
+    ("history_scope", "HISTORY_SCOPE", _identity),
 )

@@ -92,7 +92,13 @@ EventReporter = Callable[[TransportEvent, str], None]
 
 
 async def open_bucket(
-    nc: Client, bucket: str, *, create: bool, replicas: int | None, timeout: float
+    nc: Client,
+    bucket: str,
+    *,
+    create: bool,
+    replicas: int | None,
+    timeout: float,
+    description: str = "backbeat_sync HA pulse: lease, beat grid and tempo per cluster",
 ) -> KeyValue:
     """The HA pulse bucket on ``nc``, created (file storage, one value per key) if missing and ``create``.
 
@@ -102,6 +108,7 @@ async def open_bucket(
         create: create it if it does not exist.
         replicas: its replicas when created (None: 3 on a cluster of 3 or more, else 1).
         timeout: per JetStream request.
+        description: the bucket's description when created.
 
     Raises:
         JetStreamUnavailable: no JetStream, JetStream refused, or no such bucket (``create=False``).
@@ -129,7 +136,7 @@ async def open_bucket(
             history=1,
             storage="file",
             replicas=replicas if replicas is not None else auto_replicas(nc),
-            description="backbeat_sync HA pulse: lease, beat grid and tempo per cluster",
+            description=description,
         )
     except Exception as exc:
         cause = jetstream_cause(exc)

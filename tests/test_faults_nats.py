@@ -632,6 +632,10 @@ BAD_CONFIG = [
     ("budget_profiles", {"ingest": (0, 1)}),
     ("claims_stream", ""),
     ("claims_stream", "a.b"),
+    ("history_bucket", ""),
+    ("history_bucket", "a.b"),
+    ("history_scope", "global"),
+    ("history_scope", "cluster"),  # needs history_bucket
 ]
 
 

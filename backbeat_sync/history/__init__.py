@@ -15,6 +15,7 @@ profile's max; else ``p95 * margin`` rounded up to a quarter beat, never below
 the profile's min (or 0.25 without a profile).
 """
 
+from .cluster import ClusterHistory, history_key
 from .core import BudgetHistory
 from .records import OperationStats, RunLog, Sample, new_run_log
 from .rules import (
@@ -29,6 +30,7 @@ from .rules import (
     name_of,
     round_up_quarter,
 )
+from .sketch import Sketch
 
 __all__ = [
     "DEFAULT_KEEP",
@@ -39,10 +41,13 @@ __all__ = [
     "RUN_LOG_LIMIT",
     "SCHEMA_VERSION",
     "BudgetHistory",
+    "ClusterHistory",
     "OperationStats",
     "RunLog",
     "Sample",
+    "Sketch",
     "check_profiles",
+    "history_key",
     "name_of",
     "new_run_log",
     "round_up_quarter",

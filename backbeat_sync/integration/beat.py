@@ -98,6 +98,10 @@ class BeatMixin(IntegrationCore):
                 f"🎼 BACKBEAT downbeat - new bar started - beat={last.beat_index} window={last.window_id}"
             )
             self._registry.cleanup_finished()
+            cluster = self.history.cluster
+            if cluster is not None:  # once a bar: this agent's sketches go to the shared bucket
+                self.history._drain()
+                cluster.bar()
             self._log.info(f"🧹 BACKBEAT operations cleanup check - active: {self._registry.active_count}")
         if any(f.beat_index % self._config.health_every_beats == 0 for f in frames):
             self._emit_health()

@@ -23,7 +23,8 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
+from concurrent.futures import Future
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, ParamSpec, TypeVar
 
@@ -44,6 +45,7 @@ from ..errors import (
     InvalidArgument,
 )
 from ..history import BudgetHistory, Sample, name_of
+from ..history.cluster import ClusterHistory
 from ..operations import OperationPhase, OperationRegistry, P2POperation
 from ..protocol import BeatFrame, StatusClaim, check_wire_id
 from ..signing import SigningKey, Verifier
@@ -180,6 +182,20 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
             time_source=self._time.time,
         )
         self._history_flushed_at = 0.0
+        if config.history_bucket is not None and not config.is_local:
+            cluster = ClusterHistory(
+                config.history_bucket,
+                config.cluster_id,
+                config.agent_id,
+                self._submit_history,
+                on_error=self.record_error,
+                on_change=self.history._cluster_changed,
+                time_source=self._time.time,
+                timeout=config.flush_timeout,
+            )
+            self.history.cluster = cluster
+            self.history.scope = config.history_scope
+            self.history.add_listener(cluster.add)
         #: start_p2p_operation runs not yet finished: id -> (start position, budget, source, type).
         self._p2p_runs: dict[str, tuple[float, float, str, str]] = {}
         #: Set by a stop() that could not stop at once (a signal handler inside a library call).
@@ -325,6 +341,14 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
         if self._state is not IntegrationState.RUNNING:
             return False
         return self._beat_seen.wait(timeout)
+
+    def _submit_history(self, fn: Callable[[Any], Coroutine[Any, Any, Any]]) -> Future[Any] | None:
+        """Run the shared history's merge on the NATS loop thread (None: no NATS transport)."""
+        run = getattr(self._transport, "run_on_loop", None)
+        if run is None:
+            return None
+        fut: Future[Any] | None = run(fn)
+        return fut
 
     def _inherited_by_fork(self) -> None:
         """Fork child (called by the runtime): this integration is the parent's; refuse its API.

@@ -165,6 +165,8 @@ class StopMixin(IntegrationCore):
             failed = self._registry.fail_all(STOPPED_REASON)
             if failed:
                 self._log.warn(f"BACKBEAT stop: {len(failed)} active operation(s) failed ({STOPPED_REASON})")
+            if self.history.cluster is not None:  # this run's last runs reach the bucket
+                self.history.sync_cluster(self._config.flush_timeout)
             if self._transport is not None:
                 self._transport.stop(self._config.flush_timeout)
         except Exception as exc:

@@ -7,6 +7,12 @@ once per batch; they never wait on the network.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from nats.aio.client import Client
+
 from ..._time import SYSTEM_TIME, TimeSource
 from ...claims import Claim
 from ...config import BackbeatConfig
@@ -17,6 +23,8 @@ from .outbox import Outbox
 from .spool import Spool, SpoolError
 
 __all__ = ["NatsTransport"]
+
+T = TypeVar("T")
 
 
 class NatsTransport(Transport):
@@ -113,6 +121,32 @@ class NatsTransport(Transport):
             return
         if link.outbox.put_many(subject, claims):
             link.wake()
+
+    def run_on_loop(self, fn: Callable[[Client], Coroutine[Any, Any, T]]) -> Future[T | None] | None:
+        """Run ``await fn(nc)`` on the loop thread with the live connection (any thread).
+
+        Library work that needs nats-py (the shared budget history) goes through here, so
+        only the loop thread touches the client. The future's result is None if the
+        connection was down when the coroutine ran.
+
+        Returns:
+            A concurrent future, or None before ``start()`` or after ``stop()``.
+        """
+        link = self._link
+        if link is None or link.stopped:
+            return None
+
+        async def run() -> T | None:
+            nc = link._nc
+            if nc is None or not nc.is_connected:
+                return None
+            return await fn(nc)
+
+        try:
+            fut: Future[T | None] = link.submit(run())
+        except TransportStateError:
+            return None
+        return fut
 
     def stop(self, flush_timeout: float) -> None:
         """Publish what is queued and confirm final claims (at most ``flush_timeout`` s), close, join.
