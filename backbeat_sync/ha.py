@@ -33,6 +33,7 @@ import asyncio
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -164,6 +165,8 @@ class HaPulseLink(NatsLink):
         lease_ttl: a fixed lease TTL in seconds (None: :func:`lease_ttl_for` the tempo).
         replicas: replicas of the bucket if this replica creates it (None: automatic).
         on_schedule: called with the schedule frames are built from, each time it changes.
+        max_frames: stop beating after this replica published this many frames (None: no
+            limit); ``finished`` is set then, and the lease is held until :meth:`stop` hands it over.
     """
 
     def __init__(
@@ -178,6 +181,7 @@ class HaPulseLink(NatsLink):
         lease_ttl: float | None = None,
         replicas: int | None = None,
         on_schedule: Callable[[BeatSchedule], None] | None = None,
+        max_frames: int | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -212,6 +216,9 @@ class HaPulseLink(NatsLink):
         self.send_errors = 0
         self.terms = 0  # times this replica won the lease
         self.lost_leases = 0
+        self.max_frames = max_frames
+        #: Set once ``max_frames`` frames were published (never without ``max_frames``).
+        self.finished = threading.Event()
 
     # -- state ----------------------------------------------------------------------
 
@@ -283,7 +290,7 @@ class HaPulseLink(NatsLink):
     # -- the loop ---------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping and not self.finished.is_set():
             evt = self._connected_evt
             assert evt is not None
             await evt.wait()
@@ -465,6 +472,9 @@ class HaPulseLink(NatsLink):
                 self.frames_skipped += 1
             else:
                 await self._send(k)
+                if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                    self.finished.set()  # _run campaigns no more; stop() hands the lease over
+                    return
             k += 1
 
     async def _send(self, index: int) -> None:

@@ -24,7 +24,7 @@ from backbeat_sync import BackbeatConfig, BeatFrame, Integration, OperationPhase
 from backbeat_sync.cli import ClusterView, main, render_view
 from backbeat_sync.pulse import Pulse
 
-from .natsserver import TOKEN, NatsServer, free_port
+from .natsserver import TOKEN, AsyncRunner, NatsServer, Witness, free_port
 from .support import PATIENCE, ManualPulse, unique_bus, wait_until
 
 COMMANDS = ("demo", "pulse", "monitor", "status", "tempo", "streams")
@@ -869,8 +869,26 @@ def test_wrong_credentials_exit_2(
 
 
 @pytest.mark.nats
-def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
-    """pulse --beats 6 publishes six frames, prints a line per downbeat, exits 0."""
+def test_pulse_runs_for_n_beats(
+    nats_server: NatsServer,
+    nats_runner: AsyncRunner,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pulse --beats 6 publishes exactly six frames, prints a line per downbeat, exits 0.
+
+    The CLI's stop() is made late by ten beats (a loaded machine): the pulse itself stops
+    after its sixth frame, so no seventh goes out. A raw witness counts the frames up to a
+    sentinel sent after the command returned.
+    """
+    real_stop = Pulse.stop
+
+    def late_stop(self: Pulse) -> None:
+        time.sleep(0.5)  # ten beats at 1200 BPM
+        real_stop(self)
+
+    monkeypatch.setattr(Pulse, "stop", late_stop)
+    witness = Witness(nats_runner, nats_server.url, "backbeat.beat.pc")
     cfg = BackbeatConfig(cluster_id="pc", agent_id="listener", nats_url=nats_server.url)
     with Integration(cfg, node_id="n") as agent:
         code, out, err = run(
@@ -894,6 +912,11 @@ def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureF
         wait_until(lambda: agent.get_health()["beats_received"] >= 6, what="6 beats at the agent")
         health = agent.get_health()
     assert code == 0, err
+    witness._runner.run(witness._nc.publish("backbeat.beat.pc", b'{"sentinel": true}'))
+    witness.wait_for(lambda ds: any(d.get("sentinel") for d in ds), what="the sentinel")
+    indices = [d["beat_index"] for d in witness.dicts() if "beat_index" in d]
+    witness.close()
+    assert indices == list(range(3000, 3006))
     assert "another pulse" not in err
     assert health["current_beat"] == 3005
     assert "first beat 3000" in out

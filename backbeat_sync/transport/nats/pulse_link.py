@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,6 +29,8 @@ class PulseLink(NatsLink):
         report: receives connection events.
         sign: optional hook that returns a signed copy of each frame.
         time_source: real time; beats are due on its monotonic clock.
+        max_frames: stop beating after this many frames were published (None: no limit);
+            ``finished`` is set then (the connection stays open until :meth:`stop`).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class PulseLink(NatsLink):
         *,
         sign: Callable[[Any], Any] | None = None,
         time_source: TimeSource = SYSTEM_TIME,
+        max_frames: int | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -53,6 +57,9 @@ class PulseLink(NatsLink):
         self.frames_sent = 0
         self.frames_skipped = 0
         self.send_errors = 0
+        self.max_frames = max_frames
+        #: Set once ``max_frames`` frames were published (never without ``max_frames``).
+        self.finished = threading.Event()
 
     def tempo_changed(self) -> None:
         """Re-plan the next beat now (call after ``schedule.set_tempo``; any thread)."""
@@ -93,6 +100,9 @@ class PulseLink(NatsLink):
                 continue
             sched.advance()
             await self._send(index)
+            if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                self.finished.set()
+                return  # no frame after the last one, however late the caller stops us
 
     async def _send(self, index: int) -> None:
         nc = self._nc
