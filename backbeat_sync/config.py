@@ -262,6 +262,11 @@ class BackbeatConfig:
     status_subject: str = attrs.field(
         default="backbeat.status.{cluster_id}.{agent_id}", validator=_subject_template
     )
+    #: Where a pulse answers requests with its latest frame (optional in the protocol: the
+    #: ``status`` probe asks it first, and waits for a beat when nothing answers).
+    last_beat_subject: str = attrs.field(
+        default="backbeat.pulse.{cluster_id}.last", validator=_subject_template
+    )
 
     # --- NATS connection ---------------------------------------------------
     connect_timeout: float = attrs.field(default=5.0, validator=_positive_number())
@@ -348,6 +353,10 @@ class BackbeatConfig:
     def beat_subject_for(self) -> str:
         """The subject beat frames arrive on, for this cluster."""
         return self.beat_subject.format(cluster_id=self.cluster_id, agent_id=self.agent_id)
+
+    def last_beat_subject_for(self) -> str:
+        """The subject a pulse answers "what was your last beat?" requests on, for this cluster."""
+        return self.last_beat_subject.format(cluster_id=self.cluster_id, agent_id=self.agent_id)
 
     def status_subject_for(self) -> str:
         """The subject this agent publishes its status claims on."""

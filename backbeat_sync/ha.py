@@ -64,6 +64,7 @@ from .schedule import BeatSchedule
 from .streams import auto_replicas, jetstream_cause
 from .transport.base import TransportEvent
 from .transport.nats import NatsLink, connect_options, describe_error
+from .transport.nats.pulse_link import serve_last_beat
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -219,6 +220,8 @@ class HaPulseLink(NatsLink):
         self.max_frames = max_frames
         #: Set once ``max_frames`` frames were published (never without ``max_frames``).
         self.finished = threading.Event()
+        #: The latest frame this replica published, served on the last-beat subject while leading.
+        self.last_frame: bytes | None = None
 
     # -- state ----------------------------------------------------------------------
 
@@ -270,6 +273,10 @@ class HaPulseLink(NatsLink):
             return self._kv
 
     async def _on_connect(self, nc: Client) -> None:
+        # Only the leader answers: a standby's last frame (from an old term) is not the cluster's.
+        await serve_last_beat(
+            nc, self._config.last_beat_subject_for(), lambda: self.last_frame if self._leading else None
+        )
         if self._config.connect_in_background:
             return  # the campaign opens the bucket and reports what is missing
         try:
@@ -486,7 +493,9 @@ class HaPulseLink(NatsLink):
             frame = self.schedule.frame(index, self._time.time())
             if self._sign is not None:
                 frame = self._sign(frame)
-            await nc.publish(self._subject, frame.encode())
+            data = frame.encode()
+            await nc.publish(self._subject, data)
+            self.last_frame = data
         except Exception as exc:
             self.send_errors += 1
             if self.send_errors == 1 or self.send_errors % 100 == 0:

@@ -135,6 +135,8 @@ class Pulse:
         self._link: PulseLink | HaPulseLink | None = None
         self._thread: PulseThread | None = None
         self._local_sent = 0
+        self._local_last: bytes | None = None
+        self._unserve: Callable[[], None] | None = None
         self._log = logger.bind(pulse=config.cluster_id)
 
     def __repr__(self) -> str:
@@ -304,8 +306,12 @@ class Pulse:
         def send(frame: BeatFrame) -> None:
             if sign is not None:
                 frame = sign(frame)
-            bus.publish(subject, frame.encode())
+            data = frame.encode()
+            bus.publish(subject, data)
+            self._local_last = data
             self._local_sent += 1
+
+        self._unserve = bus.serve(self._config.last_beat_subject_for(), lambda: self._local_last)
 
         self._thread = PulseThread(
             self.schedule, send, time_source=self._time, name="backbeat-pulse", max_frames=self._max_beats
@@ -325,6 +331,8 @@ class Pulse:
                 self._link.stop(min(self._config.flush_timeout, 1.0))
             if self._thread is not None:
                 self._thread.stop()
+            if self._unserve is not None:
+                self._unserve()
         finally:
             with self._lock:
                 self._state = "stopped"

@@ -808,10 +808,16 @@ def running_pulse(nats_server: NatsServer) -> Iterator[Pulse]:
 
 
 @pytest.mark.nats
-def test_status_against_a_server_with_a_pulse_publishes_nothing(
-    nats_server: NatsServer, running_pulse: Pulse, capsys: pytest.CaptureFixture[str]
+def test_status_against_a_server_with_a_pulse_publishes_no_claim(
+    nats_server: NatsServer,
+    running_pulse: Pulse,
+    nats_runner: AsyncRunner,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A pulse beats: ok, exit 0, the pulse's tempo; the server saw no message from the probe."""
+    """A pulse beats: ok, exit 0, the pulse's tempo; the probe published one message only, the
+    empty request on the last-beat subject (no claim: nothing on backbeat.status.>)."""
+    claims = Witness(nats_runner, nats_server.url, "backbeat.status.>")
+    asks = Witness(nats_runner, nats_server.url, "backbeat.pulse.c.last")
     code, report, err = status_json(["--nats", nats_server.url, "--cluster", "c"], capsys)
     assert code == 0, err
     assert (report["ok"], report["reason"], report["status"]) == (True, None, "connected")
@@ -819,8 +825,13 @@ def test_status_against_a_server_with_a_pulse_publishes_nothing(
     closed = nats_server.monitor("connz?state=closed")["connections"]
     probes = [c for c in closed if c.get("name") == "backbeat-sync-status"]
     assert len(probes) == 1, closed
-    assert probes[0]["in_msgs"] == 0  # messages the client published: none
-    assert probes[0]["out_msgs"] >= 1  # the beat it received
+    assert probes[0]["in_msgs"] == 1  # messages the client published: the one request
+    assert probes[0]["out_msgs"] >= 1  # the answer (and any beat it received)
+    wait_until(lambda: len(asks.messages) >= 1, what="the request at the witness")
+    assert asks.messages == [b""]
+    assert claims.messages == []
+    claims.close()
+    asks.close()
 
 
 @pytest.mark.nats

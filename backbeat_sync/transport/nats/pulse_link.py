@@ -7,13 +7,35 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
 from ..._time import SYSTEM_TIME, TimeSource
 from ...config import BackbeatConfig
 from ..base import TransportEvent
 from .link import EventReporter, NatsLink
 from .options import describe_error, flush
 
-__all__ = ["PulseLink"]
+__all__ = ["PulseLink", "serve_last_beat"]
+
+
+async def serve_last_beat(nc: Client, subject: str, last: Callable[[], bytes | None]) -> None:
+    """Answer requests on ``subject`` with ``last()``, the latest frame as published.
+
+    No answer while ``last()`` is None (no frame yet, or an HA standby): the
+    requester times out and falls back to waiting for a beat. The subscription is
+    the client's, so it comes back with every reconnect.
+    """
+
+    async def answer(msg: Msg) -> None:
+        data = last()
+        if data is not None and msg.reply:
+            try:
+                await msg.respond(data)
+            except Exception:  # the connection went away: the requester falls back
+                pass
+
+    await nc.subscribe(subject, cb=answer)
 
 
 class PulseLink(NatsLink):
@@ -60,12 +82,17 @@ class PulseLink(NatsLink):
         self.max_frames = max_frames
         #: Set once ``max_frames`` frames were published (never without ``max_frames``).
         self.finished = threading.Event()
+        #: The latest frame as published (signed if frames are), served on the last-beat subject.
+        self.last_frame: bytes | None = None
 
     def tempo_changed(self) -> None:
         """Re-plan the next beat now (call after ``schedule.set_tempo``; any thread)."""
         changed = self._changed
         if changed is not None:
             self.call_soon(changed.set)
+
+    async def _on_connect(self, nc: Client) -> None:
+        await serve_last_beat(nc, self._config.last_beat_subject_for(), lambda: self.last_frame)
 
     def _background(self) -> list[Coroutine[Any, Any, None]]:
         self._changed = asyncio.Event()
@@ -113,7 +140,9 @@ class PulseLink(NatsLink):
             frame = self.schedule.frame(index, self._time.time())
             if self._sign is not None:
                 frame = self._sign(frame)
-            await nc.publish(self._subject, frame.encode())
+            data = frame.encode()
+            await nc.publish(self._subject, data)
+            self.last_frame = data
         except Exception as exc:
             self.send_errors += 1
             if self.send_errors == 1 or self.send_errors % 100 == 0:
