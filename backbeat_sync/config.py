@@ -389,12 +389,14 @@ class BackbeatConfig:
         Raises:
             ConfigError: a variable (named in the error) or override cannot be used.
 
-        Variables read: ``ENABLED``, ``CLUSTER_ID``, ``AGENT_ID``, ``NATS_URL``,
-        ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
-        ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
-        ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
-        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``,
-        ``CLAIMS_STREAM``, each prefixed ``CHORUS_BACKBEAT_``.
+        Variables read (all of them; ``tests/test_env_docs.py`` holds this list, and
+        the table in ``docs/configuration.md``, to what the code reads): ``ENABLED``,
+        ``CLUSTER_ID``, ``AGENT_ID``, ``NATS_URL``, ``TEMPO_BPM``, ``BAR_LENGTH``,
+        ``NATS_TOKEN``, ``NATS_USER``, ``NATS_PASSWORD``, ``NATS_CREDS``,
+        ``NATS_NKEY_SEED``, ``NATS_TLS_CA``, ``NATS_TLS_CERT``, ``NATS_TLS_KEY``,
+        ``SIGNING_KEY``, ``SIGNING_KEY_ID``, ``TRUSTED_PULSE_KEYS`` (comma-separated),
+        ``SPOOL_PATH``, ``OTEL``, ``HISTORY_PATH``, ``CLAIMS_STREAM``, each prefixed
+        ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})
