@@ -134,3 +134,30 @@ def test_the_shared_in_process_pulse_answers(capsys: pytest.CaptureFixture[str])
         assert agent.get_health()["beats_received"] == 1
     assert code == 0, err
     assert (report["ok"], report["via"]) == (True, "request")
+
+
+@pytest.mark.nats
+def test_the_answer_is_signed_as_frames_are(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A signing pulse at 2 BPM answers with its signed frame: a probe that trusts the key is ok
+    from the answer; one that trusts another key rejects it (and the beat subject brings nothing
+    better in 1 s): degraded, with the frame counted as rejected."""
+    pytest.importorskip("cryptography")
+    from backbeat_sync.signing import SigningKey, generate_private_key
+
+    key = SigningKey.load(generate_private_key())
+    other = SigningKey.load(generate_private_key())
+    cfg = BackbeatConfig(cluster_id="signed", nats_url=nats_server.url)
+    argv = ["--nats", nats_server.url, "--cluster", "signed", "--timeout", "1"]
+    with Pulse(cfg, tempo_bpm=2, start_index=3, sign=key.sign_frame) as pulse:
+        wait_until(lambda: pulse.frames_sent >= 1, what="the first beat")
+        monkeypatch.setenv("CHORUS_BACKBEAT_TRUSTED_PULSE_KEYS", key.public_text())
+        code, report, err = status(argv, capsys)
+        monkeypatch.setenv("CHORUS_BACKBEAT_TRUSTED_PULSE_KEYS", other.public_text())
+        code2, report2, _ = status(argv, capsys)
+        assert pulse.frames_sent == 1
+    assert code == 0, err
+    assert (report["ok"], report["via"], report["beat"]["beat_index"]) == (True, "request", 3)
+    assert code2 == 1
+    assert (report2["ok"], report2["reason"], report2["rejected_frames"]) == (False, "degraded", 1)
