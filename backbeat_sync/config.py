@@ -280,6 +280,11 @@ class BackbeatConfig:
     status_subject: str = attrs.field(
         default="backbeat.status.{cluster_id}.{agent_id}", validator=_subject_template
     )
+    #: Where a pulse answers requests with its latest frame (optional in the protocol: the
+    #: ``status`` probe asks it first, and waits for a beat when nothing answers).
+    last_beat_subject: str = attrs.field(
+        default="backbeat.pulse.{cluster_id}.last", validator=_subject_template
+    )
 
     # --- NATS connection ---------------------------------------------------
     connect_timeout: float = attrs.field(default=5.0, validator=_positive_number())
@@ -373,6 +378,10 @@ class BackbeatConfig:
         """The subject beat frames arrive on, for this cluster."""
         return self.beat_subject.format(cluster_id=self.cluster_id, agent_id=self.agent_id)
 
+    def last_beat_subject_for(self) -> str:
+        """The subject a pulse answers "what was your last beat?" requests on, for this cluster."""
+        return self.last_beat_subject.format(cluster_id=self.cluster_id, agent_id=self.agent_id)
+
     def status_subject_for(self) -> str:
         """The subject this agent publishes its status claims on."""
         return self.status_subject.format(cluster_id=self.cluster_id, agent_id=self.agent_id)
@@ -404,12 +413,14 @@ class BackbeatConfig:
         Raises:
             ConfigError: a variable (named in the error) or override cannot be used.
 
-        Variables read: ``ENABLED``, ``CLUSTER_ID``, ``AGENT_ID``, ``NATS_URL``,
-        ``TEMPO_BPM``, ``BAR_LENGTH``, ``NATS_TOKEN``, ``NATS_USER``,
-        ``NATS_PASSWORD``, ``NATS_CREDS``, ``NATS_NKEY_SEED``, ``NATS_TLS_CA``,
-        ``NATS_TLS_CERT``, ``NATS_TLS_KEY``, ``SIGNING_KEY``, ``SIGNING_KEY_ID``,
-        ``TRUSTED_PULSE_KEYS`` (comma-separated), ``SPOOL_PATH``, ``HISTORY_PATH``,
-        ``CLAIMS_STREAM``, ``HISTORY_BUCKET``, ``HISTORY_SCOPE``, each prefixed ``CHORUS_BACKBEAT_``.
+        Variables read (all of them; ``tests/test_env_docs.py`` holds this list, and
+        the table in ``docs/configuration.md``, to what the code reads): ``ENABLED``,
+        ``CLUSTER_ID``, ``AGENT_ID``, ``NATS_URL``, ``TEMPO_BPM``, ``BAR_LENGTH``,
+        ``NATS_TOKEN``, ``NATS_USER``, ``NATS_PASSWORD``, ``NATS_CREDS``,
+        ``NATS_NKEY_SEED``, ``NATS_TLS_CA``, ``NATS_TLS_CERT``, ``NATS_TLS_KEY``,
+        ``SIGNING_KEY``, ``SIGNING_KEY_ID``, ``TRUSTED_PULSE_KEYS`` (comma-separated),
+        ``SPOOL_PATH``, ``OTEL``, ``HISTORY_PATH``, ``CLAIMS_STREAM``, ``HISTORY_BUCKET``,
+        ``HISTORY_SCOPE``, each prefixed ``CHORUS_BACKBEAT_``.
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = dict(defaults or {})

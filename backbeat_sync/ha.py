@@ -33,6 +33,7 @@ import asyncio
 import os
 import secrets
 import socket
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
@@ -63,6 +64,7 @@ from .schedule import BeatSchedule
 from .streams import auto_replicas, jetstream_cause
 from .transport.base import TransportEvent
 from .transport.nats import NatsLink, connect_options, describe_error
+from .transport.nats.pulse_link import serve_last_beat
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -171,6 +173,8 @@ class HaPulseLink(NatsLink):
         lease_ttl: a fixed lease TTL in seconds (None: :func:`lease_ttl_for` the tempo).
         replicas: replicas of the bucket if this replica creates it (None: automatic).
         on_schedule: called with the schedule frames are built from, each time it changes.
+        max_frames: stop beating after this replica published this many frames (None: no
+            limit); ``finished`` is set then, and the lease is held until :meth:`stop` hands it over.
     """
 
     def __init__(
@@ -185,6 +189,7 @@ class HaPulseLink(NatsLink):
         lease_ttl: float | None = None,
         replicas: int | None = None,
         on_schedule: Callable[[BeatSchedule], None] | None = None,
+        max_frames: int | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -219,6 +224,11 @@ class HaPulseLink(NatsLink):
         self.send_errors = 0
         self.terms = 0  # times this replica won the lease
         self.lost_leases = 0
+        self.max_frames = max_frames
+        #: Set once ``max_frames`` frames were published (never without ``max_frames``).
+        self.finished = threading.Event()
+        #: The latest frame this replica published, served on the last-beat subject while leading.
+        self.last_frame: bytes | None = None
 
     # -- state ----------------------------------------------------------------------
 
@@ -270,6 +280,10 @@ class HaPulseLink(NatsLink):
             return self._kv
 
     async def _on_connect(self, nc: Client) -> None:
+        # Only the leader answers: a standby's last frame (from an old term) is not the cluster's.
+        await serve_last_beat(
+            nc, self._config.last_beat_subject_for(), lambda: self.last_frame if self._leading else None
+        )
         if self._config.connect_in_background:
             return  # the campaign opens the bucket and reports what is missing
         try:
@@ -290,7 +304,7 @@ class HaPulseLink(NatsLink):
     # -- the loop ---------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping and not self.finished.is_set():
             evt = self._connected_evt
             assert evt is not None
             await evt.wait()
@@ -472,6 +486,9 @@ class HaPulseLink(NatsLink):
                 self.frames_skipped += 1
             else:
                 await self._send(k)
+                if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                    self.finished.set()  # _run campaigns no more; stop() hands the lease over
+                    return
             k += 1
 
     async def _send(self, index: int) -> None:
@@ -483,7 +500,9 @@ class HaPulseLink(NatsLink):
             frame = self.schedule.frame(index, self._time.time())
             if self._sign is not None:
                 frame = self._sign(frame)
-            await nc.publish(self._subject, frame.encode())
+            data = frame.encode()
+            await nc.publish(self._subject, data)
+            self.last_frame = data
         except Exception as exc:
             self.send_errors += 1
             if self.send_errors == 1 or self.send_errors % 100 == 0:

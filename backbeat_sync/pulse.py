@@ -19,7 +19,7 @@ from ._time import SYSTEM_TIME, TimeSource
 from .config import BackbeatConfig
 from .errors import ConfigError, PulseAlreadyStarted
 from .protocol import BeatFrame
-from .schedule import BeatSchedule, PulseThread, check_tempo, wall_clock_start_index
+from .schedule import BeatSchedule, PulseThread, check_max_frames, check_tempo, wall_clock_start_index
 from .transport.local import LocalBus
 
 if TYPE_CHECKING:
@@ -62,10 +62,14 @@ class Pulse:
             holds no beat grid yet.
         bucket: with ``ha``: the key-value bucket (created if missing).
         lease_ttl: with ``ha``: the lease TTL in seconds (default: 3 beats, at least 1 s).
+        max_beats: publish at most this many frames, then stop beating by itself
+            (:attr:`finished` is set, :meth:`wait` returns; :meth:`stop` still closes the
+            connection). None: beat until :meth:`stop`. With ``ha``, it counts this
+            replica's frames.
 
     Raises:
         ConfigError: tempo, bar length or start index out of range; ``ha`` with
-            ``local://``; a bad bucket name or lease TTL.
+            ``local://``; a bad bucket name or lease TTL; ``max_beats`` not an integer >= 1.
 
     Example:
         >>> from backbeat_sync import BackbeatConfig
@@ -87,12 +91,14 @@ class Pulse:
         ha: bool = False,
         bucket: str = "backbeat-pulse",
         lease_ttl: float | None = None,
+        max_beats: int | None = None,
     ) -> None:
         if not isinstance(config, BackbeatConfig):
             raise TypeError(f"config must be a BackbeatConfig, not {type(config).__name__}")
         if sign is not None and not callable(sign):
             raise ConfigError("sign", sign, "must be callable or None")
         tempo = check_tempo(config.tempo_bpm if tempo_bpm is None else tempo_bpm)
+        self._max_beats = check_max_frames(max_beats)
         if ha:
             from .ha import check_bucket_name
 
@@ -129,6 +135,8 @@ class Pulse:
         self._link: PulseLink | HaPulseLink | None = None
         self._thread: PulseThread | None = None
         self._local_sent = 0
+        self._local_last: bytes | None = None
+        self._unserve: Callable[[], None] | None = None
         self._log = logger.bind(pulse=config.cluster_id)
 
     def __repr__(self) -> str:
@@ -189,6 +197,39 @@ class Pulse:
         return self._link.frames_sent if self._link is not None else self._local_sent
 
     @property
+    def max_beats(self) -> int | None:
+        """The most frames this pulse publishes (None: no limit)."""
+        return self._max_beats
+
+    @property
+    def finished(self) -> bool:
+        """Whether the pulse has published ``max_beats`` frames and stopped beating."""
+        done = self._done_event()
+        return done is not None and done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the pulse has published ``max_beats`` frames (it sends no more).
+
+        Args:
+            timeout: seconds to wait at most (None: as long as it takes).
+
+        Returns:
+            True when it has finished, False on timeout (or without ``max_beats``, or
+            before :meth:`start`: nothing would finish it).
+        """
+        done = self._done_event()
+        if done is None or self._max_beats is None:
+            return False
+        return done.wait(timeout)
+
+    def _done_event(self) -> threading.Event | None:
+        if self._link is not None:
+            return self._link.finished
+        if self._thread is not None:
+            return self._thread.finished
+        return None
+
+    @property
     def frames_skipped(self) -> int:
         """Beats not sent because the connection was down when they were due."""
         return self._link.frames_skipped if self._link is not None else 0
@@ -227,6 +268,7 @@ class Pulse:
                     bucket=self._bucket,
                     lease_ttl=self._lease_ttl,
                     on_schedule=adopt,
+                    max_frames=self._max_beats,
                 )
                 self._link = ha_link
                 ha_link.start()
@@ -234,7 +276,12 @@ class Pulse:
                 from .transport.nats import PulseLink
 
                 link = PulseLink(
-                    self._config, self.schedule, self._report, sign=self._sign, time_source=self._time
+                    self._config,
+                    self.schedule,
+                    self._report,
+                    sign=self._sign,
+                    time_source=self._time,
+                    max_frames=self._max_beats,
                 )
                 self._link = link
                 link.start()
@@ -259,10 +306,16 @@ class Pulse:
         def send(frame: BeatFrame) -> None:
             if sign is not None:
                 frame = sign(frame)
-            bus.publish(subject, frame.encode())
+            data = frame.encode()
+            bus.publish(subject, data)
+            self._local_last = data
             self._local_sent += 1
 
-        self._thread = PulseThread(self.schedule, send, time_source=self._time, name="backbeat-pulse")
+        self._unserve = bus.serve(self._config.last_beat_subject_for(), lambda: self._local_last)
+
+        self._thread = PulseThread(
+            self.schedule, send, time_source=self._time, name="backbeat-pulse", max_frames=self._max_beats
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -278,6 +331,8 @@ class Pulse:
                 self._link.stop(min(self._config.flush_timeout, 1.0))
             if self._thread is not None:
                 self._thread.stop()
+            if self._unserve is not None:
+                self._unserve()
         finally:
             with self._lock:
                 self._state = "stopped"

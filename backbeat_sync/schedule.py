@@ -18,7 +18,7 @@ from ._time import SYSTEM_TIME, TimeSource, format_rfc3339
 from .errors import ConfigError
 from .protocol import MAX_TEMPO_BPM, BeatFrame
 
-__all__ = ["BeatSchedule", "PulseThread", "check_tempo", "wall_clock_start_index"]
+__all__ = ["BeatSchedule", "PulseThread", "check_max_frames", "check_tempo", "wall_clock_start_index"]
 
 
 def check_tempo(tempo_bpm: float) -> float:
@@ -30,6 +30,19 @@ def check_tempo(tempo_bpm: float) -> float:
     ):
         raise ConfigError("tempo_bpm", tempo_bpm, f"must be 0 < x <= {MAX_TEMPO_BPM:g}")
     return float(tempo_bpm)
+
+
+def check_max_frames(max_frames: int | None) -> int | None:
+    """Validate a pulse's frame limit: None (no limit) or an integer >= 1.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    if max_frames is not None and (
+        not isinstance(max_frames, int) or isinstance(max_frames, bool) or max_frames < 1
+    ):
+        raise ConfigError("max_beats", max_frames, "must be an integer >= 1, or None")
+    return max_frames
 
 
 def wall_clock_start_index(tempo_bpm: float, epoch: float) -> int:
@@ -141,6 +154,8 @@ class PulseThread:
         send: called with each frame on the pulse thread (exceptions are logged by the caller).
         time_source: real time; the thread waits on it.
         name: thread name.
+        max_frames: stop by itself after handing this many frames to ``send``
+            (None: run until :meth:`stop`); ``finished`` is set then.
     """
 
     def __init__(
@@ -150,8 +165,13 @@ class PulseThread:
         *,
         time_source: TimeSource = SYSTEM_TIME,
         name: str = "backbeat-local-pulse",
+        max_frames: int | None = None,
     ) -> None:
         self.schedule = schedule
+        self.max_frames = check_max_frames(max_frames)
+        self.frames_sent = 0
+        #: Set once ``max_frames`` frames were sent (never without ``max_frames``).
+        self.finished = threading.Event()
         self._send = send
         self._time = time_source
         self._stop = threading.Event()
@@ -178,3 +198,7 @@ class PulseThread:
                 return
             sched.advance()
             self._send(sched.frame(index, self._time.time()))
+            self.frames_sent += 1
+            if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                self.finished.set()
+                return

@@ -24,7 +24,7 @@ from backbeat_sync import BackbeatConfig, BeatFrame, Integration, OperationPhase
 from backbeat_sync.cli import ClusterView, main, render_view
 from backbeat_sync.pulse import Pulse
 
-from .natsserver import TOKEN, NatsServer, free_port
+from .natsserver import TOKEN, AsyncRunner, NatsServer, Witness, free_port
 from .support import PATIENCE, ManualPulse, unique_bus, wait_until
 
 COMMANDS = ("demo", "pulse", "monitor", "status", "tempo", "streams")
@@ -808,10 +808,16 @@ def running_pulse(nats_server: NatsServer) -> Iterator[Pulse]:
 
 
 @pytest.mark.nats
-def test_status_against_a_server_with_a_pulse_publishes_nothing(
-    nats_server: NatsServer, running_pulse: Pulse, capsys: pytest.CaptureFixture[str]
+def test_status_against_a_server_with_a_pulse_publishes_no_claim(
+    nats_server: NatsServer,
+    running_pulse: Pulse,
+    nats_runner: AsyncRunner,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """A pulse beats: ok, exit 0, the pulse's tempo; the server saw no message from the probe."""
+    """A pulse beats: ok, exit 0, the pulse's tempo; the probe published one message only, the
+    empty request on the last-beat subject (no claim: nothing on backbeat.status.>)."""
+    claims = Witness(nats_runner, nats_server.url, "backbeat.status.>")
+    asks = Witness(nats_runner, nats_server.url, "backbeat.pulse.c.last")
     code, report, err = status_json(["--nats", nats_server.url, "--cluster", "c"], capsys)
     assert code == 0, err
     assert (report["ok"], report["reason"], report["status"]) == (True, None, "connected")
@@ -819,8 +825,13 @@ def test_status_against_a_server_with_a_pulse_publishes_nothing(
     closed = nats_server.monitor("connz?state=closed")["connections"]
     probes = [c for c in closed if c.get("name") == "backbeat-sync-status"]
     assert len(probes) == 1, closed
-    assert probes[0]["in_msgs"] == 0  # messages the client published: none
-    assert probes[0]["out_msgs"] >= 1  # the beat it received
+    assert probes[0]["in_msgs"] == 1  # messages the client published: the one request
+    assert probes[0]["out_msgs"] >= 1  # the answer (and any beat it received)
+    wait_until(lambda: len(asks.messages) >= 1, what="the request at the witness")
+    assert asks.messages == [b""]
+    assert claims.messages == []
+    claims.close()
+    asks.close()
 
 
 @pytest.mark.nats
@@ -869,8 +880,26 @@ def test_wrong_credentials_exit_2(
 
 
 @pytest.mark.nats
-def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureFixture[str]) -> None:
-    """pulse --beats 6 publishes six frames, prints a line per downbeat, exits 0."""
+def test_pulse_runs_for_n_beats(
+    nats_server: NatsServer,
+    nats_runner: AsyncRunner,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pulse --beats 6 publishes exactly six frames, prints a line per downbeat, exits 0.
+
+    The CLI's stop() is made late by ten beats (a loaded machine): the pulse itself stops
+    after its sixth frame, so no seventh goes out. A raw witness counts the frames up to a
+    sentinel sent after the command returned.
+    """
+    real_stop = Pulse.stop
+
+    def late_stop(self: Pulse) -> None:
+        time.sleep(0.5)  # ten beats at 1200 BPM
+        real_stop(self)
+
+    monkeypatch.setattr(Pulse, "stop", late_stop)
+    witness = Witness(nats_runner, nats_server.url, "backbeat.beat.pc")
     cfg = BackbeatConfig(cluster_id="pc", agent_id="listener", nats_url=nats_server.url)
     with Integration(cfg, node_id="n") as agent:
         code, out, err = run(
@@ -894,6 +923,11 @@ def test_pulse_runs_for_n_beats(nats_server: NatsServer, capsys: pytest.CaptureF
         wait_until(lambda: agent.get_health()["beats_received"] >= 6, what="6 beats at the agent")
         health = agent.get_health()
     assert code == 0, err
+    witness._runner.run(witness._nc.publish("backbeat.beat.pc", b'{"sentinel": true}'))
+    witness.wait_for(lambda ds: any(d.get("sentinel") for d in ds), what="the sentinel")
+    indices = [d["beat_index"] for d in witness.dicts() if "beat_index" in d]
+    witness.close()
+    assert indices == list(range(3000, 3006))
     assert "another pulse" not in err
     assert health["current_beat"] == 3005
     assert "first beat 3000" in out

@@ -600,6 +600,8 @@ BAD_CONFIG = [
     ("beat_subject", "backbeat.{nope}"),
     ("beat_subject", "backbeat.*"),
     ("status_subject", "a..b"),
+    ("last_beat_subject", "backbeat.pulse.>"),
+    ("last_beat_subject", "backbeat..last"),
     ("connect_timeout", -1.0),
     ("connect_in_background", 1),
     ("otel", "yes"),

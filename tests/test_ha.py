@@ -675,3 +675,21 @@ def test_released_lease_of_a_killed_bucket_state_is_continued(nats_jetstream: Na
     assert after is not None
     assert after.index > lease.index
     assert attrs.evolve(after.grid) == lease.grid
+
+
+@pytest.mark.nats
+def test_ha_leader_publishes_exactly_max_beats_frames(nats_jetstream: NatsServer) -> None:
+    """An HA pulse with max_beats=3 leads, sends three frames, and beats no more while it
+    still holds the lease (stop() comes five beats later); stop() then hands the lease over."""
+    pulse = Pulse(config(nats_jetstream.url), tempo_bpm=TEMPO, start_index=0, ha=True, max_beats=3)
+    pulse.start()
+    try:
+        assert pulse.wait(PATIENCE), f"no third frame: {pulse.stats()}"
+        time.sleep(0.5)  # five beats at 600 BPM: a leader that beat on would send them now
+        assert pulse.frames_sent == 3
+    finally:
+        pulse.stop()
+    assert pulse.frames_sent == 3
+    lease = read_lease(config(nats_jetstream.url))
+    assert lease is not None
+    assert lease.holder == ""

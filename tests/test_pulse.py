@@ -312,3 +312,94 @@ def test_a_second_start_is_the_librarys_error_naming_the_state() -> None:
     assert isinstance(info.value, RuntimeError)
     assert isinstance(info.value, bb.BackbeatError)
     assert "make a new one" in str(info.value)
+
+
+# -- max_beats: the pulse itself stops after N frames ------------------------------------
+
+
+class NeverStopped:
+    """A PulseThread stop event nobody sets: each wait moves a ManualTime on by the wait."""
+
+    def __init__(self, clock: ManualTime, sent: list[BeatFrame], bound: int) -> None:
+        self.clock = clock
+        self.sent = sent
+        self.bound = bound
+
+    def is_set(self) -> bool:
+        if len(self.sent) > self.bound:  # only a thread that ignores max_frames gets here
+            raise AssertionError(f"{len(self.sent)} frames sent and still going")
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        self.clock.advance(timeout)
+        return False
+
+
+def test_pulse_thread_stops_by_itself_after_max_frames() -> None:
+    """A PulseThread with max_frames=5 returns after its fifth frame (nobody calls stop), and
+    sets ``finished``: the limit is the thread's own, not a caller polling a counter."""
+    clock = ManualTime()
+    sent: list[BeatFrame] = []
+    schedule = BeatSchedule(
+        cluster_id=CLUSTER, tempo_bpm=600, bar_length=4, start_index=40, start_time=clock.monotonic()
+    )
+    thread = PulseThread(schedule, sent.append, time_source=clock, max_frames=5)
+    thread._stop = NeverStopped(clock, sent, bound=50)  # type: ignore[assignment]
+    assert not thread.finished.is_set()
+    thread._run()  # in this thread, on the manual clock: returns only by the limit
+    assert [f.beat_index for f in sent] == [40, 41, 42, 43, 44]
+    assert thread.finished.is_set()
+    assert thread.frames_sent == 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_max_beats_must_be_a_positive_integer(bad: Any) -> None:
+    """max_beats=0, negative, a float, a bool or a string is the library's ConfigError naming it."""
+    with pytest.raises(ConfigError, match="max_beats"):
+        Pulse(config(f"local://{unique_bus()}"), max_beats=bad)
+
+
+def test_local_pulse_publishes_exactly_max_beats_frames() -> None:
+    """On local://, a pulse with max_beats=4 sends four frames and no more, however late stop() comes."""
+    bus = unique_bus()
+    got: list[bytes] = []
+    unsubscribe = LocalBus.named(bus).subscribe(f"backbeat.beat.{CLUSTER}", lambda s, d: got.append(d))
+    pulse = Pulse(config(f"local://{bus}"), tempo_bpm=6000, start_index=0, max_beats=4)
+    assert pulse.max_beats == 4
+    assert not pulse.wait(0)
+    assert not pulse.finished
+    pulse.start()
+    try:
+        assert pulse.wait(NEVER), "the pulse did not finish"
+        assert pulse.finished
+        thread = pulse._thread
+        assert thread is not None
+        thread._thread.join(NEVER)  # the beat thread has ended by itself: no frame can follow
+        assert not thread._thread.is_alive()
+    finally:
+        pulse.stop()
+    unsubscribe()
+    assert [BeatFrame.parse(d).beat_index for d in got] == [0, 1, 2, 3]
+    assert pulse.frames_sent == 4
+
+
+def test_nats_pulse_publishes_exactly_max_beats_frames(
+    nats_server: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """On NATS, max_beats=5 at 1200 BPM: five frames, even when stop() comes ten beats later
+    (a loaded machine's caller); a sentinel sent after stop() shows the witness has seen all."""
+    subject = f"backbeat.beat.{CLUSTER}"
+    witness = Witness(nats_runner, nats_server.url, subject)
+    pulse = Pulse(config(nats_server.url), tempo_bpm=1200, start_index=70, max_beats=5)
+    pulse.start()
+    try:
+        assert pulse.wait(NEVER), "the pulse did not finish"
+        time.sleep(0.5)  # ten beats at 1200 BPM: a pulse that beat on would send them now
+        assert pulse.frames_sent == 5
+    finally:
+        pulse.stop()
+    witness._runner.run(witness._nc.publish(subject, b'{"sentinel": true}'))
+    witness.wait_for(lambda ds: any(d.get("sentinel") for d in ds), what="the sentinel")
+    indices = [d["beat_index"] for d in witness.dicts() if "beat_index" in d]
+    witness.close()
+    assert indices == [70, 71, 72, 73, 74]

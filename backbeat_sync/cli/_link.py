@@ -101,6 +101,19 @@ class Listener:
         if self._pulse:
             self._bus.acquire_pulse(self.config, SYSTEM_TIME)
 
+    def request(self, subject: str, timeout: float) -> bytes | None:
+        """Ask once on ``subject`` (an empty request) and return the first answer, or None.
+
+        On NATS this is a request on the listener's connection; on ``local://`` the
+        bus's responders answer at once. None when nobody answers within ``timeout``
+        (or there are no responders, or the connection is down); nothing raises.
+        """
+        if self._link is not None:
+            return self._link.request(subject, timeout)
+        if self._bus is None:
+            return None
+        return self._bus.request(subject)
+
     def stop(self) -> None:
         """Unsubscribe and close. Idempotent."""
         if self._link is not None:

@@ -94,7 +94,17 @@ def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
     if args.ha:
         # Replicas of an HA pulse beat on one subject by design (one at a time): no check.
         return _run(
-            args, out, cfg, Pulse(cfg, start_index=args.start_index, sign=sign, ha=True, bucket=args.bucket)
+            args,
+            out,
+            cfg,
+            Pulse(
+                cfg,
+                start_index=args.start_index,
+                sign=sign,
+                ha=True,
+                bucket=args.bucket,
+                max_beats=args.beats,
+            ),
         )
     others = _OtherPulses(cfg)
     others.listener.start()
@@ -110,7 +120,13 @@ def _cmd_pulse(args: argparse.Namespace, out: Out) -> int:
                     f"{what}: stop it, choose another --cluster, or --force to run a second pulse"
                 )
             print(f"{PROG} pulse: warning: {what}; --force: starting a second one", file=sys.stderr)
-        return _run(args, out, cfg, Pulse(cfg, start_index=args.start_index, sign=others.hook(sign)), others)
+        return _run(
+            args,
+            out,
+            cfg,
+            Pulse(cfg, start_index=args.start_index, sign=others.hook(sign), max_beats=args.beats),
+            others,
+        )
     finally:
         others.listener.stop()
 
@@ -140,8 +156,14 @@ def _run(
     leading = False
     warned_at, warned_frames = float("-inf"), others.frames if others is not None else 0
     try:
-        while args.beats is None or pulse.frames_sent < args.beats:
-            time.sleep(min(0.1, 15.0 / pulse.tempo_bpm))
+        # With --beats N the pulse itself stops after its N-th frame; we only wait for that.
+        done = False
+        while not done:
+            step = min(0.1, 15.0 / pulse.tempo_bpm)
+            if args.beats is None:
+                time.sleep(step)
+            else:
+                done = pulse.wait(step)
             now = pulse.next_index
             if args.ha and live is None and pulse.is_leader != leading:
                 leading = pulse.is_leader

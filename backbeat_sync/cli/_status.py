@@ -1,8 +1,11 @@
 """``backbeat-sync status``: a read-only probe of the cluster's beat, fit for scripts and Kubernetes.
 
-It subscribes to the beat subject, publishes nothing, and returns as soon as one
-beat frame arrives (or when the wait runs out). The verdict is the age of the
-last beat against the tempo: a beat within ``--max-age`` beats is ``ok``.
+It subscribes to the beat subject, then asks the pulse once for its latest frame
+on the last-beat subject (an optional part of the protocol: a pulse that does
+not answer within :data:`ASK_TIMEOUT` leaves the probe waiting for the next beat,
+as before). It publishes no claim, and returns as soon as one frame is in (or when
+the wait runs out). The verdict is the age of that beat against the tempo: a beat
+within ``--max-age`` beats is ``ok``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ MIN_WAIT: Final = 1.0
 #: A beat's age is read against ``sent_at``, the pulse's wall clock: an age within this many
 #: seconds is never held against it (clocks of two hosts differ; at 6000 BPM a beat is 10 ms).
 CLOCK_TOLERANCE: Final = 1.0
+#: How long the probe waits for the pulse to answer on the last-beat subject (seconds).
+ASK_TIMEOUT: Final = 0.5
 
 
 def _wall_age(frame: BeatFrame, wall_arrival: float) -> float | None:
@@ -59,7 +64,7 @@ class _Probe:
     def __init__(self, cfg: BackbeatConfig) -> None:
         self.cfg = cfg
         self.subject = cfg.beat_subject_for()
-        self._inbox: queue.SimpleQueue[tuple[bytes, float]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[bytes, float, str]] = queue.SimpleQueue()
         self.rejected = 0
         self.last_rejection = ""
         self._verifier: Any = None
@@ -70,13 +75,26 @@ class _Probe:
         self.listener = Listener(cfg, self.subject, self._arrived, name="status", local_pulse=True)
 
     def _arrived(self, data: bytes) -> None:
-        self._inbox.put((data, time.time()))
+        self._inbox.put((data, time.time(), "subscription"))
 
-    def wait(self, until: float) -> tuple[BeatFrame, float] | None:
-        """The first acceptable frame and its wall-clock arrival, or None by monotonic ``until``."""
+    def ask(self, timeout: float) -> bool:
+        """Ask the pulse for its latest frame; an answer is judged like an arrived beat.
+
+        Returns:
+            Whether an answer came (None of the pulse's business whether it is acceptable).
+        """
+        data = self.listener.request(self.cfg.last_beat_subject_for(), timeout)
+        if data is None:
+            return False
+        self._inbox.put((data, time.time(), "request"))
+        return True
+
+    def wait(self, until: float) -> tuple[BeatFrame, float, str] | None:
+        """The first acceptable frame, its wall-clock arrival and how it came (``request`` or
+        ``subscription``), or None by monotonic ``until``."""
         while (left := until - time.monotonic()) > 0:
             try:
-                data, wall = self._inbox.get(timeout=left)
+                data, wall, via = self._inbox.get(timeout=left)
             except queue.Empty:
                 return None
             try:
@@ -91,7 +109,7 @@ class _Probe:
                 if verdict != "ok":
                     self._reject(f"beat {frame.beat_index} is not signed by a trusted pulse key ({verdict})")
                     continue
-            return frame, wall
+            return frame, wall, via
         return None
 
     def _reject(self, why: str) -> None:
@@ -114,11 +132,12 @@ def _report(cfg: BackbeatConfig, max_age: float) -> dict[str, Any]:
         "beat_age_seconds": None,
         "beat_age_beats": None,
         "rejected_frames": 0,
+        "via": None,
     }
 
 
 def _cmd_status(args: argparse.Namespace, out: Out) -> int:
-    """``status``: wait for one beat (subscribe only), judge its age, print the verdict."""
+    """``status``: ask the pulse for its last beat, or wait for one; judge its age, print the verdict."""
     cfg = config_from_args(args)
     max_age: float = args.max_age
     report = _report(cfg, max_age)
@@ -146,6 +165,8 @@ def _cmd_status(args: argparse.Namespace, out: Out) -> int:
                 f" (--max-age {max_age:g} beats at {cfg.tempo_bpm:g} BPM; --timeout S to change)",
                 file=sys.stderr,
             )
+        # The pulse's answer comes at once; a pulse without the responder: wait for a beat.
+        probe.ask(min(ASK_TIMEOUT, wait))
         got = probe.wait(started + wait)
         connected = probe.listener.connected
     finally:
@@ -154,7 +175,8 @@ def _cmd_status(args: argparse.Namespace, out: Out) -> int:
     report["waited_seconds"] = round(time.monotonic() - started, 3)
     report["rejected_frames"] = probe.rejected
     if got is not None:
-        frame, wall = got
+        frame, wall, via = got
+        report["via"] = via
         age = _wall_age(frame, wall)
         report["beat"] = {
             "beat_index": frame.beat_index,
@@ -244,7 +266,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 COMMAND: Final = Command(
     name="status",
-    help="probe the cluster's beat: subscribe, wait for one beat, judge its age (publishes nothing)",
+    help="probe the cluster's beat: ask the pulse for its last beat (or wait for one), judge its age",
     epilog="""examples:
   backbeat-sync status --nats nats://localhost:4222 --cluster chorus-dev
   backbeat-sync status --json --max-age 3 | jq .ok

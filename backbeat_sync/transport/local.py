@@ -35,6 +35,8 @@ class _SharedPulse:
     def __init__(self, thread: PulseThread) -> None:
         self.thread = thread
         self.users = 0
+        self.last_frame: bytes | None = None
+        self.unserve: Callable[[], None] = lambda: None
 
 
 class LocalBus:
@@ -54,6 +56,7 @@ class LocalBus:
         self._next_id = 0
         self._pulses: dict[str, _SharedPulse] = {}
         self._watchers: tuple[Callable[[], None], ...] = ()
+        self._responders: dict[str, tuple[Callable[[], bytes | None], ...]] = {}
 
     @classmethod
     def named(cls, name: str = "") -> LocalBus:
@@ -141,6 +144,34 @@ class LocalBus:
                 delivered += 1
         return delivered
 
+    def serve(self, subject: str, answer: Callable[[], bytes | None]) -> Callable[[], None]:
+        """Answer :meth:`request` on ``subject`` with ``answer()`` (None: no answer). Returns
+        a function that stops answering."""
+        with self._lock:
+            self._responders[subject] = (*self._responders.get(subject, ()), answer)
+
+        def unserve() -> None:
+            with self._lock:
+                left = tuple(a for a in self._responders.get(subject, ()) if a is not answer)
+                if left:
+                    self._responders[subject] = left
+                else:
+                    self._responders.pop(subject, None)
+
+        return unserve
+
+    def request(self, subject: str) -> bytes | None:
+        """The first answer of a responder on ``subject`` (exact subject), or None."""
+        for answer in self._responders.get(subject, ()):
+            try:
+                data = answer()
+            except Exception:
+                logger.opt(exception=True).warning("local bus responder raised on {subject}", subject=subject)
+                continue
+            if data is not None:
+                return data
+        return None
+
     def acquire_pulse(self, config: BackbeatConfig, time_source: TimeSource) -> str | None:
         """Start the pulse for ``config``'s cluster if none runs; count one more user.
 
@@ -150,6 +181,7 @@ class LocalBus:
         """
         warning = None
         subject = config.beat_subject_for()
+        created: _SharedPulse | None = None
         with self._lock:
             shared = self._pulses.get(subject)
             if shared is None:
@@ -163,11 +195,14 @@ class LocalBus:
                 )
 
                 def send(frame: BeatFrame, subject: str = subject) -> None:
-                    self.publish(subject, frame.encode())
+                    data = frame.encode()
+                    self.publish(subject, data)
+                    made.last_frame = data
 
                 thread = PulseThread(schedule, send, time_source=time_source)
-                shared = self._pulses[subject] = _SharedPulse(thread)
+                made = shared = self._pulses[subject] = _SharedPulse(thread)
                 thread.start()
+                created = made
             elif shared.thread.schedule.tempo_bpm != config.tempo_bpm:
                 warning = (
                     f"local pulse for {subject} on bus {self.name!r} already runs at"
@@ -175,6 +210,9 @@ class LocalBus:
                     f" tempo_bpm={config.tempo_bpm:g}; following the running pulse"
                 )
             shared.users += 1
+        if created is not None:  # it answers "the last beat?" as a NATS pulse does
+            pulse = created
+            pulse.unserve = self.serve(config.last_beat_subject_for(), lambda: pulse.last_frame)
         return warning
 
     def release_pulse(self, config: BackbeatConfig) -> None:
@@ -188,6 +226,7 @@ class LocalBus:
             if shared.users > 0:
                 return
             del self._pulses[subject]
+        shared.unserve()
         shared.thread.stop()
 
     def pulse_schedule(self, subject: str) -> BeatSchedule | None:

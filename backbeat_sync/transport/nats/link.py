@@ -546,6 +546,31 @@ class SubscriberLink(NatsLink):
         self.subject = subject
         self._on_message = on_message
 
+    def request(self, subject: str, timeout: float) -> bytes | None:
+        """Send one empty request on ``subject`` and return the first answer's payload.
+
+        Args:
+            subject: where to ask.
+            timeout: seconds to wait for an answer.
+
+        Returns:
+            The answer, or None: nobody answered in time, no responders, not connected.
+            Nothing raises: a missing answer is an answer too.
+        """
+        nc = self._nc
+        if nc is None or not self.connected:
+            return None
+
+        async def ask() -> bytes:
+            msg = await nc.request(subject, b"", timeout=timeout)
+            data: bytes = msg.data
+            return data
+
+        try:
+            return self.submit(ask()).result(timeout + 1.0)  # type: ignore[no-any-return]
+        except Exception:
+            return None
+
     async def _on_connect(self, nc: Client) -> None:
         on_message = self._on_message
 

@@ -141,7 +141,7 @@ def connect_options(config: BackbeatConfig, *, name: str | None = None) -> dict[
     needs_nkeys = config.creds_file is not None or config.nkey_seed is not None
     if needs_nkeys and importlib.util.find_spec("nkeys") is None:
         field = "creds_file" if config.creds_file is not None else "nkey_seed"
-        raise ConfigError(field, "***", "needs the nkeys package: pip install 'nats-py[nkeys]'")
+        raise ConfigError(field, "***", "needs the nkeys package: pip install 'backbeat_sync[nkeys]'")
     if config.creds_file is not None:
         if not os.path.isfile(config.creds_file):
             raise ConfigError("creds_file", config.creds_file, "no such file")

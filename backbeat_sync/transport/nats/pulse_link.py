@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from ..._time import SYSTEM_TIME, TimeSource
 from ...config import BackbeatConfig
@@ -12,7 +16,26 @@ from ..base import TransportEvent
 from .link import EventReporter, NatsLink
 from .options import describe_error, flush
 
-__all__ = ["PulseLink"]
+__all__ = ["PulseLink", "serve_last_beat"]
+
+
+async def serve_last_beat(nc: Client, subject: str, last: Callable[[], bytes | None]) -> None:
+    """Answer requests on ``subject`` with ``last()``, the latest frame as published.
+
+    No answer while ``last()`` is None (no frame yet, or an HA standby): the
+    requester times out and falls back to waiting for a beat. The subscription is
+    the client's, so it comes back with every reconnect.
+    """
+
+    async def answer(msg: Msg) -> None:
+        data = last()
+        if data is not None and msg.reply:
+            try:
+                await msg.respond(data)
+            except Exception:  # the connection went away: the requester falls back
+                pass
+
+    await nc.subscribe(subject, cb=answer)
 
 
 class PulseLink(NatsLink):
@@ -28,6 +51,8 @@ class PulseLink(NatsLink):
         report: receives connection events.
         sign: optional hook that returns a signed copy of each frame.
         time_source: real time; beats are due on its monotonic clock.
+        max_frames: stop beating after this many frames were published (None: no limit);
+            ``finished`` is set then (the connection stays open until :meth:`stop`).
     """
 
     def __init__(
@@ -38,6 +63,7 @@ class PulseLink(NatsLink):
         *,
         sign: Callable[[Any], Any] | None = None,
         time_source: TimeSource = SYSTEM_TIME,
+        max_frames: int | None = None,
     ) -> None:
         super().__init__(
             config,
@@ -53,12 +79,20 @@ class PulseLink(NatsLink):
         self.frames_sent = 0
         self.frames_skipped = 0
         self.send_errors = 0
+        self.max_frames = max_frames
+        #: Set once ``max_frames`` frames were published (never without ``max_frames``).
+        self.finished = threading.Event()
+        #: The latest frame as published (signed if frames are), served on the last-beat subject.
+        self.last_frame: bytes | None = None
 
     def tempo_changed(self) -> None:
         """Re-plan the next beat now (call after ``schedule.set_tempo``; any thread)."""
         changed = self._changed
         if changed is not None:
             self.call_soon(changed.set)
+
+    async def _on_connect(self, nc: Client) -> None:
+        await serve_last_beat(nc, self._config.last_beat_subject_for(), lambda: self.last_frame)
 
     def _background(self) -> list[Coroutine[Any, Any, None]]:
         self._changed = asyncio.Event()
@@ -93,6 +127,9 @@ class PulseLink(NatsLink):
                 continue
             sched.advance()
             await self._send(index)
+            if self.max_frames is not None and self.frames_sent >= self.max_frames:
+                self.finished.set()
+                return  # no frame after the last one, however late the caller stops us
 
     async def _send(self, index: int) -> None:
         nc = self._nc
@@ -103,7 +140,9 @@ class PulseLink(NatsLink):
             frame = self.schedule.frame(index, self._time.time())
             if self._sign is not None:
                 frame = self._sign(frame)
-            await nc.publish(self._subject, frame.encode())
+            data = frame.encode()
+            await nc.publish(self._subject, data)
+            self.last_frame = data
         except Exception as exc:
             self.send_errors += 1
             if self.send_errors == 1 or self.send_errors % 100 == 0:
