@@ -63,8 +63,8 @@ from .protocol import MAX_TEMPO_BPM, BeatFrame
 from .schedule import BeatSchedule
 from .streams import auto_replicas, jetstream_cause
 from .transport.base import TransportEvent
-from .transport.nats import NatsLink, connect_options, describe_error
-from .transport.nats.pulse_link import serve_last_beat
+from .transport.nats import connect_options, describe_error
+from .transport.nats.pulse_link import FrameSender, serve_last_beat
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -159,7 +159,7 @@ def _mask(url: Any) -> str:
     return f"{split.scheme}://{host}{port}"
 
 
-class HaPulseLink(NatsLink):
+class HaPulseLink(FrameSender):
     """The NATS side of a :class:`~backbeat_sync.Pulse` with ``ha=True``: campaign, lead, fence.
 
     Args:
@@ -490,28 +490,6 @@ class HaPulseLink(NatsLink):
                     self.finished.set()  # _run campaigns no more; stop() hands the lease over
                     return
             k += 1
-
-    async def _send(self, index: int) -> None:
-        nc = self._nc
-        if nc is None or not self._connected or not nc.is_connected:
-            self.frames_skipped += 1
-            return
-        try:
-            frame = self.schedule.frame(index, self._time.time())
-            if self._sign is not None:
-                frame = self._sign(frame)
-            data = frame.encode()
-            await nc.publish(self._subject, data)
-            self.last_frame = data
-        except Exception as exc:
-            self.send_errors += 1
-            if self.send_errors == 1 or self.send_errors % 100 == 0:
-                self._report(
-                    TransportEvent.ERROR,
-                    f"beat {index} not sent ({self.send_errors} so far): {describe_error(exc)}",
-                )
-            return
-        self.frames_sent += 1
 
     async def _watch_tempo(self) -> None:
         """Keep ``self._desired`` up to date from ``tempo.{cluster}`` (polled about once a beat)."""

@@ -12,11 +12,12 @@ from nats.aio.msg import Msg
 
 from ..._time import SYSTEM_TIME, TimeSource
 from ...config import BackbeatConfig
+from ...schedule import BeatSchedule
 from ..base import TransportEvent
 from .link import EventReporter, NatsLink
 from .options import describe_error, flush
 
-__all__ = ["PulseLink", "serve_last_beat"]
+__all__ = ["FrameSender", "PulseLink", "serve_last_beat"]
 
 
 async def serve_last_beat(nc: Client, subject: str, last: Callable[[], bytes | None]) -> None:
@@ -38,7 +39,46 @@ async def serve_last_beat(nc: Client, subject: str, last: Callable[[], bytes | N
     await nc.subscribe(subject, cb=answer)
 
 
-class PulseLink(NatsLink):
+class FrameSender(NatsLink):
+    """A link that publishes the frames of a beat schedule: the plain pulse's and the HA leader's.
+
+    Subclasses set the fields below in their ``__init__``.
+    """
+
+    schedule: BeatSchedule
+    _sign: Callable[[Any], Any] | None
+    _subject: str
+    frames_sent: int
+    frames_skipped: int
+    send_errors: int
+    #: The latest frame as published (signed if frames are), served on the last-beat subject.
+    last_frame: bytes | None
+
+    async def _send(self, index: int) -> None:
+        """Publish beat ``index`` now (skipped, and counted, while not connected)."""
+        nc = self._nc
+        if nc is None or not self._connected or not nc.is_connected:
+            self.frames_skipped += 1
+            return
+        try:
+            frame = self.schedule.frame(index, self._time.time())
+            if self._sign is not None:
+                frame = self._sign(frame)
+            data = frame.encode()
+            await nc.publish(self._subject, data)
+            self.last_frame = data
+        except Exception as exc:
+            self.send_errors += 1
+            if self.send_errors == 1 or self.send_errors % 100 == 0:
+                self._report(
+                    TransportEvent.ERROR,
+                    f"beat {index} not sent ({self.send_errors} so far): {describe_error(exc)}",
+                )
+            return
+        self.frames_sent += 1
+
+
+class PulseLink(FrameSender):
     """The NATS side of a :class:`~backbeat_sync.Pulse`: sends each beat of a schedule on time.
 
     Frames are only sent while connected: a frame that would reach agents late
@@ -130,28 +170,6 @@ class PulseLink(NatsLink):
             if self.max_frames is not None and self.frames_sent >= self.max_frames:
                 self.finished.set()
                 return  # no frame after the last one, however late the caller stops us
-
-    async def _send(self, index: int) -> None:
-        nc = self._nc
-        if nc is None or not self._connected or not nc.is_connected:
-            self.frames_skipped += 1
-            return
-        try:
-            frame = self.schedule.frame(index, self._time.time())
-            if self._sign is not None:
-                frame = self._sign(frame)
-            data = frame.encode()
-            await nc.publish(self._subject, data)
-            self.last_frame = data
-        except Exception as exc:
-            self.send_errors += 1
-            if self.send_errors == 1 or self.send_errors % 100 == 0:
-                self._report(
-                    TransportEvent.ERROR,
-                    f"beat {index} not sent ({self.send_errors} so far): {describe_error(exc)}",
-                )
-            return
-        self.frames_sent += 1
 
     async def _on_stop(self, deadline: float) -> None:
         nc = self._nc
