@@ -80,7 +80,7 @@ def test_the_missing_nkeys_error_names_this_projects_extra(
     creds = tmp_path / "agent.creds"
     creds.write_text("not read", encoding="utf-8")
     value = "SUAEXAMPLESEED" if field == "nkey_seed" else str(creds)
-    cfg = BackbeatConfig(nats_url="nats://127.0.0.1:4222", **{field: value})
+    cfg = BackbeatConfig(nats_url="nats://127.0.0.1:1", **{field: value})  # never connected
     with pytest.raises(ConfigError) as info:
         connect_options(cfg)
     assert info.value.field == field
