@@ -529,3 +529,37 @@ def test_budget_source_on_the_wire() -> None:
     assert bb.StatusClaim.parse(learned.encode()) == learned
     with pytest.raises(bb.ProtocolError, match="budget_source"):
         bb.StatusClaim.parse(claim.encode().replace(b'"type"', b'"budget_source":"guess","type"'))
+
+
+def _opener(path: str, barrier: Any, results: Any) -> None:
+    history = bb.BudgetHistory(path=path)
+    barrier.wait(30)
+    try:
+        history.open()
+        history.close()
+        results.put("ok")
+    except Exception as exc:
+        results.put(repr(exc))
+
+
+def test_processes_opening_one_new_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """Six processes open one new history file at the same moment, 15 times: every open
+    succeeds. (SQLite answers the first WAL switch and schema of a new file with "database is
+    locked" at once, past its busy handler: before open() retried, about 1 trial in 5 failed.)"""
+    ctx = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(15):
+        path = str(tmp_path / f"new-{trial}.sqlite")
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        procs = [ctx.Process(target=_opener, args=(path, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        try:
+            outcomes = [results.get(timeout=60) for _ in procs]
+        finally:
+            for p in procs:
+                p.join(60)
+                if p.is_alive():
+                    p.kill()
+        failures += [o for o in outcomes if o != "ok"]
+    assert failures == []

@@ -144,9 +144,7 @@ class BudgetHistory:
             raise ConfigError("history_path", path, f"cannot open the history file: {exc}") from None
         try:
             db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
-            db.execute("PRAGMA journal_mode = WAL")
-            self._migrate(db)
-            rows = db.execute(f"SELECT {COLUMNS} FROM samples ORDER BY id").fetchall()
+            rows = self._prepare(db)
         except sqlite3.Error as exc:
             db.close()
             raise ConfigError("history_path", path, f"not a usable history file: {exc}") from None
@@ -157,6 +155,24 @@ class BudgetHistory:
             self._db = db
             self._pid = os.getpid()
             self._load(rows)
+
+    def _prepare(self, db: sqlite3.Connection) -> list[Any]:
+        """WAL, the schema, the rows. SQLite answers ``PRAGMA journal_mode`` (and a schema
+        change racing another process's) with "database is locked" at once, without its
+        busy handler, when another process opens a new file at the same moment: so the
+        steps are retried, with a short pause, within the busy timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+        pause = 0.01
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode = WAL")
+                self._migrate(db)
+                return db.execute(f"SELECT {COLUMNS} FROM samples ORDER BY id").fetchall()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
