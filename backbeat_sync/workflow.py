@@ -37,11 +37,11 @@ __all__ = [
     "PRIORITY_RANK",
     "Flow",
     "RegistryFlows",
+    "check_beats",
     "check_details",
     "check_done",
     "check_ids",
     "check_priority",
-    "check_wait_beats",
     "projected_overrun",
 ]
 
@@ -143,8 +143,8 @@ def check_id(name: str, value: Any) -> str | None:
     return None
 
 
-def check_wait_beats(beats: Any) -> float:
-    """``beats`` as a float if it is a finite number > 0 (``op.wait_for(ids, beats=...)``).
+def check_beats(beats: Any) -> float:
+    """``beats`` as a float if it is a finite number > 0 (a budget, or ``op.wait_for(ids, beats=...)``).
 
     Raises:
         InvalidArgument: it is not.

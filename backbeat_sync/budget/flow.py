@@ -22,7 +22,7 @@ import attrs
 from .._runtime import WATCHDOG
 from .._watchdog import ThreadSlot, thread_state
 from ..errors import InvalidArgument
-from ..workflow import CURRENT, Flow, check_details, check_done, check_ids, check_wait_beats, project
+from ..workflow import CURRENT, Flow, check_beats, check_details, check_done, check_ids, project
 from .arming import ops_lock, unshield
 
 if TYPE_CHECKING:
@@ -235,7 +235,7 @@ class FlowMixin:
         """
         wanted = check_ids("ids", ids)
         if beats is not None:
-            beats = check_wait_beats(beats)
+            beats = check_beats(beats)
         integration = self.integration
         if integration is None or not wanted:
             return True

@@ -13,7 +13,7 @@ from .._watchdog import ThreadSlot
 from ..errors import InvalidArgument
 from ..history import RunLog, new_run_log
 from ..protocol import check_wire_id
-from ..workflow import check_priority
+from ..workflow import check_beats, check_priority
 from .tracker import materialize
 
 if TYPE_CHECKING:
@@ -35,22 +35,6 @@ __all__ = [
 OnExhaust = Literal["interrupt", "raise_after", "warn"]
 ON_EXHAUST: Final = ("interrupt", "raise_after", "warn")
 DEFAULT_WARN_AT: Final = (0.5, 0.75, 0.9)
-
-
-def check_beats(beats: Any) -> float:
-    """``beats`` as a float if it is a finite number > 0.
-
-    Raises:
-        InvalidArgument: it is not.
-    """
-    if (
-        isinstance(beats, bool)
-        or not isinstance(beats, (int, float))
-        or not math.isfinite(beats)
-        or beats <= 0
-    ):
-        raise InvalidArgument("beats", beats, "must be a finite number of beats > 0")
-    return float(beats)
 
 
 def _check_warn_at(warn_at: Any) -> tuple[float, ...]:
