@@ -242,6 +242,14 @@ def bench_decorator(quick: bool) -> list[Row]:
             plain()
 
     cases: dict[str, Callable[[], Any]] = {"plain": plain, "wrapt": wrapped, "beat_budget": budgeted}
+    # For the record, not a figure: a pass-through called the way @beat_budget calls a plain
+    # function (its own __call__, without wrapt's per-call __self__ probe; budget/faces.py), so
+    # beat_budget minus this is what the engine itself costs.
+    from backbeat_sync.budget.faces import _budgeted_function
+
+    cases["probe_free_passthrough"] = _budgeted_function(
+        plain, lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs), [True]
+    )
     # The same decorator on an integration instrumented with OpenTelemetry (the otel extra), with
     # the default spans="claimed": a call shorter than a beat makes no claim and so no span.
     traced = None

@@ -258,6 +258,73 @@ def test_methods_classmethods_and_staticmethods(live: Any) -> None:
         Store.static(3),
         s.static(3),
     ) == (6, 30, 13, 4, 4)
+    assert Store.method(s, 4) == 8  # looked up on the class, the instance passed by hand
+
+
+def test_plain_function_wrapper_calls_the_engine_without_wrapts_probe(live: Any) -> None:
+    """A decorated plain function is a wrapt FunctionWrapper whose own ``__call__`` runs the
+    engine: wrapt's C call would first ask the function for ``__self__`` (an AttributeError
+    made and cleared on every call, most of the decorator's cost; docs/performance.md).
+    Methods, classmethods and staticmethods keep wrapt's own binding (test above)."""
+    import wrapt
+
+    def work(x: int) -> int:
+        """Work."""
+        return x * 2
+
+    budgeted = bb.beat_budget(BIG, name="probe-free")(work)
+    assert isinstance(budgeted, wrapt.FunctionWrapper)
+    assert type(budgeted).__call__ is not wrapt.FunctionWrapper.__call__
+    assert budgeted.__wrapped__ is work
+    assert (budgeted.__name__, budgeted.__qualname__, budgeted.__doc__) == (
+        "work",
+        work.__qualname__,
+        "Work.",
+    )
+    # It is the budgeted engine that runs: a call shows as a live budget in its thread.
+    from backbeat_sync._watchdog import current_slot
+
+    seen: list[bool] = []
+
+    def inside() -> None:
+        seen.append(bool(current_slot().live))
+
+    bb.beat_budget(BIG)(inside)()
+    assert seen == [True]
+    # A call that outlives its budget is interrupted inside, as with wrapt's own call path.
+    spent = bb.beat_budget(1, name="probe-free-spent")(busy_until_interrupted)
+    with pytest.raises(bb.BeatBudgetExceeded):
+        spent()
+    assert budgeted(21) == 42
+    # Each class is its function's own: two decorated functions do not share a __call__.
+    other = bb.beat_budget(BIG)(work)
+    assert type(other) is not type(budgeted)
+    assert other(1) == 2
+
+
+def test_plain_function_wrapper_runs_plainly_when_the_gate_is_closed() -> None:
+    """With the budget gate closed (no integration running, the fallback logged), the call
+    goes straight to the function, as wrapt's ``enabled`` did."""
+    from backbeat_sync._runtime import RUNTIME
+
+    calls: list[int] = []
+
+    def work(x: int) -> int:
+        calls.append(x)
+        return x
+
+    budgeted = bb.beat_budget(BIG)(work)
+    saved = list(RUNTIME.budgets_on)
+    RUNTIME.budgets_on[:] = []
+    try:
+        assert budgeted(5) == 5
+        assert calls == [5]
+    finally:
+        RUNTIME.budgets_on[:] = saved
+    strict = bb.beat_budget(BIG, strict=True)(work)
+    with pytest.raises(bb.IntegrationNotStarted):
+        strict(6)  # strict always runs the engine, which refuses
+    assert calls == [5]
 
 
 # -- exhaustion ---------------------------------------------------------------------------

@@ -53,6 +53,8 @@ __all__ = [
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: An engine: ``run(wrapped, instance, args, kwargs)``, wrapt's wrapper signature.
+Engine = Callable[[Callable[..., Any], Any, Any, Any], Any]
 Priority = Literal["critical", "high", "normal", "low"]
 _monotonic: Final = time.monotonic
 _new: Final = object.__new__
@@ -172,8 +174,9 @@ def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any,
     Returns ``run(wrapped, instance, args, kwargs)`` (wrapt's wrapper signature).
     The integration is resolved at each call.
 
-    This path is kept short on purpose (issue 7: a few hundred nanoseconds; the
-    benchmark's margin against wrapt is a few tens of nanoseconds), so it inlines
+    This path is kept short on purpose (issue 7: a few hundred nanoseconds; a plain
+    function's wrapper calls it straight from its ``__call__``: see
+    :func:`_budgeted_function`), so it inlines
     the arming ``Tracker.__enter__`` does (reading the start, then
     :func:`.arming.arm`): a Python call costs about 50 ns here. The inlined lines
     below are the same steps in the same order; change them together.
@@ -610,6 +613,46 @@ def beat_budget(
         # only name bool-like objects, hence Any)
         gate: Any = None if settings.strict else RUNTIME.budgets_on
         engine = _auto_runner(settings, profile) if automatic else _runner(settings)
+        if inspect.isfunction(func):  # a plain function (a method too, while in its class body)
+            return cast("Callable[P, R]", _budgeted_function(func, engine, gate))
         return cast("Callable[P, R]", wrapt.decorator(enabled=gate)(engine)(func))
 
     return decorate
+
+
+def _budgeted_function(
+    func: Callable[..., Any], engine: Engine, gate: Any
+) -> wrapt.FunctionWrapper[..., Any]:
+    """``wrapt.FunctionWrapper(func, engine, enabled=gate)`` whose direct call skips wrapt's probe.
+
+    wrapt's C ``FunctionWrapper.__call__``, for a wrapper of a plain function called
+    unbound (a function, not a method looked up on an instance), asks the function
+    for ``__self__`` (in case it wraps a bound method), and a function has none: an
+    ``AttributeError`` is made and cleared on every call, about 400 ns, three
+    quarters of what a pass-through wrapt decorator costs per call (wrapt 2.5,
+    CPython 3.11; ``docs/performance.md``). For a plain function the answer is known
+    at decoration (it has no ``__self__``), so this subclass's ``__call__`` does what
+    wrapt's then does (the gate, then ``engine(func, None, args, kwargs)``) without
+    asking. Everything else is wrapt's: binding as a method (``__get__`` makes wrapt's
+    bound wrapper, which calls ``engine`` with the instance), introspection
+    (``__wrapped__``, ``__name__``, ``__doc__``, the signature), ``enabled``.
+
+    The class is made per decorated function so that ``__call__`` reads ``func``,
+    ``engine`` and ``gate`` from its closure: attributes of a Python subclass of wrapt's
+    proxy cost ~90 ns each to read (through the proxy's ``__getattr__`` machinery).
+    It costs ~2 KiB per decorated function, made once at decoration.
+    """
+    if gate is None:  # strict: always the engine (it raises when no integration runs)
+
+        def __call__(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+            return engine(func, None, args, kwargs)
+
+    else:
+
+        def __call__(self: Any, /, *args: Any, **kwargs: Any) -> Any:
+            if gate:  # RUNTIME.budgets_on: a list, true while budgets can run (as wrapt tests it)
+                return engine(func, None, args, kwargs)
+            return func(*args, **kwargs)
+
+    cls = type("BudgetedFunction", (wrapt.FunctionWrapper,), {"__call__": __call__, "__module__": __name__})
+    return cast("wrapt.FunctionWrapper[..., Any]", cls(func, engine, enabled=gate))
