@@ -333,6 +333,8 @@ class BackbeatConfig:
     history_path: str | None = attrs.field(default=None, validator=_optional_str)
     #: Samples kept per (operation type, name), the newest.
     history_keep: int = attrs.field(default=1000, validator=_int_at_least(1))
+    #: Names kept per operation type; the runs of names past it share the name ``"(other)"``.
+    history_max_names: int = attrs.field(default=1000, validator=_int_at_least(1))
     #: Runs (done or exceeded) of a type before ``"auto"`` learns from them.
     history_min_samples: int = attrs.field(default=20, validator=_int_at_least(1))
     #: ``"auto"`` gives ``p95 * history_margin`` (rounded up to a quarter beat).

@@ -629,6 +629,7 @@ BAD_CONFIG = [
     ("trusted_pulse_keys", ("base64:AAAA",)),
     ("history_path", ""),
     ("history_keep", 0),
+    ("history_max_names", 0),
     ("history_min_samples", 0),
     ("history_margin", 0),
     ("budget_profiles", {"ingest": (0, 1)}),

@@ -11,6 +11,7 @@ import pytest
 import backbeat_sync as bb
 from backbeat_sync.history import (
     DEFAULT_PROFILES,
+    OTHER_NAME,
     SCHEMA_VERSION,
     BudgetHistory,
     check_profiles,
@@ -84,6 +85,44 @@ def test_bounded_newest_n_per_type_and_name() -> None:
         h.record("t", "g", budget=10, beats_used=100.0)
     assert [s.beats_used for s in h.samples("t", "f")] == [7.0, 8.0, 9.0, 10.0, 11.0]
     assert h.stats("t").count == 10
+
+
+def test_names_past_the_cap_share_one_name() -> None:
+    """A type keeps at most ``max_names`` names; the runs of names past them are kept under
+    OTHER_NAME, so operation ids with no numbered suffix do not grow the history without bound."""
+    h = BudgetHistory(keep=4, max_names=3)
+    for url in ("a", "b", "c", "d", "e", "f"):
+        h.record("fetch", f"fetch-https://host/{url}", budget=10, beats_used=1.0)
+    h.record("fetch", "fetch-https://host/a", budget=10, beats_used=2.0)  # a name it has: kept as is
+    h.record("other-type", "x", budget=10, beats_used=1.0)  # the cap is per type
+    assert h.names("fetch") == [OTHER_NAME] + [f"fetch-https://host/{u}" for u in "abc"]
+    kept = h.samples("fetch", OTHER_NAME)
+    assert [s.name for s in kept] == [OTHER_NAME] * 3  # d, e and f
+    assert h.stats("fetch").count == 2 + 1 + 1 + 3  # a twice, b, c, and (other)'s three
+    assert h.names("other-type") == ["x"]
+    with pytest.raises(bb.InvalidArgument, match="max_names"):
+        BudgetHistory(max_names=0)
+
+
+def test_names_cap_bounds_the_file(tmp_path: Path) -> None:
+    """Written samples carry the shared name, so the file stays bounded by names x keep."""
+    path = tmp_path / "h.sqlite"
+    h = BudgetHistory(path, keep=3, max_names=5)
+    h.open()
+    for i in range(200):
+        page = "".join(chr(97 + int(d)) for d in str(i))  # no digit: every id is its own name
+        h.record("fetch", f"fetch-https://host/{page}", budget=10, beats_used=1.0)
+    h.close()
+    with sqlite3.connect(path) as db:
+        (names,) = db.execute("SELECT count(DISTINCT name) FROM samples").fetchone()
+        (rows,) = db.execute("SELECT count(*) FROM samples").fetchone()
+    assert names == 5 + 1  # the first five, and (other)
+    assert rows == 5 + 3  # one run each, and the newest keep=3 of (other)'s 195
+    again = BudgetHistory(path, keep=3, max_names=5)
+    again.open()
+    assert len(again.names("fetch")) == 6
+    assert len(again.samples("fetch", OTHER_NAME)) == 3
+    again.close()
 
 
 def test_clear_forgets_everything() -> None:

@@ -20,8 +20,10 @@ from .rules import (
     DEFAULT_KEEP,
     DEFAULT_MARGIN,
     DEFAULT_MIN_SAMPLES,
+    DEFAULT_NAMES,
     DEFAULT_PROFILES,
     FLOOR_BEATS,
+    OTHER_NAME,
     PENDING_LIMIT,
     SCHEMA_VERSION,
     check_profiles,
@@ -44,6 +46,9 @@ class BudgetHistory:
     Args:
         path: the SQLite file, or None to keep history in memory only.
         keep: samples kept per (type, name), the newest (>= 1).
+        max_names: names kept per type (>= 1): the runs of any name past them are kept
+            together under :data:`OTHER_NAME` (``"(other)"``), so ids with no numbered
+            suffix cannot grow the history (in memory and on disk) without bound.
         profiles: ``type -> (min, max)`` beats, merged over :data:`DEFAULT_PROFILES`.
         min_samples: done or exceeded runs of a type before ``"auto"`` learns (>= 1).
         margin: ``"auto"`` gives ``p95 * margin`` (> 0).
@@ -68,6 +73,7 @@ class BudgetHistory:
         path: str | os.PathLike[str] | None = None,
         *,
         keep: int = DEFAULT_KEEP,
+        max_names: int = DEFAULT_NAMES,
         profiles: Mapping[str, tuple[float, float]] | None = None,
         min_samples: int = DEFAULT_MIN_SAMPLES,
         margin: float = DEFAULT_MARGIN,
@@ -77,6 +83,8 @@ class BudgetHistory:
     ) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
             raise InvalidArgument("keep", keep, "must be an integer >= 1")
+        if isinstance(max_names, bool) or not isinstance(max_names, int) or max_names < 1:
+            raise InvalidArgument("max_names", max_names, "must be an integer >= 1")
         if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
             raise InvalidArgument("min_samples", min_samples, "must be an integer >= 1")
         if (
@@ -88,6 +96,7 @@ class BudgetHistory:
             raise InvalidArgument("margin", margin, "must be a finite number > 0")
         self.path = None if path is None else os.fspath(path)
         self.keep = keep
+        self.max_names = max_names
         self.min_samples = min_samples
         self.margin = float(margin)
         self.profiles: dict[str, tuple[float, float]] = dict(DEFAULT_PROFILES)
@@ -347,6 +356,7 @@ class BudgetHistory:
         if not samples:
             return
         keep = self.keep
+        limit = self.max_names
         store = self._samples
         unwritten = self._unwritten if write and self._db is not None else None
         checked = self._below_checked
@@ -356,6 +366,7 @@ class BudgetHistory:
         q: deque[Sample] | None = None
         w: deque[Sample] | None = None
         figures: Figures | None = None
+        other = False  # the current batch's name is past the type's cap: kept as OTHER_NAME
         for sample in samples:
             typ, name = key = sample[0], sample[1]
             if key != last_key:  # runs come in batches of one budget: look the deques up once a batch
@@ -363,6 +374,11 @@ class BudgetHistory:
                 types.add(typ)
                 by_name = store.setdefault(typ, {})
                 q = by_name.get(name)
+                other = q is None and len(by_name) >= limit and name != OTHER_NAME
+                if other:  # a new name past the cap: its runs join the type's OTHER_NAME
+                    name = OTHER_NAME
+                    key = (typ, name)
+                    q = by_name.get(name)
                 if q is None:
                     q = by_name[name] = deque(maxlen=keep)
                 figures = self._figures.get(typ)
@@ -372,6 +388,8 @@ class BudgetHistory:
                     w = unwritten.get(key)
                     if w is None:
                         w = unwritten[key] = deque(maxlen=keep)
+            if other:
+                sample = sample._replace(name=OTHER_NAME)
             assert q is not None
             assert figures is not None
             if len(q) == keep:  # the oldest is about to be dropped: it leaves the figures too

@@ -13,9 +13,11 @@ __all__ = [
     "DEFAULT_KEEP",
     "DEFAULT_MARGIN",
     "DEFAULT_MIN_SAMPLES",
+    "DEFAULT_NAMES",
     "DEFAULT_PROFILES",
     "EXCEEDED_KINDS",
     "FLOOR_BEATS",
+    "OTHER_NAME",
     "OUTCOMES",
     "PENDING_LIMIT",
     "RUN_LOG_LIMIT",
@@ -42,6 +44,11 @@ DEFAULT_MIN_SAMPLES: Final = 20
 DEFAULT_MARGIN: Final = 1.25
 #: Samples kept per (type, name), in memory and on disk: the newest win.
 DEFAULT_KEEP: Final = 1000
+#: Names kept per type; the runs of names past it share :data:`OTHER_NAME` (ids with no
+#: numbered suffix, such as ``"fetch-" + url``, would otherwise grow the history without bound).
+DEFAULT_NAMES: Final = 1000
+#: The one name the runs of a type's names past its cap are kept under.
+OTHER_NAME: Final = "(other)"
 #: The smallest budget ``"auto"`` gives a type without a profile.
 FLOOR_BEATS: Final = 0.25
 #: The on-disk schema version (``PRAGMA user_version``); see ``docs/learning.md``.

@@ -174,6 +174,7 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
         self.history = BudgetHistory(
             config.history_path,
             keep=config.history_keep,
+            max_names=config.history_max_names,
             profiles=config.budget_profiles,
             min_samples=config.history_min_samples,
             margin=config.history_margin,
