@@ -355,6 +355,9 @@ class BackbeatConfig:
     #: Which figures ``"auto"`` budgets learn from: ``"local"`` (this agent's history) or
     #: ``"cluster"`` (the merged figures of ``history_bucket``, which it needs).
     history_scope: str = attrs.field(default="local", validator=_history_scope)
+    #: Seconds without a write after which an agent's entry in ``history_bucket`` is folded
+    #: into the shared ``"*retired"`` entry (agents that are gone; the figures do not change).
+    history_retire_after: float = attrs.field(default=7 * 86_400.0, validator=_positive_number())
 
     @property
     def is_local(self) -> bool:

@@ -638,6 +638,7 @@ BAD_CONFIG = [
     ("history_bucket", ""),
     ("history_bucket", "a.b"),
     ("history_scope", "global"),
+    ("history_retire_after", 0),
     ("history_scope", "cluster"),  # needs history_bucket
 ]
 

@@ -243,6 +243,146 @@ def test_a_concurrent_writer_between_read_and_write_loses_nothing(
     assert b.stats(TYPE).count == total
 
 
+DAY = 86_400.0
+T0 = 1_764_000_000.0
+
+
+def timed_side(agent: str, n: int, clock: list[float]) -> ClusterHistory:
+    """A cluster history of ``agent`` with ``n`` done runs, on the clock ``clock[0]``."""
+    c = ClusterHistory(
+        BUCKET,
+        CLUSTER,
+        agent,
+        lambda fn: None,
+        on_error=lambda msg: None,
+        on_change=lambda typ: None,
+        time_source=lambda: clock[0],
+        retire_after=7 * DAY,
+    )
+    add_runs(c, n)
+    return c
+
+
+def add_runs(c: ClusterHistory, n: int) -> None:
+    for k in range(n):
+        c.add(Sample(TYPE, "f", 4.0, 0.5 + k / 10, "done"))
+
+
+def merge_all(nats_jetstream: NatsServer, nats_runner: AsyncRunner, steps: list[Any]) -> dict[str, Any]:
+    """Run each step (``async (kv) -> None``) on one bucket; return the key's value after them."""
+    import nats
+
+    from backbeat_sync.ha import open_bucket
+
+    async def scenario() -> dict[str, Any]:
+        nc = await nats.connect(nats_jetstream.url)
+        try:
+            kv = await open_bucket(nc, BUCKET, create=True, replicas=1, timeout=5.0)
+            for step in steps:
+                await step(kv)
+            entry = await kv.get(history_key(CLUSTER, TYPE))
+            doc: dict[str, Any] = json.loads(entry.value)
+            return doc
+        finally:
+            await nc.close()
+
+    return nats_runner.run(scenario())
+
+
+def merged(c: ClusterHistory) -> Any:
+    async def step(kv: Any) -> None:
+        assert await c.merge(kv)
+
+    return step
+
+
+def test_an_agent_gone_longer_than_retire_after_is_folded_into_retired(
+    nats_jetstream: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """The next writer folds a stale entry into RETIRED: the value stops growing with agents
+    that never come back, and the cluster's counts do not change."""
+    from backbeat_sync.history.cluster import RETIRED
+
+    then, later = [T0], [T0 + 8 * DAY]
+    gone = timed_side("agent-gone", 5, then)
+    a = timed_side("agent-a", 30, later)
+    b = timed_side("agent-b", 10, later)
+    doc = merge_all(nats_jetstream, nats_runner, [merged(gone), merged(a), merged(b)])
+    assert sorted(doc["agents"]) == [RETIRED, "agent-a", "agent-b"]
+    assert doc["agents"][RETIRED]["d"] == 5
+    assert sum(e["d"] for e in doc["agents"].values()) == 45
+    assert (a.retired, b.retired) == (1, 0)
+    assert a.stats(TYPE).count == 35  # a read before b wrote
+    assert b.stats(TYPE).count == 45
+
+
+def test_a_retired_agent_that_comes_back_counts_nothing_twice(
+    nats_jetstream: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """An agent away longer than retire_after finds its entry folded; what it had written is
+    in RETIRED, so its entry then holds only the runs it had not written."""
+    from backbeat_sync.history.cluster import RETIRED
+
+    clock_a, clock_b = [T0], [T0 + 8 * DAY]
+    a = timed_side("agent-a", 10, clock_a)
+    b = timed_side("agent-b", 1, clock_b)
+
+    async def a_comes_back(kv: Any) -> None:
+        add_runs(a, 3)
+        clock_a[0] = T0 + 8 * DAY
+        assert await a.merge(kv)
+
+    async def and_goes_on(kv: Any) -> None:
+        add_runs(a, 2)
+        assert await a.merge(kv)
+
+    doc = merge_all(nats_jetstream, nats_runner, [merged(a), merged(b), a_comes_back, and_goes_on])
+    assert doc["agents"][RETIRED]["d"] == 10
+    assert doc["agents"]["agent-a"]["d"] == 5  # 3 + 2 written after its return
+    assert doc["agents"]["agent-b"]["d"] == 1
+    assert a.stats(TYPE).count == 16  # every run once: 10 + 3 + 2 of a's, 1 of b's
+    assert a.sketch(TYPE).done == 16
+
+
+def test_a_live_agent_rewrites_its_entry_before_it_could_be_retired(
+    nats_jetstream: NatsServer, nats_runner: AsyncRunner
+) -> None:
+    """With no new runs, an agent rewrites its entry once it is a quarter of retire_after
+    old (and not before), so another agent never takes it for gone."""
+    clock = [T0]
+    a = timed_side("agent-a", 4, clock)
+
+    async def idle(kv: Any) -> None:
+        clock[0] = T0 + DAY  # fresh: nothing to write
+        assert await a.merge(kv)
+        assert a.merges == 1
+        clock[0] = T0 + 2 * DAY  # past 7 / 4 days: rewritten
+        assert await a.merge(kv)
+        assert a.merges == 2
+
+    doc = merge_all(nats_jetstream, nats_runner, [merged(a), idle])
+    assert doc["agents"]["agent-a"]["t"] == T0 + 2 * DAY
+    assert doc["agents"]["agent-a"]["d"] == 4
+
+
+def test_an_entry_with_no_time_is_never_retired(nats_jetstream: NatsServer, nats_runner: AsyncRunner) -> None:
+    """An entry without "t" (another writer's) has no known age: it stays as it is."""
+    a = timed_side("agent-a", 2, [T0 + 100 * DAY])
+
+    async def foreign(kv: Any) -> None:
+        value = {
+            "v": 1,
+            "type": TYPE,
+            "agents": {"peer": {"d": 7, "f": 0, "e": 0, "l": 0, "m": 1.0, "b": {"0": 7}}},
+        }
+        await kv.create(history_key(CLUSTER, TYPE), json.dumps(value).encode())
+
+    doc = merge_all(nats_jetstream, nats_runner, [foreign, merged(a)])
+    assert sorted(doc["agents"]) == ["agent-a", "peer"]
+    assert a.retired == 0
+    assert a.stats(TYPE).count == 9
+
+
 def test_without_jetstream_it_is_reported_once_and_history_stays_local(
     nats_server: NatsServer, agents: list[Integration]
 ) -> None:

@@ -12,6 +12,15 @@ cluster figure is the sum of every agent's entry. A restarted agent (same ``agen
 reads its entry back first and goes on from it.
 
 The value is JSON: ``{"v": 1, "type": TYPE, "agents": {AGENT: {sketch..., "t": epoch}}}``.
+
+Agents come and go (a pod's agent id may never come back), and the value must stay under
+the server's ``max_payload``: an entry not written for ``retire_after`` seconds is folded,
+by the next agent that writes the key, into one entry :data:`RETIRED` (the sum of the
+retired agents' sketches: the cluster's figure, the sum of the entries, does not change).
+An agent rewrites its own entry at least every ``retire_after / 4`` (with new runs or
+not), so a live agent is not retired. One whose entry was retired all the same (away
+longer than ``retire_after``) finds its entry gone at its next merge and from then on
+writes only what it did not write before (its runs are in :data:`RETIRED` already).
 """
 
 from __future__ import annotations
@@ -28,12 +37,17 @@ from ..errors import JetStreamUnavailable
 from .records import OperationStats, Sample
 from .sketch import Sketch
 
-__all__ = ["MAX_TRIES", "VALUE_VERSION", "ClusterHistory", "history_key"]
+__all__ = ["MAX_TRIES", "RETIRED", "RETIRE_AFTER", "VALUE_VERSION", "ClusterHistory", "history_key"]
 
 #: Compare-and-set attempts per key and merge before the merge gives up until the next bar.
 MAX_TRIES: Final = 20
 #: The ``"v"`` of the JSON value this library writes.
 VALUE_VERSION: Final = 1
+#: The entry the retired agents' sketches are summed into (no agent id can be this: ids
+#: are single NATS subject tokens, and ``*`` is not allowed in one).
+RETIRED: Final = "*retired"
+#: Seconds without a write after which another agent's entry is folded into :data:`RETIRED`.
+RETIRE_AFTER: Final = 7 * 86_400.0
 _PLAIN: Final = re.compile(r"[-_a-zA-Z0-9]+")
 
 #: Runs ``fn(nc)`` on the NATS loop thread; returns a future, or None when not connected.
@@ -45,6 +59,12 @@ def _token(part: str) -> str:
     if _PLAIN.fullmatch(part):
         return part
     return "=" + part.encode("utf-8").hex()
+
+
+def _written_at(entry: Any) -> float | None:
+    """The ``"t"`` of an entry, or None when it has none (its age unknown: never retired)."""
+    t = entry.get("t") if isinstance(entry, dict) else None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
 def history_key(cluster_id: str, operation_type: str) -> str:
@@ -73,6 +93,8 @@ class ClusterHistory:
             cached ``"auto"`` budget of that type).
         time_source: epoch seconds (the ``"t"`` of this agent's entry).
         timeout: seconds per JetStream request.
+        retire_after: seconds without a write after which another agent's entry is folded
+            into :data:`RETIRED` when this agent writes the key.
     """
 
     def __init__(
@@ -86,6 +108,7 @@ class ClusterHistory:
         on_change: Callable[[str], Any],
         time_source: Callable[[], float],
         timeout: float = 5.0,
+        retire_after: float = RETIRE_AFTER,
     ) -> None:
         self.bucket = bucket
         self.cluster_id = cluster_id
@@ -95,6 +118,7 @@ class ClusterHistory:
         self._on_change = on_change
         self._now = time_source
         self._timeout = timeout
+        self.retire_after = retire_after
         self._lock = threading.Lock()
         #: This process's runs since start, per type (the entry is base + this).
         self._delta: dict[str, Sketch] = {}
@@ -102,6 +126,11 @@ class ClusterHistory:
         self._base: dict[str, Sketch] = {}
         #: The other agents' entries, summed, as last read.
         self._others: dict[str, Sketch] = {}
+        #: What of base + delta was retired into RETIRED while this process ran (not ours to write).
+        self._gone: dict[str, Sketch] = {}
+        #: The entry this process last wrote, per type (to tell a retired entry from a new key).
+        self._last_own: dict[str, Sketch] = {}
+        self.retired = 0  #: other agents' entries this agent folded into RETIRED
         self._version: dict[str, int] = {}  #: runs taken in per type
         self._written: dict[str, int] = {}  #: the version last written per type
         self._wanted: set[str] = set()  #: types asked about (read even if not run here)
@@ -130,12 +159,21 @@ class ClusterHistory:
         """The cluster's sketch of a type: the others' last read plus this agent's own, now."""
         with self._lock:
             self._wanted.add(operation_type)
-            out = Sketch()
-            for part in (self._others, self._base, self._delta):
-                s = part.get(operation_type)
-                if s is not None:
-                    out.merge(s)
+            out = self._own(operation_type)
+            others = self._others.get(operation_type)
+            if others is not None:
+                out.merge(others)
             return out
+
+    def _own(self, typ: str) -> Sketch:
+        """With the lock: this agent's entry now (its base and its runs, less what was retired)."""
+        own = Sketch()
+        for part in (self._base, self._delta):
+            s = part.get(typ)
+            if s is not None:
+                own.merge(s)
+        gone = self._gone.get(typ)
+        return own if gone is None else own.without(gone)
 
     def stats(self, operation_type: str) -> OperationStats:
         """The cluster's figures of a type (see :meth:`sketch`)."""
@@ -223,17 +261,24 @@ class ClusterHistory:
             except js_errors.KeyNotFoundError:  # also a deleted or purged key
                 revision, doc = None, {}
             agents: dict[str, Any] = doc.get("agents", {}) if isinstance(doc.get("agents"), dict) else {}
+            now = self._now()
             others = Sketch()
+            stale: dict[str, Sketch] = {}  # other agents' entries to retire, if we write
             for agent, data in agents.items():
                 if agent == self.agent_id:
                     continue
                 try:
-                    others.merge(Sketch.from_json(data))
+                    sketch = Sketch.from_json(data)
                 except ValueError as exc:
                     self._failed(f"{key}: agent {agent!r}'s entry skipped: {exc}")
+                    continue
+                others.merge(sketch)
+                at = _written_at(data)
+                if agent != RETIRED and at is not None and now - at > self.retire_after:
+                    stale[agent] = sketch
+            mine = agents.get(self.agent_id)
             with self._lock:
                 if typ not in self._base:  # first read: a restart's own entry is the base
-                    mine = agents.get(self.agent_id)
                     base = Sketch()
                     if mine is not None:
                         try:
@@ -241,20 +286,37 @@ class ClusterHistory:
                         except ValueError:
                             pass  # corrupt: start again from this run's counts
                     self._base[typ] = base
+                elif mine is None and typ in self._last_own:
+                    # Our entry was retired (we were away longer than retire_after): what we
+                    # wrote is counted in RETIRED now; from here we write only the rest.
+                    gone = self._gone.setdefault(typ, Sketch())
+                    gone.merge(self._last_own.pop(typ))
+                    self._written[typ] = -1  # what is left is not in the bucket: write it
                 changed = self._others.get(typ) != others
                 self._others[typ] = others
                 version = self._version.get(typ, 0)
                 dirty = version != self._written.get(typ, 0)
-                own = self._base[typ].copy()
-                delta = self._delta.get(typ)
-                if delta is not None:
-                    own.merge(delta)
+                own = self._own(typ)
             if changed:
                 self._on_change(typ)
-            if not dirty:
-                return True
+            mine_at = None if mine is None else _written_at(mine)
+            if not dirty and (
+                mine is None or (mine_at is not None and now - mine_at <= self.retire_after / 4)
+            ):
+                return True  # nothing new, and our entry is fresh enough not to be retired
+            if stale:
+                retired = Sketch()
+                if RETIRED in agents:
+                    try:
+                        retired = Sketch.from_json(agents[RETIRED])
+                    except ValueError:
+                        pass  # skipped above (and reported); replaced by the sum of the stale
+                for agent, sketch in stale.items():
+                    retired.merge(sketch)
+                    del agents[agent]
+                agents[RETIRED] = {**retired.to_json(), "t": now}
             entry_json = own.to_json()
-            entry_json["t"] = self._now()
+            entry_json["t"] = now
             agents[self.agent_id] = entry_json
             data = json.dumps(
                 {"v": VALUE_VERSION, "type": typ, "agents": agents}, separators=(",", ":"), sort_keys=True
@@ -274,7 +336,9 @@ class ClusterHistory:
                 raise
             with self._lock:
                 self._written[typ] = version
+                self._last_own[typ] = own
             self.merges += 1
+            self.retired += len(stale)
             return True
         self._failed(f"{key}: {MAX_TRIES} compare-and-set attempts lost to other writers")
         return False

@@ -105,6 +105,25 @@ class Sketch:
         """An independent copy."""
         return Sketch().merge(self)
 
+    def without(self, part: Sketch) -> Sketch:
+        """A new sketch of this one's runs that are not in ``part`` (counted in it earlier).
+
+        Counts subtract exactly (never below zero). ``max`` stays this sketch's: a maximum
+        cannot be taken away, and where ``part`` is still counted (the cluster's retired
+        entry) the cluster's maximum, the largest of its entries', does not change by it.
+        """
+        out = Sketch()
+        out.done = max(0, self.done - part.done)
+        out.failed = max(0, self.failed - part.failed)
+        out.exceeded = max(0, self.exceeded - part.exceeded)
+        out.late = max(0, self.late - part.late)
+        out.max = self.max
+        for key, n in self.buckets.items():
+            left = n - part.buckets.get(key, 0)
+            if left > 0:
+                out.buckets[key] = left
+        return out
+
     def quantile(self, q: float) -> float:
         """The nearest-rank ``q`` quantile of beats used (0.0 without timed runs), within ``ALPHA``."""
         total = sum(self.buckets.values())

@@ -193,6 +193,7 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
                 on_change=self.history._cluster_changed,
                 time_source=self._time.time,
                 timeout=config.flush_timeout,
+                retire_after=config.history_retire_after,
             )
             self.history.cluster = cluster
             self.history.scope = config.history_scope
