@@ -13,7 +13,7 @@ import pytest
 
 import backbeat_sync as bb
 from backbeat_sync import _runtime, _watchdog
-from tests.support import ClaimLog, unique_bus
+from tests.support import ClaimLog, unique_bus, wait_until
 
 #: Only a bug makes a test wait this long; "promptly" is asserted as well under half of it,
 #: so a busy machine (threads descheduled for a second or two) cannot fail a test.
@@ -223,10 +223,7 @@ def test_precise_mode_lowers_the_switch_interval_near_a_deadline_and_restores_it
     finally:
         precise_mode(False)
     assert min(seen) == 0.0005
-    end = time.monotonic() + NEVER
-    while sys.getswitchinterval() != old and time.monotonic() < end:
-        time.sleep(0.01)
-    assert sys.getswitchinterval() == old
+    wait_until(lambda: sys.getswitchinterval() == old, NEVER, "the switch interval restored")
 
 
 def test_precise_mode_rejects_a_bad_interval() -> None:

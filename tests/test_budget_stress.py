@@ -18,7 +18,7 @@ import pytest
 
 import backbeat_sync as bb
 from backbeat_sync import _runtime, _watchdog
-from tests.support import unique_bus
+from tests.support import unique_bus, wait_until
 
 THREADS = 16
 BUDGETS = 10_000
@@ -225,10 +225,7 @@ def test_calls_ending_around_beats_are_claimed_consistently() -> None:
         stop.set()
         for th in threads:
             th.join(30)
-        deadline = time.monotonic() + 30
-        while integration.registry.active_count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert integration.registry.active_count == 0
+        wait_until(lambda: integration.registry.active_count == 0, 30, "every operation finished")
     # stop() has drained the callback queue: every claim emitted reached on_claim
     by_task: dict[str, list[str]] = {}
     with lock:

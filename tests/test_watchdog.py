@@ -16,7 +16,7 @@ import backbeat_sync as bb
 from backbeat_sync import _watchdog
 from backbeat_sync._runtime import WATCHDOG
 from backbeat_sync._watchdog import ThreadSlot, current_slot, set_async_exc
-from tests.support import manual_integration, unique_bus
+from tests.support import manual_integration, unique_bus, wait_until
 
 #: Only a bug makes a test wait this long; "promptly" is asserted as well under half of it.
 NEVER = 60.0
@@ -220,10 +220,7 @@ def test_the_watchdog_thread_stops_when_idle_and_comes_back() -> None:
         with pytest.raises(bb.BeatBudgetExceeded):
             integration.execute_with_beat_budget(0.5, spin_for, NEVER)  # only the watchdog ends it
         assert WATCHDOG.running
-    deadline = time.monotonic() + NEVER
-    while WATCHDOG.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not WATCHDOG.running
+    wait_until(lambda: not WATCHDOG.running, NEVER, "the idle watchdog to exit")
 
 
 def test_a_stop_left_over_does_not_swallow_a_later_callback() -> None:
