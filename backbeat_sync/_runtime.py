@@ -81,10 +81,14 @@ class Runtime:
         self.running: list[Integration] = []
         #: Called in the fork child, per inherited integration (``Integration`` passes its own).
         self._on_fork: dict[int, tuple[Member, Callable[[], None]]] = {}
-        #: wrapt's ``enabled`` gate of every non-strict ``@beat_budget``: wrapt tests its truth
-        #: in C on each call and, when it is empty, calls the function directly. Mutated in
-        #: place (the decorators hold this very list).
+        #: The gate of every non-strict ``@beat_budget``: its wrapper (or wrapt's ``enabled``,
+        #: in C) tests its truth on each call and, when it is empty, calls the function
+        #: directly. Mutated in place (the decorators hold this very list).
         self.budgets_on: list[bool] = [True]
+        #: Serialises announcing and finishing budget operations (the watchdog, the beat
+        #: thread, the owners; ``budget.arming.ops_lock`` is this lock). Re-initialised in
+        #: place in a fork child: the modules that use it hold this very object.
+        self.ops_lock = threading.RLock()
         #: The "integration not started" fallback has been logged (once per process).
         self.fallback_logged = False
         #: ``track_operation`` settings by their arguments (see ``budget.settings``).
@@ -198,6 +202,7 @@ class Runtime:
         thread at the fork would stay held forever, so every lock is made anew.
         """
         self.lock = threading.RLock()
+        self.ops_lock._at_fork_reinit()  # type: ignore[attr-defined]  # CPython's own, since 3.9
         inherited = list(self._on_fork.values())
         self._on_fork = {}
         self.running = []

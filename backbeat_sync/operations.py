@@ -225,7 +225,7 @@ class OperationRegistry(RegistryFlows):
 
     def __init__(self, emit: Emit) -> None:
         self._lock = threading.Lock()
-        self._claiming = emit
+        self._claiming: Emit | None = emit
         self._emit: Emit | None = emit
         #: Claims not made because nobody would receive them (see :meth:`set_quiet`).
         self.unheard = 0
@@ -323,6 +323,17 @@ class OperationRegistry(RegistryFlows):
         is built for nobody. Any thread; takes effect from the next change.
         """
         self._emit = None if quiet else self._claiming
+
+    def inherited_by_fork(self) -> None:
+        """Fork child: these operations are the parent's. The lock is made anew (a parent
+        thread may have held it at the fork, and would never release it here), the registry
+        is closed, and nothing is claimed or told to listeners any more: a block the parent
+        entered and the child leaves completes in the child's copy only, silently (the
+        parent completes and claims its own)."""
+        self._lock = threading.Lock()
+        self._closed = True
+        self._claiming = self._emit = None
+        self._listeners = ()
 
     def _claim(self, op: P2POperation) -> None:
         emit = self._emit

@@ -144,6 +144,73 @@ def test_os_fork_child_refuses_the_parents_integration_and_budgets_with_its_own(
     assert "parent interrupted after fork" in out
 
 
+@pytest.mark.parametrize("held", ["registry", "ops"], ids=["registry-lock", "ops-lock"])
+def test_a_child_leaving_a_block_the_parent_entered_never_hangs_on_a_parents_lock(
+    tmp_path: Path, held: str
+) -> None:
+    """A fork inside a ``track_operation`` block, while another parent thread holds a library
+    lock (the registry's, or the budget engine's ops lock: the beat thread or the watchdog
+    holds them in service), leaves the lock held for ever in the child. Leaving the block
+    there (normally, or by an exception: the engine's slower path) must not wait for it:
+    the operation is the parent's, and the child makes no claim for it."""
+    out = run_script(
+        tmp_path,
+        """
+        from backbeat_sync.budget.arming import ops_lock
+        cfg = bb.BackbeatConfig(cluster_id="fk", agent_id="fk1", nats_url="local://fork-held", tempo_bpm=600)
+        integration = bb.Integration(cfg, node_id="n1")
+        claims = []
+        integration.on_claim(lambda c: claims.append((os.getpid(), c.task_id, c.state)))
+        integration.start()
+        lock = integration.registry.lock if sys.argv[1] == "registry" else ops_lock
+        held, release = threading.Event(), threading.Event()
+
+        def holder():
+            with lock:
+                held.set()
+                release.wait()
+
+        for how in ("normally", "by an exception"):
+            pid = -1
+            try:
+                with bb.track_operation(f"op-{how[:2]}", "t", beats=1000):
+                    th = threading.Thread(target=holder)
+                    th.start()
+                    held.wait()
+                    pid = os.fork()
+                    if pid == 0 and how != "normally":
+                        raise KeyError("in the child")
+                    if pid:
+                        release.set()
+            except KeyError:
+                pass
+            if pid == 0:
+                print(f"child left the block {how}", flush=True)
+                os._exit(0)
+            th.join()
+            held.clear()
+            release.clear()
+            end = time.monotonic() + 20
+            while time.monotonic() < end and os.waitpid(pid, os.WNOHANG)[0] == 0:
+                time.sleep(0.05)
+            else:
+                if time.monotonic() >= end:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    print(f"child HUNG leaving the block {how}", flush=True)
+        integration.stop()
+        print("parent claims from children:", [c for c in claims if c[0] != os.getpid()])
+        print("parent done: ", sorted({(c[1], c[2]) for c in claims if c[2] == "done"}))
+        """,
+        held,
+    )
+    assert "HUNG" not in out, out
+    assert "child left the block normally" in out
+    assert "child left the block by an exception" in out
+    assert "parent claims from children: []" in out
+    assert "parent done:  [('op-by', 'done'), ('op-no', 'done')]" in out
+
+
 def test_multiprocessing_fork_pool_workers_budget_with_their_own_integration(tmp_path: Path) -> None:
     """A multiprocessing pool (fork start method) made while an integration runs: each task
     is refused the inherited default and budgets on an integration of its own."""

@@ -21,11 +21,10 @@ a tuple costs ~60 ns there); the decorator's runner (``faces._runner``) inlines
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Final
 
-from .._runtime import WATCHDOG
+from .._runtime import RUNTIME, WATCHDOG
 from .._watchdog import ARMED, SYNC, ThreadSlot, clear_async_exc
 
 if TYPE_CHECKING:
@@ -46,7 +45,8 @@ __all__ = [
 #: Budget sequence numbers: the key of a budget in its thread's ``live`` dict (entry order).
 next_seq: Final = itertools.count(1).__next__  # one call less than next(...) on the hot paths
 #: Serialises announcing and finishing budget operations (watchdog, beat thread, owners).
-ops_lock: Final = threading.RLock()
+#: The runtime owns it (process-wide state), and re-initialises it in a fork child.
+ops_lock: Final = RUNTIME.ops_lock
 _sleep: Final = time.sleep
 
 

@@ -363,6 +363,7 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
         self._state_lock = threading.Lock()
         self._state = IntegrationState.STOPPED
         self.budget_clock = None
+        self.registry.inherited_by_fork()  # a block entered before the fork may end here
         self._threads = []
         self._metrics_servers = []
 
