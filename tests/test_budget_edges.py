@@ -9,11 +9,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import attrs
 import pytest
 
 import backbeat_sync as bb
 from backbeat_sync import _runtime, _watchdog
-from tests.support import ClaimLog, unique_bus, wait_until
+from tests.support import ClaimLog, manual_integration, unique_bus, wait_until
 
 #: Only a bug makes a test wait this long; "promptly" is asserted as well under half of it,
 #: so a busy machine (threads descheduled for a second or two) cannot fail a test.
@@ -311,3 +312,36 @@ def test_fallback_bypasses_the_wrapper_and_budgets_return_with_an_integration() 
     assert budget_module._BUDGETS_ON == []
     assert spin(3) == 6
     assert calls == [1, 2, -1, 3]
+
+
+@pytest.mark.parametrize("manual_phases", [False, True])
+def test_block_operation_has_every_field(manual_phases: bool) -> None:
+    """``__enter__`` stores a block's P2POperation field by field (no attrs __init__, for speed):
+    every field is set, to what the constructor would have been given."""
+    with manual_integration(tempo_bpm=600) as (integration, pulse, _):
+        pulse.beat(7)
+        pulse.beat(8)  # locked on at beat 8 (no beat comes unless sent)
+        start_beat, epoch = integration.clock.beat_and_epoch
+        with bb.track_operation(
+            "fields", "dht_store", beats=BIG, peers=2, data={"k": 1}, manual_phases=manual_phases
+        ) as op:
+            entered = integration.registry._active["fields"]
+            stored = attrs.asdict(entered, recurse=False)  # raises AttributeError for a field not set
+        finished = integration.registry.get("fields")
+    expected = bb.P2POperation(
+        id="fields",
+        type="dht_store",
+        start_beat=start_beat,
+        estimated_beats=BIG,
+        phase=bb.OperationPhase.STARTED if manual_phases else bb.OperationPhase.EXECUTING,
+        peer_count=2,
+        start_time=stored["start_time"],
+        data={"k": 1},
+        epoch=epoch,
+    )
+    assert stored == attrs.asdict(expected, recurse=False)
+    assert set(stored) == {f.name for f in attrs.fields(bb.P2POperation)}
+    assert 0 <= time.time() - stored["start_time"] < EARLY
+    assert (start_beat, epoch) != (0, 0)
+    assert op.finished
+    assert finished.phase is bb.OperationPhase.COMPLETED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from backbeat_sync import (
@@ -217,3 +219,32 @@ def test_a_quiet_registry_counts_claims_instead_of_emitting_them(
     registry.finish("r", P.FAILED, reason="x")
     assert emitted == [("r", "failed")]
     assert registry.unheard == 7
+
+
+def test_start_and_finish_hold_the_registry_lock() -> None:
+    """start() and finish() (which take the lock through a cheaper context manager) wait for a
+    holder of ``registry.lock``, hold it while they work and always release it."""
+    seen: list[bool] = []
+    registry = OperationRegistry(lambda o: seen.append(registry.lock.locked()))
+    done = threading.Event()
+
+    def work() -> None:
+        registry.start(op("h"), P.EXECUTING)
+        registry.finish("h", P.COMPLETED)
+        done.set()
+
+    with registry.lock:
+        worker = threading.Thread(target=work)
+        worker.start()
+        assert not done.wait(0.2)  # blocked on the lock held here
+        assert registry.active_count == 0
+    assert done.wait(30)
+    worker.join()
+    assert seen == [True, True, True]  # started, executing, completed: each claimed under the lock
+    assert not registry.lock.locked()
+    with pytest.raises(OperationNotFound):  # raised inside the block: the lock is released
+        registry.finish("h", P.COMPLETED)
+    with pytest.raises(DuplicateOperation):
+        registry.start(op("d"))
+        registry.start(op("d"))
+    assert not registry.lock.locked()

@@ -473,11 +473,11 @@ def track_operation(
     settings = None
     key: tuple[Any, ...] | None = None
     if on_warning is None and type(beats) in CACHED_NUMBERS:
-        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases, priority)
-        if source != "fixed":
-            key = (*key, source)
+        key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases, priority, source)
         try:
-            settings = RUNTIME.block_settings.get(key)
+            settings = RUNTIME.block_settings[key]  # a subscript: cheaper than .get() (it hits)
+        except KeyError:  # first seen: checked below, then cached
+            pass
         except TypeError:  # an unhashable warn_at (a list): checked every time
             key = None
     if settings is None:

@@ -72,6 +72,7 @@ _sleep: Final = time.sleep
 _cv_set: Final = CURRENT.set
 _cv_reset: Final = CURRENT.reset
 _MISSING: Final = contextvars.Token.MISSING
+_new: Final = object.__new__
 
 
 class Tracker(FlowMixin, OutcomeMixin):
@@ -326,7 +327,8 @@ class Tracker(FlowMixin, OutcomeMixin):
         except AttributeError:
             slot = current_slot()
         self.slot = slot
-        # Its exit restores the shield from this value (nested exits cut short leak none).
+        # The end of the entry and its exit restore the shield from this value (nested exits
+        # cut short leak none; one store instead of a read-modify-write).
         self.shield_in = shield = slot.shield
         slot.shield = shield + 1
         registering = False
@@ -339,7 +341,7 @@ class Tracker(FlowMixin, OutcomeMixin):
                 # the operation the context had (one set instead of a get and a set).
                 token = self._token = _cv_set(self)
                 hint = token.old_value
-                if (hint is None or hint is _MISSING) and not slot.live and s.plain and self._opts is None:
+                if (hint is _MISSING or hint is None) and not slot.live and s.plain and self._opts is None:
                     flow = None  # a root with nothing more to say (the common case)
                 else:
                     flow = self._enter_flow(slot, None if hint is _MISSING else hint)
@@ -347,23 +349,23 @@ class Tracker(FlowMixin, OutcomeMixin):
                 clock = integration.clock
                 source = clock.time_source
                 start_beat, epoch = clock.beat_and_epoch
-                # id, type, start_beat, estimated_beats, phase, peer_count, start_time, data,
-                # reason, announced, epoch, budget_source, flow (positional: keywords cost a third more here)
-                op = P2POperation(
-                    self.op_id,
-                    s.operation_type,
-                    start_beat,
-                    s.estimated,
-                    _STARTED,
-                    self.peers,
-                    time.time() if source is SYSTEM_TIME else source.time(),  # looked up: freezegun
-                    self.data,
-                    None,
-                    True,
-                    epoch,
-                    s.claim_source,
-                    flow,
-                )
+                # P2POperation(...), its thirteen fields stored in place: a class call with the
+                # attrs __init__ costs ~100 ns more (test_block_operation_has_every_field).
+                op = _new(P2POperation)
+                op.id = self.op_id
+                op.type = s.operation_type
+                op.start_beat = start_beat
+                op.estimated_beats = s.estimated
+                op.phase = _STARTED
+                op.peer_count = self.peers
+                # time.time looked up on each call (freezegun)
+                op.start_time = time.time() if source is SYSTEM_TIME else source.time()
+                op.data = self.data
+                op.reason = None
+                op.announced = True
+                op.epoch = epoch
+                op.budget_source = s.claim_source
+                op.flow = flow
                 registering = True
                 integration.registry.start(op, None if s.manual_phases else _EXECUTING)
                 self.announced = True
@@ -393,8 +395,8 @@ class Tracker(FlowMixin, OutcomeMixin):
                 slot.live[self.seq] = [self]
             unshield(slot)
             raise
-        slot.shield -= 1
-        if slot.shield == 0 and slot.sync is not None:
+        slot.shield = shield  # arming.unshield, inlined (see above)
+        if shield == 0 and slot.sync is not None:
             if self.announced:  # an outer budget ran out while we registered: undo, then raise it
                 undo, self._token = self._token, None
                 if undo is not None:
@@ -423,7 +425,8 @@ class Tracker(FlowMixin, OutcomeMixin):
         if integration is None:
             return
         slot = self.slot
-        slot.shield = self.shield_in + 1  # not += 1: see __enter__
+        shield = self.shield_in
+        slot.shield = shield + 1  # not += 1: see __enter__
         # Under the shield: an interrupt landing here would skip the rest of the exit.
         token = self._token
         if token is not None:
@@ -450,9 +453,9 @@ class Tracker(FlowMixin, OutcomeMixin):
             except BaseException:  # no room left on the stack: the next exit in this thread fails it
                 slot.live[self.seq] = [self]
                 raise
-            finally:  # arming.unshield, inlined (the common exit)
-                slot.shield -= 1
-                if slot.shield == 0 and slot.sync is not None:
+            finally:  # arming.unshield, inlined (the common exit; restored as in __enter__)
+                slot.shield = shield
+                if shield == 0 and slot.sync is not None:
                     raise_sync(slot)
             return
         try:
