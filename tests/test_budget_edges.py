@@ -345,3 +345,23 @@ def test_block_operation_has_every_field(manual_phases: bool) -> None:
     assert (start_beat, epoch) != (0, 0)
     assert op.finished
     assert finished.phase is bb.OperationPhase.COMPLETED
+
+
+def test_block_history_names_are_worked_out_once_per_id_and_bounded(
+    live: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block leaving by the engine's full path records its history name (``name_of``) from a
+    bounded per-id cache: the same names as ``name_of``, never more entries than the bound."""
+    from backbeat_sync.budget import outcome
+    from backbeat_sync.history import name_of
+
+    monkeypatch.setattr(outcome, "_NAMES", {})
+    monkeypatch.setattr(outcome, "_NAMES_MAX", 4)
+    for i in range(6):
+        with pytest.raises(ValueError, match="boom"), bb.track_operation(f"job-{i}", "names", beats=BIG):
+            raise ValueError("boom")  # a failed block leaves by Tracker.leave, which records it
+        assert outcome._NAMES[f"job-{i}"] == name_of(f"job-{i}") == "job"
+        assert len(outcome._NAMES) <= 4
+    with pytest.raises(ValueError, match="boom"), bb.track_operation("dht-store-k", "names", beats=BIG):
+        raise ValueError("boom")
+    assert outcome._NAMES["dht-store-k"] == "dht-store-k"

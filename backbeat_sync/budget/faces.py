@@ -454,8 +454,10 @@ def track_operation(
             budget the work in a thread (``await asyncio.to_thread(fn)``).
     """
     source = "fixed"
-    if type(beats) is str:  # cheaper than isinstance on this hot path; mypy does not narrow it
-        beats, source = _block_auto(beats, operation_type, integration)  # type: ignore[unreachable]
+    kind = type(beats)
+    if kind is str:  # cheaper than isinstance on this hot path; mypy does not narrow it
+        beats, source = _block_auto(cast(str, beats), operation_type, integration)
+        kind = type(beats)
     if type(operation_id) is not str or not operation_id or len(operation_id) > 64:  # 64 chars fit 256 bytes
         check_wire_id("operation_id", operation_id)
         operation_id = str(operation_id)
@@ -472,7 +474,7 @@ def track_operation(
         )
     settings = None
     key: tuple[Any, ...] | None = None
-    if on_warning is None and type(beats) in CACHED_NUMBERS:
+    if on_warning is None and kind in CACHED_NUMBERS:
         key = (beats, operation_type, on_exhaust, warn_at, strict, manual_phases, priority, source)
         try:
             settings = RUNTIME.block_settings[key]  # a subscript: cheaper than .get() (it hits)
@@ -509,7 +511,8 @@ def track_operation(
     elif _get_running_loop() is not None:
         raise BudgetOnEventLoop(operation_id)
     # Tracker.__init__'s stores, inlined (the constructor's call costs ~60 ns on the block's
-    # path, a fifth of what workflows add to it); change them together.
+    # path, a fifth of what workflows add to it); change them together. And Block's two own
+    # slots (``exhausted``, ``_opts``): a slot read without a value would raise.
     t = _new(Block)
     t.settings = settings
     t.integration = resolved
@@ -517,10 +520,9 @@ def track_operation(
     t.op_id = operation_id
     t.data = data
     t.peers = peers
-    t.announced = t.done = t.finished = False
+    t.announced = t.done = t.finished = t.exhausted = False
     t._token = None
-    if opts is not None:
-        t._opts = opts
+    t._opts = opts
     return t
 
 

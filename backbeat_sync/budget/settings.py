@@ -12,6 +12,7 @@ from .._runtime import RUNTIME
 from .._watchdog import ThreadSlot
 from ..errors import InvalidArgument
 from ..history import RunLog, new_run_log
+from ..operations import OperationPhase
 from ..protocol import check_wire_id
 from ..workflow import check_beats, check_priority
 from .tracker import materialize
@@ -93,6 +94,8 @@ class BudgetSettings:
     log: RunLog = attrs.field(init=False, eq=False, repr=False)
     first_fraction: float = attrs.field(init=False)
     first_beats: float = attrs.field(init=False)  #: beats from the start to the first event
+    #: The phase a block moves to as it is entered: EXECUTING, or None with ``manual_phases``.
+    entered_phase: OperationPhase | None = attrs.field(init=False, eq=False, repr=False)
 
     @plain.default
     def _plain(self) -> bool:
@@ -118,6 +121,10 @@ class BudgetSettings:
     @first_beats.default
     def _first_beats(self) -> float:
         return self.beats * self.first_fraction
+
+    @entered_phase.default
+    def _entered_phase(self) -> OperationPhase | None:
+        return None if self.manual_phases else OperationPhase.EXECUTING
 
     def materialize(self, slot: ThreadSlot, seq: int, entry: list[Any]) -> Tracker:
         """The tracker of a ``@beat_budget`` call's plain ``live`` entry (the watchdog's
