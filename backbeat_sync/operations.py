@@ -249,6 +249,7 @@ class OperationRegistry(RegistryFlows):
         #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
         self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
+        self._epochs = 0  # len(_shifts), kept as an int for start()'s test (no len() call)
         self._closed = False  # set by fail_all(): no new operation
         #: Whether operations are counted by type (see operation_counts()). Off until an
         #: exporter asks (metrics.instrument turns it on): counting a reused id costs its
@@ -456,7 +457,7 @@ class OperationRegistry(RegistryFlows):
             active = self._active
             if op_id in active:
                 raise DuplicateOperation(op_id)
-            if op.epoch < len(self._shifts):
+            if op.epoch < self._epochs:
                 self._catch_up(op)
             old = self._finished.pop(op_id, None)
             if old is not None and self.counting:  # a new one takes a finished one's id: count it
@@ -653,6 +654,7 @@ class OperationRegistry(RegistryFlows):
         with self._lock:
             while len(self._shifts) < epoch:
                 self._shifts.append(0)
+            self._epochs = len(self._shifts)
             self._shifts[epoch - 1] += shift
             for op in self._active.values():
                 self._catch_up(op)

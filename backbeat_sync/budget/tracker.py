@@ -437,9 +437,10 @@ class Tracker(FlowMixin, OutcomeMixin):
         if exc is None and slot.pending is None:
             try:  # removing it first wins the race with the watchdog (a del: no call, unlike pop)
                 del slot.live[self.seq]
-                won = True
             except KeyError:  # the watchdog won
                 pass
+            else:
+                won = True
         if won and not slot.live and slot.barrier is None and not self.exhausted and self.announced:
             # The common case, in short: we won (the watchdog can no longer fire it), it
             # was not spent, nothing is nested in this thread and nothing is unwinding.
