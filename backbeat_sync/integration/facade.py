@@ -643,22 +643,22 @@ class Integration(StopMixin, IngestMixin, BeatMixin, CallbackMixin, HealthMixin,
     def _emit_operations(self, ops: list[P2POperation]) -> None:
         """Queue the claims of ``ops`` at once (one chunk of a beat's sweep, under the registry lock).
 
-        Each claim is a snapshot marked ``direct``: the transport encodes it straight to
-        bytes (``LazyClaim.wire``), and no StatusClaim object is ever made, which is most
-        of what a beat of 100,000 claims cost beyond encoding and sending them. With
-        ``on_claim`` callbacks or signed claims (both need the StatusClaim) the claims are
-        built here, on the beat thread, as before.
+        The transport takes the chunk as it is (``Transport.publish_sweep``): NATS encodes
+        the claims straight to bytes there (``ClaimFactory.sweep``) and queues them as runs,
+        so no StatusClaim, and no object per claim, is made, which is most of what a beat of
+        100,000 claims cost beyond encoding and sending them; other transports queue a
+        snapshot each. With ``on_claim`` callbacks or signed claims (both need the
+        StatusClaim) the claims are built here, on the beat thread, as before.
         """
         transport = self._transport
         self._health.add("claims_emitted", len(ops))
         beat = self._clock.current_beat
-        claims: list[Claim]
-        if self._callbacks.claim or self._signed:
-            make = self._claims.for_operation
-            claims = [make(op, beat) for op in ops]
-        else:
-            lazy = self._claims.lazy
-            claims = [lazy(op, beat, True) for op in ops]
+        if not (self._callbacks.claim or self._signed):
+            if transport is not None:  # the transport snapshots (or encodes) them now
+                transport.publish_sweep(self._status_subject, self._claims, ops, beat)
+            return
+        make = self._claims.for_operation
+        claims: list[Claim] = [make(op, beat) for op in ops]
         if transport is not None:
             transport.publish_many(self._status_subject, claims)
         if self._callbacks.claim:

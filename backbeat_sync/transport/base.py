@@ -10,9 +10,13 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..claims import Claim
+
+if TYPE_CHECKING:
+    from ..claims import ClaimFactory
+    from ..operations import P2POperation
 
 __all__ = ["ClaimEncoder", "Transport", "TransportEvent", "TransportSink", "subject_matches"]
 
@@ -70,6 +74,16 @@ class Transport(abc.ABC):
         """Queue ``claims`` for ``subject``, in order (one beat's claims); thread-safe, returns at once."""
         for claim in claims:
             self.publish(subject, claim)
+
+    def publish_sweep(self, subject: str, factory: ClaimFactory, ops: list[P2POperation], beat: int) -> None:
+        """Queue the claims of one chunk of a beat's sweep: ``ops`` at ``beat``, in order.
+
+        Called under the registry lock, so the operations cannot change meanwhile: take
+        what is needed of them now, keep no reference to them. The claims are unsigned
+        (the integration calls this only when claims are not signed). By default one
+        snapshot each (``factory.lazy(op, beat, True)``) goes to :meth:`publish_many`.
+        """
+        self.publish_many(subject, [factory.lazy(op, beat, True) for op in ops])
 
     def delivers(self, subject: str) -> bool:
         """Whether a claim published on ``subject`` now can reach anyone (True unless the transport knows).

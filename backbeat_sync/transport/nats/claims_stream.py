@@ -27,7 +27,7 @@ import nats.errors as nats_errors
 import nats.js.errors as js_errors
 from nats.aio.client import Client
 
-from ...claims import claim_msg_id
+from ...claims import EncodedClaim, claim_msg_id
 from ..base import TransportEvent
 from .options import describe_error
 from .outbox import Entry
@@ -79,7 +79,9 @@ class StreamFinals:
 
     def msg_id(self, entry: Entry) -> str:
         """The ``Nats-Msg-Id`` of ``entry``'s claim (a digest of the claim: the same on every resend)."""
-        return claim_msg_id(self._agent, entry.claim)
+        claim = entry.claim
+        assert not isinstance(claim, EncodedClaim)  # a final claim (a sweep's never is)
+        return claim_msg_id(self._agent, claim)
 
     def headers(self, entry: Entry) -> dict[str, str]:
         """Headers for a final claim sent by core NATS (the fallback path)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from nats.aio.client import Client
 
@@ -21,6 +21,10 @@ from ..base import ClaimEncoder, Transport, TransportEvent, TransportSink
 from .claim_link import ClaimLink
 from .outbox import Outbox
 from .spool import Spool, SpoolError
+
+if TYPE_CHECKING:
+    from ...claims import ClaimFactory
+    from ...operations import P2POperation
 
 __all__ = ["NatsTransport"]
 
@@ -120,6 +124,19 @@ class NatsTransport(Transport):
             link.count_lost(len(claims))
             return
         if link.outbox.put_many(subject, claims):
+            link.wake()
+
+    def publish_sweep(self, subject: str, factory: ClaimFactory, ops: list[P2POperation], beat: int) -> None:
+        """Queue one chunk of a beat's sweep, encoded here (``factory.sweep``: runs of claims'
+        bytes, which the outbox queues as one item each); returns at once."""
+        link = self._link
+        if link is None:
+            self._pre_outbox.put_sweep(subject, factory.sweep(ops, beat))
+            return
+        if link.stopped:
+            link.count_lost(len(ops))
+            return
+        if link.outbox.put_sweep(subject, factory.sweep(ops, beat)):
             link.wake()
 
     def run_on_loop(self, fn: Callable[[Client], Coroutine[Any, Any, T]]) -> Future[T | None] | None:
