@@ -43,7 +43,7 @@ def sent(parts: list[EncodedRun | LazyClaim]) -> list[bytes]:
     out: list[bytes] = []
     for part in parts:
         if isinstance(part, EncodedRun):
-            out.extend(part.payloads)
+            out.extend(part.payloads())
         else:
             assert part.direct
             out.append(part.wire())
@@ -97,6 +97,18 @@ def test_a_sweep_encodes_each_claim_to_the_bytes_of_its_claim(
     assert got == expected
     if isinstance(expected, bytes) and estimate < 2**64 and peers < 2**64:  # plain: encoded at the sweep
         assert isinstance(parts[0], EncodedRun)
+
+
+@pytest.mark.parametrize(
+    "task", ["plain-1", 'q"uote', "back\\slash", "tab\t", "del\x7f", "é", "\u2028", "%s%d", "/slash"]
+)
+def test_a_sweep_quotes_task_ids_as_orjson_does(task: str) -> None:
+    """The task id is written twice, as orjson writes it (the fast path is printable ASCII only)."""
+    factory = ClaimFactory("c%", "a", NODE, ManualTime())
+    o = op(task, type="ty%pe")
+    (run,) = factory.sweep([o], 7)
+    assert isinstance(run, EncodedRun)
+    assert run.payloads() == [factory.for_operation(o, 7).encode()]
 
 
 def test_a_sweep_keeps_the_order_and_snapshots_what_it_does_not_encode() -> None:
@@ -165,7 +177,7 @@ def test_an_encoded_claim_decodes_to_its_claim() -> None:
     o.budget_source = "history"
     (run,) = factory.sweep([o], 8)
     assert isinstance(run, EncodedRun)
-    encoded = EncodedClaim("x", run.payloads[0])
+    encoded = EncodedClaim("x", run.payloads()[0])
     assert resolve(encoded) == factory.for_operation(o, 8)
     assert (encoded.is_final, encoded.priority) == (False, None)
 
@@ -190,7 +202,7 @@ def claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
 
 
 def run_of(*tasks: str, beat: int = 1) -> EncodedRun:
-    return EncodedRun(list(tasks), [f"{t}@{beat}".encode() for t in tasks])
+    return EncodedRun(list(tasks), b"%s@%d", [(t.encode(), beat) for t in tasks])
 
 
 def taken(items: list[Entry | Run]) -> list[str]:
@@ -198,7 +210,7 @@ def taken(items: list[Entry | Run]) -> list[str]:
     out: list[str] = []
     for item in items:
         if isinstance(item, Run):
-            out.extend(p.decode() for p in item.payloads)
+            out.extend(p.decode() for p in item.payloads())
         elif isinstance(item.claim, EncodedClaim):
             out.append(item.claim.data.decode())
         else:
@@ -335,7 +347,7 @@ def test_a_run_is_published_in_order_and_a_refused_claim_is_counted_lost() -> No
     sink = Sink()
     claim_link = link(sink)
     nc = FakeClient(refuse={b"b@1"})
-    run = Run("s", ["a", "b", "c"], [b"a@1", b"b@1", b"c@1"])
+    run = Run("s", ["a", "b", "c"], b"%s@1", [(b"a",), (b"b",), (b"c",)])
     assert asyncio.run(claim_link._send_run(nc, run, 1000)) is None  # type: ignore[arg-type]
     assert nc.published == [b"a@1", b"c@1"]
     assert (claim_link.published, claim_link.lost) == (2, 1)
@@ -345,11 +357,11 @@ def test_a_run_is_published_in_order_and_a_refused_claim_is_counted_lost() -> No
 def test_a_run_cut_short_by_the_connection_returns_what_was_not_sent() -> None:
     claim_link = link(Sink())
     nc = FakeClient(down_at=2)
-    run = Run("s", ["a", "b", "c", "d"], [b"a", b"b", b"c", b"d"])
+    run = Run.made("s", ["a", "b", "c", "d%"], [b"a", b"b", b"c", b"d%"])
     rest = asyncio.run(claim_link._send_run(nc, run, 1000))  # type: ignore[arg-type]
     assert nc.published == [b"a", b"b"]
     assert rest is not None
-    assert (rest.task_ids, rest.payloads) == (["c", "d"], [b"c", b"d"])
+    assert (rest.task_ids, rest.payloads()) == (["c", "d%"], [b"c", b"d%"])
     assert claim_link.published == 2
 
 
@@ -361,12 +373,12 @@ def test_a_run_claim_over_the_servers_limit_is_cut_to_fit() -> None:
     ops = [op("small"), op("big", type="t" * 200), op("x" * 240, type="y" * 240)]
     (encoded,) = factory.sweep(ops, 6)
     assert isinstance(encoded, EncodedRun)
-    limit = len(encoded.payloads[0]) + 250
-    assert len(encoded.payloads[1]) > limit
+    limit = len(encoded.payloads()[0]) + 250
+    assert len(encoded.payloads()[1]) > limit
     nc = FakeClient()
-    run = Run("s", encoded.task_ids, encoded.payloads)
+    run = Run("s", encoded.task_ids, encoded.fmt, encoded.args)
     assert asyncio.run(claim_link._send_run(nc, run, limit)) is None  # type: ignore[arg-type]
-    assert nc.published[0] == encoded.payloads[0]
+    assert nc.published[0] == encoded.payloads()[0]
     assert len(nc.published) == 2
     big = parse_status_claim(nc.published[1])
     assert len(nc.published[1]) <= limit

@@ -289,19 +289,21 @@ class ClaimLink(NatsLink):
             await asyncio.sleep(0)  # let beat frames through between batches
 
     async def _send_run(self, nc: Client, run: Run, limit: int) -> Run | None:
-        """Publish a run of a sweep's claims (already encoded) in a tight loop.
+        """Publish a run of a sweep's claims in a tight loop.
 
-        The per-beat hot path: one ``nc.publish`` a claim and nothing else, the batch
-        (at most BATCH_SIZE claims) between two yields of the loop, as :meth:`_send_queued`.
-        A claim refused by the server's rules is counted lost and reported, as there.
+        The per-beat hot path: the claims' bytes made at once (one %-format each), then one
+        ``nc.publish`` a claim and nothing else, the batch (at most BATCH_SIZE claims) between
+        two yields of the loop, as :meth:`_send_queued`. A claim over ``limit`` is cut to
+        fit, one refused by the server's rules counted lost and reported, as there.
 
         Returns:
             None when all went out (or were refused); else a run of the claims not sent
             (the connection went away).
         """
-        if max(map(len, run.payloads)) > limit:
-            run = self._fit_run(run, limit)
-        payloads, subject, pub = run.payloads, run.subject, nc.publish
+        ids, payloads = run.task_ids, run.payloads()
+        if max(map(len, payloads), default=0) > limit:
+            ids, payloads = self._fit_run(ids, payloads, limit)
+        subject, pub = run.subject, nc.publish
         n, j, lost = len(payloads), 0, 0
         try:
             while j < n:
@@ -311,24 +313,21 @@ class ClaimLink(NatsLink):
                         j += 1
                 except (nats_errors.MaxPayloadError, nats_errors.BadSubjectError) as exc:
                     self.count_lost(1)
-                    self._report(
-                        TransportEvent.ERROR,
-                        f"claim {run.task_ids[j]} refused: {describe_error(exc)}",
-                    )
+                    self._report(TransportEvent.ERROR, f"claim {ids[j]} refused: {describe_error(exc)}")
                     lost += 1
                     j += 1
         except Exception:
             self.published += j - lost
-            return run.split(j)
+            return Run.made(subject, ids[j:], payloads[j:])
         self.published += n - lost
         return None
 
-    def _fit_run(self, run: Run, limit: int) -> Run:
-        """``run`` with each claim over ``limit`` bytes cut to fit (:meth:`_fit`), or left out,
-        counted lost and reported if it cannot be."""
-        ids: list[str] = []
-        payloads: list[bytes] = []
-        for task_id, data in zip(run.task_ids, run.payloads, strict=True):
+    def _fit_run(self, ids: list[str], payloads: list[bytes], limit: int) -> tuple[list[str], list[bytes]]:
+        """The claims of a run with each over ``limit`` bytes cut to fit (:meth:`_fit`), or left
+        out, counted lost and reported if it cannot be."""
+        kept: list[str] = []
+        fitted: list[bytes] = []
+        for task_id, data in zip(ids, payloads, strict=True):
             if len(data) > limit:
                 try:
                     data = self._fit(EncodedClaim(task_id, data), data, limit)
@@ -336,9 +335,9 @@ class ClaimLink(NatsLink):
                     self.count_lost(1)
                     self._report(TransportEvent.ERROR, f"cannot encode claim {task_id}: {exc}")
                     continue
-            ids.append(task_id)
-            payloads.append(data)
-        return Run(run.subject, ids, payloads)
+            kept.append(task_id)
+            fitted.append(data)
+        return kept, fitted
 
     def _fit(self, claim: Claim | EncodedClaim, data: bytes, limit: int) -> bytes:
         """The encoding of ``claim`` with its notes truncated (marked) so it is at most ``limit`` bytes.

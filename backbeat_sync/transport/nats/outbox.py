@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from ...claims import Claim, EncodedClaim, EncodedRun, LazyClaim
 from ...errors import ConfigError
@@ -32,8 +32,9 @@ class Entry:
 
 
 class Run:
-    """Claims of one beat's sweep, encoded (an :class:`~backbeat_sync.claims.EncodedRun`),
-    queued as one item: one entry for up to a sweep chunk of claims, not one each.
+    """Claims of one beat's sweep (an :class:`~backbeat_sync.claims.EncodedRun`: claim ``i``
+    is ``fmt % args[i]``) queued as one item: one entry for up to a sweep chunk of claims,
+    not one each.
 
     It holds only intermediate claims of ``normal`` priority (operations with no workflow),
     which the outbox coalesces only while bounded; it is queued only while unbounded, and
@@ -41,32 +42,43 @@ class Run:
     :attr:`Outbox.bounded`). So no claim in a run ever needs replacing in place.
     """
 
-    __slots__ = ("payloads", "subject", "task_ids")
+    __slots__ = ("args", "fmt", "subject", "task_ids")
 
     #: Never a final claim, never replaced in place (see the class docstring).
     final: Final = False
     dead: Final = False
 
-    def __init__(self, subject: str, task_ids: list[str], payloads: list[bytes]) -> None:
+    def __init__(self, subject: str, task_ids: list[str], fmt: bytes, args: list[tuple[Any, ...]]) -> None:
         self.subject = subject
         self.task_ids = task_ids
-        self.payloads = payloads
+        self.fmt = fmt
+        self.args = args
+
+    @classmethod
+    def made(cls, subject: str, task_ids: list[str], payloads: list[bytes]) -> Run:
+        """A run of claims whose bytes are made already (each is its own format's one field)."""
+        return cls(subject, task_ids, b"%s", [(p,) for p in payloads])
 
     def __len__(self) -> int:
-        return len(self.payloads)
+        return len(self.args)
 
     def split(self, n: int) -> Run:
         """Keep the first ``n`` claims; return a run of the rest."""
-        rest = Run(self.subject, self.task_ids[n:], self.payloads[n:])
-        del self.task_ids[n:], self.payloads[n:]
+        rest = Run(self.subject, self.task_ids[n:], self.fmt, self.args[n:])
+        del self.task_ids[n:], self.args[n:]
         return rest
+
+    def payloads(self) -> list[bytes]:
+        """The claims' wire bytes, in order."""
+        fmt = self.fmt
+        return [fmt % a for a in self.args]
 
     def entries(self) -> list[Entry]:
         """One entry per claim, in order."""
         subject = self.subject
         return [
             Entry(subject, EncodedClaim(i, d), False)
-            for i, d in zip(self.task_ids, self.payloads, strict=True)
+            for i, d in zip(self.task_ids, self.payloads(), strict=True)
         ]
 
 
@@ -247,15 +259,15 @@ class Outbox:
         """
         with self._lock:
             for part in sweep:
-                if type(part) is EncodedRun:
+                if isinstance(part, EncodedRun):
                     if self._bounded:
-                        for task_id, data in zip(part.task_ids, part.payloads, strict=True):
+                        for task_id, data in zip(part.task_ids, part.payloads(), strict=True):
                             self._add(subject, EncodedClaim(task_id, data), (subject, task_id))
                     else:
-                        self._items.append(Run(subject, part.task_ids, part.payloads))
-                        self._size += len(part.payloads)
+                        self._items.append(Run(subject, part.task_ids, part.fmt, part.args))
+                        self._size += len(part.args)
                 else:
-                    self._put(subject, part)  # type: ignore[arg-type]
+                    self._put(subject, part)
             return self._woken()
 
     def rearm(self) -> None:
@@ -273,7 +285,7 @@ class Outbox:
             while items and taken < n:
                 item = items.popleft()
                 if isinstance(item, Run):
-                    size = len(item.payloads)
+                    size = len(item.args)
                     if taken + size > n:
                         size = n - taken
                         items.appendleft(item.split(size))
