@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import nats
 import nats.errors as nats_errors
 import pytest
@@ -303,6 +304,69 @@ def test_outbox_finals_and_final_entries_ignore_runs() -> None:
     box.put("s", claim("b", "failed"))
     assert box.finals() == 1
     assert [e.claim.task_id for e in box.final_entries()] == ["b"]
+
+
+PLAIN = ["a", "b", "c", "d"]  # operations with no workflow: in sweeps, normal priority for good
+LOW = ["x", "y"]  # low-priority operations: never in a run
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("sweep"), st.lists(st.sampled_from(PLAIN), min_size=1, max_size=4, unique=True)),
+        st.tuples(st.just("claim"), st.sampled_from(PLAIN + LOW), st.booleans()),
+        st.tuples(st.just("bounded"), st.booleans()),
+        st.tuples(st.just("take"), st.integers(1, 6)),
+    ),
+    max_size=40,
+)
+
+
+def said(items: list[Entry | Run]) -> list[str]:
+    """What was taken, claim by claim, whichever way it was queued."""
+    out: list[str] = []
+    for item in items:
+        if isinstance(item, Run):
+            out.extend(p.decode() for p in item.payloads())
+        elif isinstance(item.claim, EncodedClaim):
+            out.append(item.claim.data.decode())
+        else:
+            c = resolve(item.claim)
+            out.append(f"{c.task_id}@{c.beat_index}:{c.state}")
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(script=steps, limit=st.integers(1, 6))
+def test_outbox_with_runs_behaves_as_with_one_entry_per_claim(
+    script: list[tuple[Any, ...]], limit: int
+) -> None:
+    """Whatever comes (sweeps, single claims, finals, low-priority claims, disconnects, takes):
+    queuing a sweep as runs takes out the same claims, in the same order, with the same
+    counts, as queuing each claim on its own (the outbox's rules, claim by claim)."""
+    box, ref = Outbox(limit), Outbox(limit)
+    for beat, step in enumerate(script, 1):
+        if step[0] == "sweep":
+            tasks = step[1]
+            box.put_sweep("s", [EncodedRun(list(tasks), b"%s@%d", [(t.encode(), beat) for t in tasks])])
+            ref.put_many("s", [EncodedClaim(t, f"{t}@{beat}".encode()) for t in tasks])  # type: ignore[misc]
+        elif step[0] == "claim":
+            task, final = step[1], step[2]
+            c = attrs.evolve(
+                claim(task, "done" if final else "executing", beat), priority="low" if task in LOW else None
+            )
+            box.put("s", c)
+            ref.put("s", c)
+        elif step[0] == "bounded":
+            box.bounded = ref.bounded = step[1]
+        else:
+            assert said(box.take(step[1])) == said(ref.take(step[1]))
+        assert (len(box), box.coalesced, box.dropped, box.finals()) == (
+            len(ref),
+            ref.coalesced,
+            ref.dropped,
+            ref.finals(),
+        )
+        assert box.coalesced_by_priority == ref.coalesced_by_priority
+    assert said(box.take(1000)) == said(ref.take(1000))
 
 
 # -- the loop's tight publishing -----------------------------------------------------------
