@@ -11,6 +11,7 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -52,6 +53,16 @@ def stream_of(integration: Integration) -> StreamFinals:
     link = integration._transport._link  # type: ignore[union-attr]
     assert link.stream is not None
     return link.stream
+
+
+def frozen(server: NatsServer) -> bool:
+    """Whether the server's process is stopped (SIGSTOP has taken effect: state T in /proc)."""
+    assert server.proc is not None
+    try:
+        stat = Path(f"/proc/{server.proc.pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc here: nothing better to wait for
+    return stat.rsplit(")", 1)[1].split()[0] == "T"
 
 
 def finals_per_task(claims: list[dict[str, Any]]) -> Counter[str]:
@@ -273,6 +284,7 @@ def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
     integration.start()
     assert server.proc is not None
     server.proc.send_signal(signal.SIGSTOP)
+    wait_until(lambda: frozen(server), what="the server stopped")  # before a final can reach it
     try:
         for k in range(10):
             integration.start_p2p_operation(f"s-{k}", "election", 3)
@@ -293,3 +305,41 @@ def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
         assert stream_of(again).acked >= 10
     stored = [json.loads(m) for m in server.stored(STREAM)]
     assert finals_per_task(stored) == Counter({f"s-{k}": 1 for k in range(10)})
+
+
+@pytest.mark.nats
+def test_a_spooled_final_whose_first_copy_was_stored_is_not_stored_twice(
+    nats_jetstream: NatsServer, tmp_path: Any
+) -> None:
+    """Finals sent to a frozen server are spooled at stop(); the server then thaws and stores
+    the first copies after all. The next run resends them from the spool with the ids they were
+    first sent with, so the stream drops them as duplicates: it holds each once (before, the
+    resend's id was worked out from the claim read back, and the stream stored a second copy)."""
+    server = nats_jetstream
+    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=2.0)
+    create_claims_stream(cfg)
+    integration = Integration(cfg, node_id=NODE)
+    integration.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    wait_until(lambda: frozen(server), what="the server stopped")  # before a final can reach it
+    try:
+        for k in range(10):
+            integration.start_p2p_operation(f"t-{k}", "election", 3)
+            integration.complete_p2p_operation(f"t-{k}", 2)
+        wait_until(lambda: integration.get_health()["claims_queued"] == 10, what="finals sent, unanswered")
+        integration.stop()
+        spooled = integration.transport.stats()["claims_spooled"]  # type: ignore[union-attr]
+    finally:
+        server.proc.send_signal(signal.SIGCONT)  # it reads what was sent and stores it after all
+        integration.stop()
+    assert spooled == 10
+
+    def stored() -> Counter[str]:
+        return finals_per_task([json.loads(m) for m in server.stored(STREAM)])
+
+    wait_until(lambda: stored() == Counter({f"t-{k}": 1 for k in range(10)}), what="the first copies stored")
+    with Integration(cfg.evolve(flush_timeout=3.0), node_id=NODE) as again:
+        wait_until(lambda: again.get_health()["claims_queued"] == 0, what="the spool sent and acknowledged")
+        assert stream_of(again).duplicates + stream_of(again).acked >= 10
+    assert stored() == Counter({f"t-{k}": 1 for k in range(10)})

@@ -48,15 +48,15 @@ def test_spool_files_round_trip_and_are_per_agent(tmp_path: Path) -> None:
     """Written claims read back equal; another agent's spool in the same directory is not read."""
     spool = Spool(str(tmp_path / "s"), CLUSTER, AGENT)
     other = Spool(str(tmp_path / "s"), CLUSTER, "agent-t")
-    claims = [("backbeat.status.spool.agent-s", done_claim(f"op-{k}")) for k in range(3)]
+    claims = [("backbeat.status.spool.agent-s", done_claim(f"op-{k}"), f"id-{k}") for k in range(3)]
     first = spool.write(claims[:2])
     second = spool.write(claims[2:])
-    other.write([("backbeat.status.spool.agent-t", done_claim("theirs"))])
+    other.write([("backbeat.status.spool.agent-t", done_claim("theirs"), None)])
     assert first != second
     assert [first, second] == spool.files()
     loaded, files, problems = spool.load()
     assert ([], [first, second]) == (problems, files)
-    assert [(s, c.to_dict()) for s, c in claims] == [(s, c.to_dict()) for s, c in loaded]
+    assert [(s, c.to_dict(), i) for s, c, i in claims] == [(s, c.to_dict(), i) for s, c, i in loaded]
     assert (tmp_path / "s" / first.name).stat().st_mode & 0o077 == 0  # only the owner reads claims
     assert Spool.remove(files) == []
     assert spool.files() == []
@@ -66,11 +66,15 @@ def test_spool_files_round_trip_and_are_per_agent(tmp_path: Path) -> None:
 def test_a_damaged_spool_line_is_skipped_and_named(tmp_path: Path) -> None:
     """A line that is not a claim is reported with its file and line number; the others load."""
     spool = Spool(str(tmp_path), CLUSTER, AGENT)
-    path = spool.write([("s.t", done_claim("good"))])
-    path.write_text(path.read_text() + '{"subject": "s.t", "claim": {"type": "nope"}}\nnot json\n')
+    path = spool.write([("s.t", done_claim("good"), "id-good")])
+    old_line = json.dumps({"subject": "s.t", "claim": done_claim("older").to_dict(signed=False)})
+    path.write_text(
+        path.read_text() + '{"subject": "s.t", "claim": {"type": "nope"}}\nnot json\n' + old_line + "\n"
+    )
     (tmp_path / f".{spool.prefix}x.tmp").write_text("half a file")  # a writer that died: ignored
     loaded, files, problems = spool.load()
-    assert [c.task_id for _, c in loaded] == ["good"]
+    # a line from before msg_id was kept loads, with no id (worked out from the claim when sent)
+    assert [(c.task_id, i) for _, c, i in loaded] == [("good", "id-good"), ("older", None)]
     assert [path] == files
     assert len(problems) == 2
     assert "line 2" in problems[0]
@@ -82,7 +86,7 @@ def test_a_spool_that_cannot_be_written_raises_spool_error(tmp_path: Path) -> No
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(SpoolError, match="cannot write a spool file in"):
-        Spool(str(blocker), CLUSTER, AGENT).write([("s.t", done_claim("x"))])
+        Spool(str(blocker), CLUSTER, AGENT).write([("s.t", done_claim("x"), None)])
 
 
 def test_spool_path_comes_from_the_environment() -> None:

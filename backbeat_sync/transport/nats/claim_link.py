@@ -26,15 +26,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ..._time import TimeSource
-from ...claims import Claim, EncodedClaim, resolve
+from ...claims import Claim, EncodedClaim, claim_msg_id, resolve
 from ...config import BackbeatConfig
-from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, StatusClaim, shorten_notes
+from ...protocol import MAX_MESSAGE_BYTES, TRUNCATED, shorten_notes
 from ..base import ClaimEncoder, TransportEvent, TransportSink
 from .claims_stream import StreamFinals
 from .link import NatsLink
 from .options import describe_error, flush
 from .outbox import Entry, Outbox, Run
-from .spool import Spool
+from .spool import Spool, Spooled
 
 __all__ = ["BATCH_SIZE", "CONFIRM_SETTLE", "ClaimLink"]
 
@@ -107,12 +107,20 @@ class ClaimLink(NatsLink):
             for entry in entries:
                 self._spool_settled(entry)
 
-    def adopt_spooled(self, claims: list[tuple[str, StatusClaim]], files: list[Path]) -> None:
+    def adopt_spooled(self, claims: list[Spooled], files: list[Path]) -> None:
         """Queue final claims read from ``files`` first; remove the files once all are confirmed.
 
-        Call before :meth:`start`.
+        Each keeps the ``Nats-Msg-Id`` it was first sent with (a claims stream then stores
+        it once, whether or not its first copy got there). Call before :meth:`start`.
         """
-        entries = [Entry(subject, claim, True) for subject, claim in claims if claim.is_final]
+        entries = []
+        for subject, claim, msg_id in claims:
+            if not claim.is_final:
+                continue
+            entry = Entry(subject, claim, True)
+            entries.append(entry)
+            if msg_id is not None and self.stream is not None:
+                self.stream.known_ids[entry] = msg_id
         self.outbox.put_back(entries)
         self.unspooled += len(entries)
         self._from_spool.update(entries)
@@ -123,8 +131,18 @@ class ClaimLink(NatsLink):
     def _spool_settled(self, entry: Entry) -> None:
         """``entry`` is confirmed (or can never be sent): with none from the spool left, remove the files."""
         self._from_spool.discard(entry)
+        if self.stream is not None:
+            self.stream.known_ids.pop(entry, None)
         if not self._from_spool:
             self._drop_spool_files()
+
+    def _msg_id(self, entry: Entry) -> str:
+        """The ``Nats-Msg-Id`` ``entry``'s claim is (or would be) sent with, kept in the spool."""
+        if self.stream is not None:
+            return self.stream.msg_id(entry)
+        claim = entry.claim
+        assert not isinstance(claim, EncodedClaim)  # a final claim (a sweep's never is)
+        return claim_msg_id(self._config.agent_id, claim)
 
     def _drop_spool_files(self) -> None:
         files, self._spool_files = self._spool_files, []
@@ -445,7 +463,7 @@ class ClaimLink(NatsLink):
         if not entries:
             return 0, ""
         try:
-            path = self._spool.write([(e.subject, resolve(e.claim)) for e in entries])
+            path = self._spool.write([(e.subject, resolve(e.claim), self._msg_id(e)) for e in entries])
         except Exception as exc:  # a full disk must not break stop()
             return 0, f"; not spooled: {exc}"
         self.spooled += len(entries)

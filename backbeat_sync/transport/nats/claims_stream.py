@@ -76,9 +76,17 @@ class StreamFinals:
         self.duplicates = 0
         self.fallbacks = 0
         self.resent = 0
+        #: Ids kept with spooled claims: their claim read back from a spool file no longer
+        #: has the operation's start time, which the id of the first send digested.
+        self.known_ids: dict[Entry, str] = {}
 
     def msg_id(self, entry: Entry) -> str:
-        """The ``Nats-Msg-Id`` of ``entry``'s claim (a digest of the claim: the same on every resend)."""
+        """The ``Nats-Msg-Id`` of ``entry``'s claim (a digest of the claim: the same on every
+        resend; for a claim from the spool, the id it was first sent with)."""
+        if self.known_ids:
+            known = self.known_ids.get(entry)
+            if known is not None:
+                return known
         claim = entry.claim
         assert not isinstance(claim, EncodedClaim)  # a final claim (a sweep's never is)
         return claim_msg_id(self._agent, claim)

@@ -11,8 +11,11 @@ Files are named ``backbeat-spool.{cluster_id}.{agent_id}.{unique}.jsonl``
 (both ids are subject tokens, so they hold no ``.`` and no ``/``), written to a
 temporary name, synced and renamed, so a reader sees a whole file or none, and
 each writer makes its own file: two integrations of one agent never overwrite
-each other's. One line per claim: ``{"subject": ..., "claim": {...}}``, the
-claim as its unsigned JSON object (it is signed again when it is sent).
+each other's. One line per claim: ``{"subject": ..., "claim": {...}, "msg_id": ...}``,
+the claim as its unsigned JSON object (it is signed again when it is sent) and the
+``Nats-Msg-Id`` it was first sent with (a claims stream keeps one copy of each id: a
+copy that reached the stream before the stop is not stored twice; files without
+``msg_id``, from before, get the id worked out from the claim).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from pathlib import Path
 from ...errors import ProtocolError
 from ...protocol import StatusClaim, canonical_json
 
-__all__ = ["Spool", "SpoolError"]
+__all__ = ["Spool", "SpoolError", "Spooled"]
 
 SUFFIX = ".jsonl"
+#: A spooled final claim: its subject, the claim, and the ``Nats-Msg-Id`` it was sent with.
+Spooled = tuple[str, StatusClaim, str | None]
 
 
 class SpoolError(OSError):
@@ -59,19 +64,19 @@ class Spool:
             raise SpoolError(f"cannot list spool directory {self.directory}: {exc.strerror}") from None
         return sorted(self.directory / n for n in names if n.startswith(self.prefix) and n.endswith(SUFFIX))
 
-    def load(self) -> tuple[list[tuple[str, StatusClaim]], list[Path], list[str]]:
+    def load(self) -> tuple[list[Spooled], list[Path], list[str]]:
         """Read every spool file of this agent.
 
         Returns:
-            ``(claims, files, problems)``: the ``(subject, claim)`` pairs in file
-            order, the files they came from, and one line per unreadable file
-            or line (those lines are skipped; a file with one is still removed
-            once the rest is confirmed).
+            ``(claims, files, problems)``: the ``(subject, claim, msg_id)`` triples in file
+            order (``msg_id`` None in a file from before it was kept), the files they came
+            from, and one line per unreadable file or line (those lines are skipped; a
+            file with one is still removed once the rest is confirmed).
 
         Raises:
             SpoolError: the directory cannot be listed.
         """
-        claims: list[tuple[str, StatusClaim]] = []
+        claims: list[Spooled] = []
         problems: list[str] = []
         files = self.files()
         for path in files:
@@ -89,14 +94,18 @@ class Spool:
                     if not isinstance(subject, str) or not subject:
                         raise ValueError("no subject")
                     claim = StatusClaim.from_dict(item["claim"])
-                except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+                    msg_id = item.get("msg_id")
+                    if msg_id is not None and (not isinstance(msg_id, str) or not msg_id):
+                        raise ValueError(f"bad msg_id {msg_id!r}")
+                except (ValueError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
                     problems.append(f"spool file {path} line {number} skipped: {exc}")
                     continue
-                claims.append((subject, claim))
+                claims.append((subject, claim, msg_id))
         return claims, files, problems
 
-    def write(self, claims: Sequence[tuple[str, StatusClaim]]) -> Path:
-        """Write ``claims`` to a new spool file (atomically: whole or not at all).
+    def write(self, claims: Sequence[Spooled]) -> Path:
+        """Write ``claims`` (``(subject, claim, msg_id)``) to a new spool file (atomically:
+        whole or not at all).
 
         Returns:
             The file written.
@@ -108,8 +117,8 @@ class Spool:
         final = self.directory / f"{self.prefix}{unique}{SUFFIX}"
         tmp = self.directory / f".{self.prefix}{unique}.tmp"
         lines = b"".join(
-            canonical_json({"subject": subject, "claim": claim.to_dict(signed=False)}) + b"\n"
-            for subject, claim in claims
+            canonical_json({"subject": s, "claim": claim.to_dict(signed=False), "msg_id": msg_id}) + b"\n"
+            for s, claim, msg_id in claims
         )
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
