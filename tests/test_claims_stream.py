@@ -271,6 +271,31 @@ def test_claims_stream_on_a_server_without_jetstream_loses_nothing(
     assert "no acknowledgement" in errors[0]
 
 
+def finals_to_a_frozen_server(
+    server: NatsServer, tmp_path: Any, prefix: str
+) -> tuple[BackbeatConfig, Integration]:
+    """An agent with a claims stream and a spool, its server frozen (SIGSTOP, taken effect):
+    operations ``{prefix}-0`` .. ``-9`` completed, their finals sent and unanswered (on a slow
+    machine some may have timed out and gone the core path: unconfirmed all the same)."""
+    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=2.0)
+    create_claims_stream(cfg)
+    integration = Integration(cfg, node_id=NODE)
+    integration.start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: frozen(server), what="the server stopped")  # before a final can reach it
+        for k in range(10):
+            integration.start_p2p_operation(f"{prefix}-{k}", "election", 3)
+            integration.complete_p2p_operation(f"{prefix}-{k}", 2)
+        wait_until(lambda: integration.get_health()["claims_queued"] == 10, what="finals sent, unanswered")
+    except BaseException:
+        server.proc.send_signal(signal.SIGCONT)
+        integration.stop()
+        raise
+    return cfg, integration
+
+
 @pytest.mark.nats
 def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
     nats_jetstream: NatsServer, tmp_path: Any
@@ -278,21 +303,8 @@ def test_finals_waiting_for_a_puback_at_stop_are_spooled_and_land_once(
     """The server freezes (SIGSTOP) with finals waiting for their PubAck: stop() spools them; the
     frozen server dies; the next run sends them from the spool, and the stream holds each once."""
     server = nats_jetstream
-    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=2.0)
-    create_claims_stream(cfg)
-    integration = Integration(cfg, node_id=NODE)
-    integration.start()
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGSTOP)
-    wait_until(lambda: frozen(server), what="the server stopped")  # before a final can reach it
+    cfg, integration = finals_to_a_frozen_server(server, tmp_path, "s")
     try:
-        for k in range(10):
-            integration.start_p2p_operation(f"s-{k}", "election", 3)
-            integration.complete_p2p_operation(f"s-{k}", 2)
-        finals = stream_of(integration)
-        # All 10 sent and unanswered (on a slow machine some may already have timed out
-        # and gone the core path: unconfirmed all the same).
-        wait_until(lambda: len(finals.pending) == 10 or finals.fallbacks > 0, what="finals sent, unanswered")
         integration.stop()
         spooled = integration.transport.stats()["claims_spooled"]  # type: ignore[union-attr]
     finally:
@@ -316,18 +328,8 @@ def test_a_spooled_final_whose_first_copy_was_stored_is_not_stored_twice(
     first sent with, so the stream drops them as duplicates: it holds each once (before, the
     resend's id was worked out from the claim read back, and the stream stored a second copy)."""
     server = nats_jetstream
-    cfg = config(server.url, claims_stream=STREAM, spool_path=str(tmp_path / "spool"), flush_timeout=2.0)
-    create_claims_stream(cfg)
-    integration = Integration(cfg, node_id=NODE)
-    integration.start()
-    assert server.proc is not None
-    server.proc.send_signal(signal.SIGSTOP)
-    wait_until(lambda: frozen(server), what="the server stopped")  # before a final can reach it
+    cfg, integration = finals_to_a_frozen_server(server, tmp_path, "t")
     try:
-        for k in range(10):
-            integration.start_p2p_operation(f"t-{k}", "election", 3)
-            integration.complete_p2p_operation(f"t-{k}", 2)
-        wait_until(lambda: integration.get_health()["claims_queued"] == 10, what="finals sent, unanswered")
         integration.stop()
         spooled = integration.transport.stats()["claims_spooled"]  # type: ignore[union-attr]
     finally:
