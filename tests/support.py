@@ -168,3 +168,20 @@ def manual_integration(
     )
     with integration:
         yield integration, pulse, log
+
+
+def outbox_claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
+    """A claim for ``task`` in ``state`` at ``beat`` (only what an outbox looks at matters)."""
+    final = state in ("done", "failed")
+    return StatusClaim(
+        cluster_id="outbox",
+        agent_id="a",
+        node_id="12D3KooWOutbox",
+        task_id=task,
+        beat_index=beat,
+        state=state,
+        beats_left=0 if final else 1,
+        progress=1.0 if state == "done" else 0.0,
+        notes="n",
+        sent_at="2026-12-01T00:00:00.000Z",
+    )

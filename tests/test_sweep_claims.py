@@ -19,13 +19,14 @@ from hypothesis import strategies as st
 from backbeat_sync import BackbeatConfig, BeatFrame, Integration, ManualTime, OperationPhase, P2POperation
 from backbeat_sync import claims as claims_module
 from backbeat_sync.claims import ClaimFactory, EncodedClaim, EncodedRun, LazyClaim, resolve
-from backbeat_sync.protocol import TRUNCATED, StatusClaim, parse_status_claim
+from backbeat_sync.protocol import TRUNCATED, parse_status_claim
 from backbeat_sync.transport.base import TransportEvent
 from backbeat_sync.transport.nats.claim_link import ClaimLink
 from backbeat_sync.transport.nats.outbox import Entry, Outbox, Run
 from backbeat_sync.workflow import Flow
 
 from .natsserver import AsyncRunner, NatsServer, Witness
+from .support import outbox_claim as claim
 from .support import wait_until
 
 CLUSTER = "sweep-c"
@@ -186,28 +187,13 @@ def test_an_encoded_claim_decodes_to_its_claim() -> None:
 # -- the outbox ---------------------------------------------------------------------------
 
 
-def claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
-    final = state in ("done", "failed")
-    return StatusClaim(
-        cluster_id=CLUSTER,
-        agent_id="a",
-        node_id=NODE,
-        task_id=task,
-        beat_index=beat,
-        state=state,
-        beats_left=0 if final else 1,
-        progress=1.0 if state == "done" else 0.0,
-        notes="n",
-        sent_at="2026-12-01T00:00:00.000Z",
-    )
-
-
 def run_of(*tasks: str, beat: int = 1) -> EncodedRun:
     return EncodedRun(list(tasks), b"%s@%d", [(t.encode(), beat) for t in tasks])
 
 
-def taken(items: list[Entry | Run]) -> list[str]:
-    """What was taken, claim by claim: ``task@beat`` for a run's, ``task:state`` for others."""
+def taken(items: list[Entry | Run], *, beats: bool = False) -> list[str]:
+    """What was taken, claim by claim: ``task@beat`` for a run's, ``task:state`` for others
+    (``task@beat:state`` with ``beats``)."""
     out: list[str] = []
     for item in items:
         if isinstance(item, Run):
@@ -216,7 +202,7 @@ def taken(items: list[Entry | Run]) -> list[str]:
             out.append(item.claim.data.decode())
         else:
             c = resolve(item.claim)
-            out.append(f"{c.task_id}:{c.state}")
+            out.append(f"{c.task_id}@{c.beat_index}:{c.state}" if beats else f"{c.task_id}:{c.state}")
     return out
 
 
@@ -321,17 +307,8 @@ steps = st.lists(
 
 
 def said(items: list[Entry | Run]) -> list[str]:
-    """What was taken, claim by claim, whichever way it was queued."""
-    out: list[str] = []
-    for item in items:
-        if isinstance(item, Run):
-            out.extend(p.decode() for p in item.payloads())
-        elif isinstance(item.claim, EncodedClaim):
-            out.append(item.claim.data.decode())
-        else:
-            c = resolve(item.claim)
-            out.append(f"{c.task_id}@{c.beat_index}:{c.state}")
-    return out
+    """What was taken, claim by claim, whichever way it was queued (with beats)."""
+    return taken(items, beats=True)
 
 
 @settings(max_examples=400, deadline=None)

@@ -17,9 +17,8 @@ import pytest
 from loguru import logger
 
 from backbeat_sync import BackbeatConfig, BackbeatConnectionError, ConfigError, Integration
-from backbeat_sync._time import format_rfc3339
 from backbeat_sync.claims import resolve
-from backbeat_sync.protocol import HEALTH_TASK_ID, StatusClaim
+from backbeat_sync.protocol import HEALTH_TASK_ID
 from backbeat_sync.transport.nats import (
     NatsTransport,
     Outbox,
@@ -40,28 +39,12 @@ from .natsserver import (
     free_port,
 )
 from .support import HandledBeats, wait_until
+from .support import outbox_claim as claim
 
 CLUSTER = "nt"
 #: A wait only a bug would sit through; "at once" is asserted as under half of it.
 NEVER = 60.0
 NODE = "12D3KooWTest"
-
-
-def claim(task: str, state: str = "executing", beat: int = 1) -> StatusClaim:
-    """A claim for ``task`` in ``state`` (only what the outbox looks at matters)."""
-    final = state in ("done", "failed")
-    return StatusClaim(
-        cluster_id=CLUSTER,
-        agent_id="a",
-        node_id=NODE,
-        task_id=task,
-        beat_index=beat,
-        state=state,
-        beats_left=0 if final else 1,
-        progress=1.0 if state == "done" else 0.0,
-        notes="n",
-        sent_at=format_rfc3339(1_790_000_000.0),
-    )
 
 
 def config(url: str, **changes: Any) -> BackbeatConfig:
