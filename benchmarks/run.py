@@ -250,6 +250,25 @@ def bench_decorator(quick: bool) -> list[Row]:
     cases["probe_free_passthrough"] = _budgeted_function(
         plain, lambda wrapped, instance, args, kwargs: wrapped(*args, **kwargs), [True]
     )
+
+    # Also for the record: the same on a method, called on an instance (wrapt binds it, and
+    # its bound wrapper calls ours; there is no per-call probe on that path to skip).
+    class Methods:
+        def plain(self) -> None:
+            return None
+
+        @beat_budget(1000)
+        def budgeted(self) -> None:
+            return None
+
+        @passthrough
+        def wrapped(self) -> None:
+            return None
+
+    obj = Methods()
+    cases["method_plain"] = lambda: obj.plain()
+    cases["method_beat_budget"] = lambda: obj.budgeted()
+    cases["method_wrapt"] = lambda: obj.wrapped()
     # The same decorator on an integration instrumented with OpenTelemetry (the otel extra), with
     # the default spans="claimed": a call shorter than a beat makes no claim and so no span.
     traced = None
@@ -274,6 +293,10 @@ def bench_decorator(quick: bool) -> list[Row]:
         ft_over = heavy["func_timeout"] - heavy["plain"]
         detail = {k: round(v, 1) for k, v in fast.items()}
         detail.update({f"{k}_ns": round(v, 1) for k, v in heavy.items() if k != "plain"})
+        m0 = fast["method_plain"]
+        detail["method_overhead_vs_wrapt"] = round(
+            (fast["method_beat_budget"] - m0) / (fast["method_wrapt"] - m0), 3
+        )
         suffix = "" if where == "main" else "_worker_thread"
         rows.append(
             row(
