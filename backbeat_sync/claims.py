@@ -217,7 +217,7 @@ class EncodedRun:
         return [fmt % a for a in self.args]
 
     def __repr__(self) -> str:
-        return f"<EncodedRun of {len(self.args)} claims>"
+        return f"<{type(self).__name__} of {len(self.args)} claims>"
 
 
 class EncodedClaim:

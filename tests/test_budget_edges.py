@@ -347,24 +347,23 @@ def test_block_operation_has_every_field(manual_phases: bool) -> None:
     assert finished.phase is bb.OperationPhase.COMPLETED
 
 
-def test_block_history_names_are_worked_out_once_per_id_and_bounded(
-    live: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A block leaving by the engine's full path records its history name (``name_of``) from a
-    bounded per-id cache: the same names as ``name_of``, never more entries than the bound."""
-    from backbeat_sync.budget import outcome
+def test_block_history_names_are_worked_out_once_per_id_and_bounded(live: Any) -> None:
+    """A block leaving by the engine's full path records its history name (``name_of``, cached
+    per id): the same names as ``name_of`` works out, the cache never past its bound."""
     from backbeat_sync.history import name_of
 
-    monkeypatch.setattr(outcome, "_NAMES", {})
-    monkeypatch.setattr(outcome, "_NAMES_MAX", 4)
+    integration, _log = live
     for i in range(6):
         with pytest.raises(ValueError, match="boom"), bb.track_operation(f"job-{i}", "names", beats=BIG):
             raise ValueError("boom")  # a failed block leaves by Tracker.leave, which records it
-        assert outcome._NAMES[f"job-{i}"] == name_of(f"job-{i}") == "job"
-        assert len(outcome._NAMES) <= 4
+        assert name_of(f"job-{i}") == name_of.__wrapped__(f"job-{i}") == "job"
     with pytest.raises(ValueError, match="boom"), bb.track_operation("dht-store-k", "names", beats=BIG):
         raise ValueError("boom")
-    assert outcome._NAMES["dht-store-k"] == "dht-store-k"
+    assert integration.history.names("names") == ["dht-store-k", "job"]
+    info = name_of.cache_info()
+    assert info.maxsize == 1024
+    assert info.currsize <= info.maxsize
+    assert info.hits > 0  # each id worked out once: the second lookup of it is a hit
 
 
 @pytest.mark.xfail(

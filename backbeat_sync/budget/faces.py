@@ -74,7 +74,7 @@ class CallHook(Protocol):
 
     def call(
         self,
-        run: Callable[[Callable[..., Any], Any, Any, Any], Any],
+        run: Engine,
         settings: BudgetSettings,
         integration: BudgetHost,
         wrapped: Callable[..., Any],
@@ -168,7 +168,7 @@ def precise_mode(enabled: bool = True, *, switch_interval: float = 0.0005) -> Pr
 # -- the two faces ----------------------------------------------------------------------
 
 
-def _runner(settings: BudgetSettings) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
+def _runner(settings: BudgetSettings) -> Engine:
     """The engine behind ``@beat_budget`` and ``execute_with_beat_budget``: one light tracker per call.
 
     Returns ``run(wrapped, instance, args, kwargs)`` (wrapt's wrapper signature).
@@ -350,9 +350,7 @@ def _auto_beats(integration: BudgetHost, operation_type: str, profile: str | Non
     return prof[1], "profile"
 
 
-def _auto_runner(
-    base: BudgetSettings, profile: str | None
-) -> Callable[[Callable[..., Any], Any, Any, Any], Any]:
+def _auto_runner(base: BudgetSettings, profile: str | None) -> Engine:
     """The engine behind ``@beat_budget("auto")`` and ``@beat_budget(profile=...)``.
 
     At each call it resolves the budget (from the integration's history, or the
@@ -363,7 +361,7 @@ def _auto_runner(
     typ = base.operation_type
     runtime = RUNTIME
     plain = _runner(base)  # no integration running: the fallback (or strict's refusal)
-    runners: dict[tuple[Any, float, str], Callable[[Callable[..., Any], Any, Any, Any], Any]] = {}
+    runners: dict[tuple[Any, float, str], Engine] = {}
 
     def run(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         integration = fixed if fixed is not None else runtime.default

@@ -20,10 +20,6 @@ __all__ = ["LATE_SECONDS", "OutcomeMixin"]
 #: An exception raised more than this long after the budget ran out is ``late``
 #: (the code was blocked in C and could not be interrupted on time).
 LATE_SECONDS: Final = 0.05
-#: ``history.name_of`` of the operation ids of blocks recorded here, worked out once per id
-#: (it runs two generator expressions: ~1.4 us here). Bounded: cleared when full.
-_NAMES: dict[str, str] = {}
-_NAMES_MAX: Final = 1024
 
 
 class OutcomeMixin:
@@ -69,14 +65,7 @@ class OutcomeMixin:
         if used is None:
             i0, s0, p0, o0 = self.st_in
             used = max(0.0, pos - (i0 + o0 + (self.t_in - s0) / p0))
-        if s.explicit:
-            name = _NAMES.get(self.op_id)
-            if name is None:
-                if len(_NAMES) >= _NAMES_MAX:
-                    _NAMES.clear()
-                name = _NAMES[self.op_id] = name_of(self.op_id)
-        else:
-            name = s.name
+        name = name_of(self.op_id) if s.explicit else s.name
         integration.history.push(
             Sample(
                 s.operation_type,

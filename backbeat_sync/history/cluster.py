@@ -264,6 +264,7 @@ class ClusterHistory:
             now = self._now()
             others = Sketch()
             stale: dict[str, Sketch] = {}  # other agents' entries to retire, if we write
+            retired = Sketch()  # the RETIRED entry as read (stale entries are added to it)
             for agent, data in agents.items():
                 if agent == self.agent_id:
                     continue
@@ -273,8 +274,11 @@ class ClusterHistory:
                     self._failed(f"{key}: agent {agent!r}'s entry skipped: {exc}")
                     continue
                 others.merge(sketch)
+                if agent == RETIRED:
+                    retired = sketch
+                    continue
                 at = _written_at(data)
-                if agent != RETIRED and at is not None and now - at > self.retire_after:
+                if at is not None and now - at > self.retire_after:
                     stale[agent] = sketch
             mine = agents.get(self.agent_id)
             with self._lock:
@@ -304,13 +308,7 @@ class ClusterHistory:
                 mine is None or (mine_at is not None and now - mine_at <= self.retire_after / 4)
             ):
                 return True  # nothing new, and our entry is fresh enough not to be retired
-            if stale:
-                retired = Sketch()
-                if RETIRED in agents:
-                    try:
-                        retired = Sketch.from_json(agents[RETIRED])
-                    except ValueError:
-                        pass  # skipped above (and reported); replaced by the sum of the stale
+            if stale:  # a corrupt RETIRED entry (reported above) is replaced by the sum of the stale
                 for agent, sketch in stale.items():
                     retired.merge(sketch)
                     del agents[agent]

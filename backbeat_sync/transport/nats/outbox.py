@@ -31,10 +31,10 @@ class Entry:
         self.sent = 0.0  # loop time it went on the wire
 
 
-class Run:
+class Run(EncodedRun):
     """Claims of one beat's sweep (an :class:`~backbeat_sync.claims.EncodedRun`: claim ``i``
-    is ``fmt % args[i]``) queued as one item: one entry for up to a sweep chunk of claims,
-    not one each.
+    is ``fmt % args[i]``) for ``subject``, queued as one item: one entry for up to a sweep
+    chunk of claims, not one each.
 
     It holds only intermediate claims of ``normal`` priority (operations with no workflow),
     which the outbox coalesces only while bounded; it is queued only while unbounded, and
@@ -42,36 +42,26 @@ class Run:
     :attr:`Outbox.bounded`). So no claim in a run ever needs replacing in place.
     """
 
-    __slots__ = ("args", "fmt", "subject", "task_ids")
+    __slots__ = ("subject",)
 
     #: Never a final claim, never replaced in place (see the class docstring).
     final: Final = False
     dead: Final = False
 
     def __init__(self, subject: str, task_ids: list[str], fmt: bytes, args: list[tuple[Any, ...]]) -> None:
+        super().__init__(task_ids, fmt, args)
         self.subject = subject
-        self.task_ids = task_ids
-        self.fmt = fmt
-        self.args = args
 
     @classmethod
     def made(cls, subject: str, task_ids: list[str], payloads: list[bytes]) -> Run:
         """A run of claims whose bytes are made already (each is its own format's one field)."""
         return cls(subject, task_ids, b"%s", [(p,) for p in payloads])
 
-    def __len__(self) -> int:
-        return len(self.args)
-
     def split(self, n: int) -> Run:
         """Keep the first ``n`` claims; return a run of the rest."""
         rest = Run(self.subject, self.task_ids[n:], self.fmt, self.args[n:])
         del self.task_ids[n:], self.args[n:]
         return rest
-
-    def payloads(self) -> list[bytes]:
-        """The claims' wire bytes, in order."""
-        fmt = self.fmt
-        return [fmt % a for a in self.args]
 
     def entries(self) -> list[Entry]:
         """One entry per claim, in order."""
