@@ -3,12 +3,13 @@
 The registry owns one lock. Every change to an operation and the claim that
 reports it happen under that lock (the claim is only *queued* there, never
 sent), so the claims of one operation leave in the order the changes were
-made, whichever threads made them.
+made, whichever threads made them. The one exception makes no claim: while
+nobody would hear one, a plain block enters and leaves by the lock-free quiet
+path (:mod:`backbeat_sync.quiet`).
 """
 
 from __future__ import annotations
 
-import enum
 import operator
 import threading
 from collections import Counter
@@ -18,6 +19,8 @@ from typing import Any, Final, Protocol
 import attrs
 
 from .errors import DuplicateOperation, IntegrationNotStarted, InvalidPhaseTransition, OperationNotFound
+from .phases import OperationPhase, OperationType
+from .quiet import RegistryQuiet
 from .workflow import NORMAL_RANK, Flow, RegistryFlows
 
 __all__ = [
@@ -35,71 +38,6 @@ __all__ = [
 #: counted as :data:`OTHER_TYPE`, so metric label values stay bounded (types, never ids).
 MAX_COUNTED_TYPES: Final = 32
 OTHER_TYPE: Final = "other"
-
-
-class OperationPhase(enum.Enum):
-    """The lifecycle of an operation. Phases only move forward; FAILED may follow any active phase.
-
-    ``STARTED -> CONNECTING -> NEGOTIATING -> EXECUTING -> COMPLETED``, or ``FAILED``
-    from any of the first four. A phase may be skipped.
-    """
-
-    STARTED = "started"
-    CONNECTING = "connecting"
-    NEGOTIATING = "negotiating"
-    EXECUTING = "executing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-    # Set on each member below: read on every phase change, and an Enum member's hash
-    # (a dict lookup) costs a Python-level call.
-    _rank: int
-    _final: bool
-
-    @property
-    def rank(self) -> int:
-        """Position in the lifecycle (STARTED is 0, COMPLETED 4, FAILED 5)."""
-        return self._rank
-
-    @property
-    def is_final(self) -> bool:
-        """True for COMPLETED and FAILED."""
-        return self._final
-
-    @classmethod
-    def coerce(cls, value: OperationPhase | str) -> OperationPhase:
-        """Accept a phase or its name (``"negotiating"``, ``"NEGOTIATING"``).
-
-        Raises:
-            ValueError: not a phase (the message lists the valid ones).
-        """
-        if isinstance(value, OperationPhase):
-            return value
-        if isinstance(value, str):
-            try:
-                return cls(value.lower())
-            except ValueError:
-                pass
-        valid = ", ".join(p.value for p in cls)
-        raise ValueError(f"phase={value!r} is not an operation phase ({valid})")
-
-
-for _i, _p in enumerate(OperationPhase):
-    _p._rank = _i
-    _p._final = _p.value in ("completed", "failed")
-del _i, _p
-
-
-class OperationType(str, enum.Enum):
-    """The seed's four operation types. Any other non-empty string is a valid user type."""
-
-    ELECTION = "election"
-    DHT_STORE = "dht_store"
-    PUBSUB_SYNC = "pubsub_sync"
-    PEER_DISCOVERY = "peer_discovery"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @attrs.define(slots=True, eq=False)
@@ -228,7 +166,7 @@ def _held(lock: threading.Lock) -> Any:
     return type("_Held", (), {"__slots__": (), "__enter__": lock.acquire, "__exit__": lock.__exit__})()
 
 
-class OperationRegistry(RegistryFlows):
+class OperationRegistry(RegistryQuiet, RegistryFlows):
     """Thread-safe store of operations; every change is reported through ``emit`` under the lock.
 
     Args:
@@ -242,19 +180,19 @@ class OperationRegistry(RegistryFlows):
         self._held = _held(self._lock)
         self._claiming: Emit | None = emit
         self._emit: Emit | None = emit
-        #: Claims not made because nobody would receive them (see :meth:`set_quiet`).
-        self.unheard = 0
+        #: Claims not made because nobody would receive them, but for plain blocks' (see :attr:`unheard`).
+        self._unheard = 0
         self._active: dict[str, P2POperation] = {}
         self._finished: dict[str, P2POperation] = {}
         #: Copy-on-write; empty (a false tuple, one check) unless someone listens.
         self._listeners: tuple[OperationListener, ...] = ()
         self._shifts: list[int] = []  # _shifts[e]: index shift from clock epoch e to e + 1
-        self._epochs = 0  # len(_shifts), kept as an int for start()'s test (no len() call)
+        #: How many clock epochs it has seen (see :meth:`rebase`): ``len(_shifts)``, kept as an
+        #: int for the start's test (no len() call; read by the quiet path too).
+        self.epochs = 0
         self._closed = False  # set by fail_all(): no new operation
-        #: Whether operations are counted by type (see operation_counts()). Off until an
-        #: exporter asks (metrics.instrument turns it on): counting a reused id costs its
-        #: start ~0.2 us, which the track_operation benchmark's margin cannot spare.
-        self.counting = False
+        # Whether operations are counted by type (see operation_counts() and counting).
+        self._counting = False
         # Operations by type (see operation_counts()), kept off the hot paths: a finished
         # operation is tallied when the downbeat clean-up drops it (or a new one takes its
         # id); the ones still active or waiting for clean-up are counted when read.
@@ -274,6 +212,7 @@ class OperationRegistry(RegistryFlows):
         self._dependents: dict[str, dict[str, None]] = {}
         #: Active operation id -> events to set when it finishes (``op.wait_for``).
         self._waiters: dict[str, list[threading.Event]] = {}
+        self._init_quiet()  # the quiet path's fields (RegistryQuiet), once the fields it reads are set
 
     def _fold_reused(self) -> None:
         """Move the reused-id counts into the tally, by label (lock held)."""
@@ -317,7 +256,8 @@ class OperationRegistry(RegistryFlows):
             self.counting = True
             self._fold_reused()
             finished = dict(self._tally)
-            for op in self._finished.values():
+            # Copies (one C call each): a plain block may enter or leave meanwhile (quiet path).
+            for op in list(self._finished.values()):
                 key = (
                     self._label(op.type),
                     "completed" if op.phase is OperationPhase.COMPLETED else "failed",
@@ -326,7 +266,7 @@ class OperationRegistry(RegistryFlows):
             started: dict[str, int] = {}
             for (label, _), n in finished.items():
                 started[label] = started.get(label, 0) + n
-            for op in self._active.values():
+            for op in list(self._active.values()):
                 label = self._label(op.type)
                 started[label] = started.get(label, 0) + 1
             return OperationCounts(started, finished, dict(self._exhausted))
@@ -339,6 +279,7 @@ class OperationRegistry(RegistryFlows):
         is built for nobody. Any thread; takes effect from the next change.
         """
         self._emit = None if quiet else self._claiming
+        self._requiet()
 
     def inherited_by_fork(self) -> None:
         """Fork child: these operations are the parent's. The lock is made anew (a parent
@@ -351,11 +292,12 @@ class OperationRegistry(RegistryFlows):
         self._closed = True
         self._claiming = self._emit = None
         self._listeners = ()
+        self._init_quiet()
 
     def _claim(self, op: P2POperation) -> None:
         emit = self._emit
         if emit is None:
-            self.unheard += 1
+            self._unheard += 1
         else:
             emit(op)
 
@@ -367,10 +309,12 @@ class OperationRegistry(RegistryFlows):
         """
         with self._lock:
             self._listeners = (*self._listeners, listener)
+        self._requiet()
 
         def remove() -> None:
             with self._lock:
                 self._listeners = tuple(x for x in self._listeners if x is not listener)
+            self._requiet()
 
         return remove
 
@@ -416,7 +360,8 @@ class OperationRegistry(RegistryFlows):
         with self._lock:
             if self._closed:
                 raise IntegrationNotStarted(f"stopping: operation {op.id} not registered")
-            if op.id in self._active:
+            # setdefault, not a test then a store: a block may enter by the quiet path (no lock)
+            if self._active.setdefault(op.id, op) is not op:
                 raise DuplicateOperation(op.id)
             self._catch_up(op)
             old = self._finished.pop(op.id, None)
@@ -426,7 +371,6 @@ class OperationRegistry(RegistryFlows):
                 reused[key] = reused.get(key, 0) + 1
                 if len(reused) > _REUSED_MAX:
                     self._fold_reused()
-            self._active[op.id] = op
             if op.flow is not None:
                 self._flow_added(op)
             if op.announced:
@@ -455,9 +399,9 @@ class OperationRegistry(RegistryFlows):
             if self._closed:
                 raise IntegrationNotStarted(f"stopping: operation {op_id} not registered")
             active = self._active
-            if op_id in active:
+            if active.setdefault(op_id, op) is not op:  # as in add()
                 raise DuplicateOperation(op_id)
-            if op.epoch < self._epochs:
+            if op.epoch < self.epochs:
                 self._catch_up(op)
             old = self._finished.pop(op_id, None)
             if old is not None and self.counting:  # a new one takes a finished one's id: count it
@@ -466,17 +410,16 @@ class OperationRegistry(RegistryFlows):
                 reused[key] = reused.get(key, 0) + 1
                 if len(reused) > _REUSED_MAX:
                     self._fold_reused()
-            active[op_id] = op
             op.announced = True
             if flow is not None:
                 self._flow_added(op)
             emit = self._emit
             if emit is None:  # quiet: counted, not built
                 if then is None:
-                    self.unheard += 1
+                    self._unheard += 1
                 else:
                     op.phase = then
-                    self.unheard += 2
+                    self._unheard += 2
             else:
                 emit(op)
                 if then is not None:
@@ -545,12 +488,13 @@ class OperationRegistry(RegistryFlows):
             # handler, and one that raises (``stop(); sys.exit(0)`` on SIGTERM) would leave the
             # operation in neither map, never claimed. No handler runs between these steps
             # and the claim being queued (or, if queuing fails, the operation put back).
+            # The ``del`` may miss too: a block leaving by the quiet path takes its own without the lock.
             active = self._active
             try:
                 op = active[operation_id]
+                del active[operation_id]
             except KeyError:
                 raise OperationNotFound(operation_id) from None
-            del active[operation_id]
             op.phase = phase
             if peer_count is not None:
                 op.peer_count = peer_count
@@ -561,7 +505,7 @@ class OperationRegistry(RegistryFlows):
                 op.announced = True
                 emit = self._emit
                 if emit is None:  # quiet: counted, not built
-                    self.unheard += 1
+                    self._unheard += 1
                 else:
                     try:
                         emit(op)
@@ -585,7 +529,9 @@ class OperationRegistry(RegistryFlows):
         """A new operation with a flow: rank it; find which of its dependencies still run."""
         flow = op.flow
         assert flow is not None
-        self._flows = True
+        if not self._flows:
+            self._flows = True
+            self._requiet()
         if flow.rank != NORMAL_RANK:
             self._ranked[op.id] = flow.rank
         if not flow.depends_on:
@@ -654,9 +600,9 @@ class OperationRegistry(RegistryFlows):
         with self._lock:
             while len(self._shifts) < epoch:
                 self._shifts.append(0)
-            self._epochs = len(self._shifts)
+            self.epochs = len(self._shifts)
             self._shifts[epoch - 1] += shift
-            for op in self._active.values():
+            for op in list(self._active.values()):  # a copy: see operation_counts
                 self._catch_up(op)
 
     def emit_now(self, operation_id: str, emit: Emit, *, notes: str | None = None) -> bool:
@@ -678,7 +624,7 @@ class OperationRegistry(RegistryFlows):
                 return False
             op.announced = True
             if self._emit is None:
-                self.unheard += 1
+                self._unheard += 1
             else:
                 emit(op)
         if notes is not None and self._listeners:
@@ -712,7 +658,7 @@ class OperationRegistry(RegistryFlows):
             ranked = self._ranked
             if ranked:  # critical and high first, low last (each in registration order)
                 buckets: tuple[list[str], ...] = ([], [], [], [])
-                for op_id in self._active:
+                for op_id in list(self._active):  # a copy: see operation_counts
                     buckets[ranked.get(op_id, NORMAL_RANK)].append(op_id)
                 ids = [i for bucket in buckets for i in bucket]
             else:
@@ -729,7 +675,7 @@ class OperationRegistry(RegistryFlows):
                         continue
                     op.announced = True
                     if emit is None:
-                        self.unheard += 1
+                        self._unheard += 1
                     elif emit_chunk is None:
                         emit(op)
                     else:
@@ -743,8 +689,8 @@ class OperationRegistry(RegistryFlows):
         """Drop finished operations (done on each downbeat). Returns how many were dropped."""
         with self._lock:
             n = len(self._finished)
-            if self.counting:
-                self._tally_finished(self._finished.values())
+            if self._counting:
+                self._tally_finished(list(self._finished.values()))
             self._finished.clear()
             return n
 
@@ -760,6 +706,7 @@ class OperationRegistry(RegistryFlows):
         """
         with self._lock:
             self._closed = True
+        self._requiet()
         failed = []
         for op_id in self.active_ids():
             try:
@@ -772,5 +719,5 @@ class OperationRegistry(RegistryFlows):
     def __iter__(self) -> Iterator[P2POperation]:
         """Iterate over copies of the active operations."""
         with self._lock:
-            ops = [attrs.evolve(op) for op in self._active.values()]
+            ops = [attrs.evolve(op) for op in list(self._active.values())]
         return iter(ops)

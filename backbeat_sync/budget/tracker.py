@@ -147,6 +147,8 @@ class Tracker(FlowMixin, OutcomeMixin):
     followup_noted: bool = False
     spent_counted: bool = False  #: its exhaustion has been counted (health, metrics)
     _token: contextvars.Token[Tracker | None] | None  #: restores CURRENT on exit (blocks)
+    #: a block's operation if it entered by the registry's quiet path, else None (a ``Block`` slot)
+    _op: P2POperation | None
     # The other workflow fields are FlowMixin's (docs/workflows.md).
 
     def __init__(
@@ -366,7 +368,13 @@ class Tracker(FlowMixin, OutcomeMixin):
                 op.budget_source = s.claim_source
                 op.flow = flow
                 registering = True
-                integration.registry.start(op, s.entered_phase)  # EXECUTING, or None (manual_phases)
+                registry = integration.registry
+                then = s.entered_phase  # EXECUTING, or None (manual_phases)
+                if flow is None and then is not None and registry.enter_quiet(op, then):
+                    self._op = op  # entered by the registry's quiet path: it leaves by it too
+                else:
+                    self._op = None
+                    registry.start(op, then)
                 self.announced = True
                 # Armed as a @beat_budget call is (the one arming protocol, see .arming): its
                 # start is read (the clock's anchor, then the time), set before it enters
@@ -451,11 +459,14 @@ class Tracker(FlowMixin, OutcomeMixin):
                 (self, clock.anchor, _monotonic() if source is SYSTEM_TIME else source.monotonic())
             )
             try:
-                try:
-                    # reason and quiet given: a keyword-only default is a dict lookup per call (~35 ns)
-                    integration.registry.finish(self.op_id, _COMPLETED, self.peers, reason=None, quiet=False)
-                except OperationNotFound:  # stop() failed it meanwhile
-                    pass
+                registry = integration.registry
+                op = self._op
+                if op is None or not registry.leave_quiet(op, self.peers):
+                    try:
+                        # reason and quiet given: a keyword-only default is a dict lookup per call (~35 ns)
+                        registry.finish(self.op_id, _COMPLETED, self.peers, reason=None, quiet=False)
+                    except OperationNotFound:  # stop() failed it meanwhile
+                        pass
                 self.finished = True
             except BaseException:  # no room left on the stack: the next exit in this thread fails it
                 slot.live[self.seq] = [self]
@@ -709,13 +720,13 @@ class Tracker(FlowMixin, OutcomeMixin):
 class Block(Tracker):
     """A ``track_operation`` tracker: the fields every block sets are slots (no ``__dict__`` made).
 
-    Two more than a tracker's: its ``__enter__`` reads ``_opts`` and its ``__exit__``
-    ``exhausted``, on every block. Read through the instance, a class default costs ~15 ns
-    more than a slot (CPython 3.11 does not specialise that load), so ``track_operation``
-    stores both.
+    Three more than a tracker's: its ``__enter__`` reads ``_opts`` and sets ``_op``, and its
+    ``__exit__`` reads ``exhausted`` and ``_op``, on every block. Read through the instance, a
+    class default costs ~15 ns more than a slot (CPython 3.11 does not specialise that load),
+    so ``track_operation`` stores the first two.
     """
 
-    __slots__ = ("_opts", "exhausted")
+    __slots__ = ("_op", "_opts", "exhausted")
 
 
 _make_lock: Final = threading.Lock()
