@@ -66,6 +66,9 @@ class RegistryQuiet:
         self._quiet_done = itertools.count().__next__
         self._quiet_reads = 0  # values the reads of unheard took from each counter
         self._quiet_lock = threading.Lock()  # serialises _requiet (a leaf lock)
+        # Serialises the reads of unheard (a leaf lock of its own: get_health() takes no lock
+        # that a change of an operation holds, so a signal handler may read health).
+        self._reads_lock = threading.Lock()
         self._requiet()
 
     @property
@@ -85,7 +88,7 @@ class RegistryQuiet:
     @property
     def unheard(self) -> int:
         """Claims not made because nobody would receive them (see ``set_quiet``)."""
-        with self._lock:
+        with self._reads_lock:
             # A counter's next value is the calls made so far plus the reads before this one
             # (each read takes a value too): exact, with no lock on the path.
             reads = self._quiet_reads
