@@ -793,7 +793,8 @@ def bench_scale(quick: bool) -> list[Row]:
             drained()
             same = [factory.for_operation(op, target) for op in integration.registry]
             gc.collect()
-            raw_counter = Counter(server.url, raw_subject, len(same))
+            # The same filter as ours, so both subscribers do the same work per message.
+            raw_counter = Counter(server.url, raw_subject, len(same), f'"beat_index":{target},')
             c0 = time.process_time()
             raw_t0 = pub_loop.run(raw_beat(same))
             raw_res = raw_counter.result()
