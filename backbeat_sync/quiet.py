@@ -66,8 +66,9 @@ class RegistryQuiet:
         self._quiet_done = itertools.count().__next__
         self._quiet_reads = 0  # values the reads of unheard took from each counter
         self._quiet_lock = threading.Lock()  # serialises _requiet (a leaf lock)
-        # Serialises the reads of unheard (a leaf lock of its own: get_health() takes no lock
-        # that a change of an operation holds, so a signal handler may read health).
+        # Serialises the reads of unheard: a leaf lock of its own, not the registry lock, so
+        # reading health never waits for the registry (a signal handler reading health while
+        # its thread is inside the registry would wait for itself).
         self._reads_lock = threading.Lock()
         self._requiet()
 
