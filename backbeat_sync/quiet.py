@@ -5,7 +5,7 @@ subscriber on the in-process bus), nobody listens, nothing is counted by type, n
 workflow was ever seen and the registry is open, ``track_operation``'s common case
 (a block with no flow) registers its operation with one ``setdefault`` and leaves
 with a subscript and a ``del``: :meth:`OperationRegistry.start` and ``finish`` take
-the lock and test a dozen fields, ~400 ns of a ~2.6 us block.
+the lock and test a dozen fields: about 400 ns of a block's 3.2 us before this path.
 
 Why that is safe:
 
