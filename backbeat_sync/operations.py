@@ -529,9 +529,7 @@ class OperationRegistry(RegistryQuiet, RegistryFlows):
         """A new operation with a flow: rank it; find which of its dependencies still run."""
         flow = op.flow
         assert flow is not None
-        if not self._flows:
-            self._flows = True
-            self._requiet()
+        self._saw_flows()
         if flow.rank != NORMAL_RANK:
             self._ranked[op.id] = flow.rank
         if not flow.depends_on:

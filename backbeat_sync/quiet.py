@@ -113,6 +113,12 @@ class RegistryQuiet:
             )
             self._quiet_active = self._active if open_ else None
 
+    def _saw_flows(self) -> None:
+        """A workflow was seen (lock held): ``_flows`` from now on, and the path closed for good."""
+        if not self._flows:
+            self._flows = True
+            self._requiet()
+
     def enter_quiet(self, op: P2POperation, then: OperationPhase) -> bool:
         """Register ``op`` (no flow) and move it to ``then`` by the quiet path, if it is open.
 

@@ -232,7 +232,7 @@ class RegistryFlows:
 
         def _claim(self, op: Any) -> None: ...
 
-        def _requiet(self) -> None: ...
+        def _saw_flows(self) -> None: ...
 
     def wait_on(
         self, operation_id: str | None, ids: Iterable[str], event: threading.Event
@@ -249,9 +249,8 @@ class RegistryFlows:
         """
         with self._lock:
             pending = tuple(i for i in dict.fromkeys(ids) if i in self._active and i != operation_id)
-            if pending and not self._flows:
-                self._flows = True
-                self._requiet()
+            if pending:
+                self._saw_flows()
             for i in pending:
                 self._waiters.setdefault(i, []).append(event)
             op = self._active.get(operation_id) if operation_id is not None else None
