@@ -3,8 +3,12 @@ while nobody would hear its claims, and goes the full way as soon as someone cou
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -204,3 +208,47 @@ def test_quiet_blocks_racing_consumers_coming_and_going_lose_nothing_and_keep_or
             ranks = [RANK[s] for s in states]
             assert ranks == sorted(ranks), (task, states)
             assert states.count("done") <= 1, (task, states)
+
+
+HEALTH_IN_HANDLER = """
+import signal, sys
+from loguru import logger
+import backbeat_sync as bb
+
+logger.remove()
+cfg = bb.BackbeatConfig(cluster_id="sig", agent_id="a", nats_url="local://health-in-handler")
+integ = bb.Integration(cfg, node_id="n1")
+integ.start()
+reads = []
+
+def read_health(*_):
+    reads.append(integ.get_health()["claims_emitted"])
+    if len(reads) < 400:
+        signal.setitimer(signal.ITIMER_REAL, 0.0005)  # one-shot, re-armed: never re-entered
+
+signal.signal(signal.SIGALRM, read_health)
+signal.setitimer(signal.ITIMER_REAL, 0.0005)
+n = 0
+while len(reads) < 400:  # the handler often lands while this thread holds the registry lock
+    n += 1
+    integ.start_p2p_operation(f"op-{n}", "election", 5)
+    integ.complete_p2p_operation(f"op-{n}", 1)
+    with bb.track_operation(f"t-{n}", "dht_store", beats=50, integration=integ):
+        pass
+integ.stop()
+print("read", len(reads), "ops", n, flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="POSIX interval timers")
+def test_health_read_from_a_signal_handler_never_waits_for_the_registry(tmp_path: Path) -> None:
+    """A handler that reads health (unheard claims included) while its own thread is inside the
+    registry: it must not wait for a lock that thread holds (a deadlock: the subprocess hangs)."""
+    script = tmp_path / "child.py"
+    script.write_text(HEALTH_IN_HANDLER, encoding="utf-8")
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung: a health read in the signal handler waited for the registry lock")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:2] == ["read", "400"], done.stdout
